@@ -1,0 +1,222 @@
+"""Audio loading and Whisper's log-Mel front end, without Whisper's padding to 30 s.
+
+Whisper pads every clip to 30 s before its encoder; BLSP encodes clips at their actual length
+(see DESIGN.md), so `log_mel_spectrogram` returns exactly the frames Whisper computes for the
+clip before padding, and `split_for_encoder` cuts clips longer than the encoder's window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn.functional as F
+from transformers import WhisperFeatureExtractor
+
+from .errors import BlspError
+from .io import atomic_write_bytes
+
+# hard-coded audio hyperparameters of Whisper's encoder
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds: the encoder's window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30-second chunk
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30-second chunk
+ENCODER_FRAMES_PER_SECOND = 50  # the encoder's conv2 has stride 2: 100 mel frames/s -> 50
+
+MIN_SAMPLES = HOP_LENGTH  # one mel frame: a shorter clip gives the encoder nothing to see
+MIN_TAIL_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: a shorter last piece of a long clip is dropped
+RESAMPLE_QUALITY = "HQ"
+
+# `path:start_sample:num_samples`, the original BLSP repository's convention
+_OFFSET_FORM = re.compile(r"^(?P<path>.+):(?P<start>\d+):(?P<num_samples>\d+)$")
+
+
+class AudioError(BlspError):
+    """Audio that cannot be used; the caller adds which input line referred to it."""
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    """A whole file (`start is None`), or `num_samples` samples of it from sample `start`.
+
+    Offsets count samples at the file's own sample rate, before resampling, as in the original.
+    """
+
+    path: str
+    start: int | None = None
+    num_samples: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str, base_dir: str | os.PathLike | None = None) -> AudioRef:
+        """Parse a manifest's `audio` string; a relative path is taken relative to `base_dir`.
+
+        The last two `:`-separated fields are offsets only if both are integers, so paths that
+        themselves contain ':' (a drive letter, `take:2.wav`) still read as plain paths.
+        """
+        match = _OFFSET_FORM.match(spec)
+        if match is None:
+            return cls(_resolve(spec, base_dir))
+        return cls(_resolve(match["path"], base_dir), int(match["start"]), int(match["num_samples"]))
+
+    def __str__(self) -> str:
+        return self.spec(self.path)
+
+    def relative_to(self, directory: str | os.PathLike) -> str:
+        """The manifest form of this reference for a file written in `directory`."""
+        return self.spec(os.path.relpath(self.path, directory))
+
+    def spec(self, path: str) -> str:
+        return path if self.start is None else f"{path}:{self.start}:{self.num_samples}"
+
+
+def _resolve(path: str | os.PathLike, base_dir: str | os.PathLike | None) -> str:
+    path = os.path.expanduser(os.fspath(path))
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return os.path.normpath(path)
+
+
+def _as_ref(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike | None) -> AudioRef:
+    """A string may use the offset form; a path object always names a whole file."""
+    if isinstance(audio, AudioRef):
+        return audio
+    if isinstance(audio, str):
+        return AudioRef.parse(audio, base_dir)
+    return AudioRef(_resolve(audio, base_dir))
+
+
+def _reason(err: Exception) -> str:
+    return getattr(err, "error_string", None) or str(err)  # libsndfile's reason without the path
+
+
+def _check_length(num_samples: int, sample_rate: int, label: object) -> None:
+    if num_samples == 0:
+        raise AudioError(f"{label}: no audio samples")
+    if num_samples * SAMPLE_RATE // sample_rate < MIN_SAMPLES:
+        raise AudioError(
+            f"{label}: audio too short ({num_samples} samples at {sample_rate} Hz; "
+            f"at least {MIN_SAMPLES * 1000 // SAMPLE_RATE} ms needed)"
+        )
+
+
+def probe_audio(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike | None = None) -> None:
+    """Check from the file's header alone (no samples decoded) that the audio can be loaded.
+
+    Cheap enough to run on every manifest line, so a bad file is reported with its line up front
+    instead of failing a run hours in.
+    """
+    ref = _as_ref(audio, base_dir)
+    if not os.path.isfile(ref.path):
+        raise AudioError(f"audio file not found: {ref.path}")
+    try:
+        info = sf.info(ref.path)
+    except (RuntimeError, OSError) as err:  # sf.LibsndfileError is a RuntimeError
+        raise AudioError(f"cannot read audio file {ref.path}: {_reason(err)}") from err
+    if ref.start is None:
+        _check_length(info.frames, info.samplerate, ref)
+        return
+    if ref.start + ref.num_samples > info.frames:
+        raise AudioError(
+            f"{ref}: samples {ref.start}..{ref.start + ref.num_samples} are outside the file "
+            f"({info.frames} samples)"
+        )
+    _check_length(ref.num_samples, info.samplerate, ref)
+
+
+def _read(file: str | io.BytesIO, label: object, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
+    try:
+        return sf.read(file, start=start, frames=frames, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as err:
+        raise AudioError(f"cannot decode audio {label}: {_reason(err)}") from err
+
+
+def _to_mono_16k(data: np.ndarray, sample_rate: int, label: object) -> np.ndarray:
+    """[samples, channels] at any rate -> float32 mono at SAMPLE_RATE (channels averaged)."""
+    _check_length(len(data), sample_rate, label)
+    if not np.isfinite(data).all():
+        raise AudioError(f"{label}: audio contains NaN or infinite samples")
+    mono = data.mean(axis=1)
+    if sample_rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_audio(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Read a clip (only the requested samples) as float32 mono at 16 kHz.
+
+    Channels are averaged, then the signal is resampled with soxr. Every failure is an
+    `AudioError` naming the file and the reason; silence is valid audio.
+    """
+    ref = _as_ref(audio, base_dir)
+    probe_audio(ref)
+    frames = -1 if ref.num_samples is None else ref.num_samples
+    data, sample_rate = _read(ref.path, ref, start=ref.start or 0, frames=frames)
+    if len(data) < frames:
+        raise AudioError(f"{ref}: file ended after {len(data)} of the requested samples (truncated?)")
+    return _to_mono_16k(data, sample_rate, ref)
+
+
+def decode_audio(data: bytes, label: str) -> np.ndarray:
+    """Like `load_audio`, for an encoded file held in memory (e.g. a `datasets` Audio cell)."""
+    samples, sample_rate = _read(io.BytesIO(data), label)
+    return _to_mono_16k(samples, sample_rate, label)
+
+
+@lru_cache(maxsize=None)
+def mel_filters(n_mels: int) -> torch.Tensor:
+    """Whisper's mel filterbank [n_mels, N_FFT // 2 + 1], taken from transformers' extractor."""
+    return torch.from_numpy(WhisperFeatureExtractor(feature_size=n_mels).mel_filters.T).float()
+
+
+def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """Whisper's log-Mel spectrogram [n_mels, len(audio) // HOP_LENGTH] of a 1-D 16 kHz clip.
+
+    Whisper pads the clip with zeros to 30 s and keeps the frames before the last; the frames
+    that cover the clip only depend on the N_FFT // 2 samples after it, so padding with that
+    many zeros (no further than 30 s, where Whisper's own reflection starts) gives the same
+    frames as Whisper for clips up to 30 s, at a fraction of the cost for short ones. The
+    normalisation uses the clip's maximum, which the zero padding never raises.
+    """
+    audio = torch.as_tensor(audio, dtype=torch.float32)
+    n_samples = audio.shape[-1]
+    if n_samples < MIN_SAMPLES:
+        raise AudioError(f"audio too short for a mel frame ({n_samples} samples; at least {MIN_SAMPLES} needed)")
+    audio = F.pad(audio, (0, max(0, min(N_FFT // 2, N_SAMPLES - n_samples))))
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., : n_samples // HOP_LENGTH].abs() ** 2
+    mel_spec = mel_filters(n_mels).to(audio.device) @ magnitudes
+    log_spec = torch.clamp(mel_spec, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def split_for_encoder(audio: np.ndarray) -> list[np.ndarray]:
+    """Pieces of at most CHUNK_LENGTH seconds, to encode one by one and concatenate.
+
+    The encoder's positional embedding covers 30 s, so longer clips are cut at 30 s boundaries.
+    A last piece shorter than 0.1 s is dropped when other pieces exist: it would add fewer than
+    5 encoder frames (under one speech vector after the adapter's 8x downsampling), computed on
+    a spectrum normalised over almost nothing. A clip that short on its own is kept: it is all
+    there is.
+    """
+    pieces = [audio[i : i + N_SAMPLES] for i in range(0, len(audio), N_SAMPLES)] or [audio]
+    if len(pieces) > 1 and len(pieces[-1]) < MIN_TAIL_SAMPLES:
+        pieces.pop()
+    return pieces
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write 16-bit PCM WAV atomically (a killed writer never leaves a half file to be read)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio), sample_rate, subtype="PCM_16", format="WAV")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,198 @@
+"""The `blsp` command: one subcommand per pipeline stage.
+
+Every user error (bad input line, missing file, mismatched checkpoint) is a `BlspError`, printed
+as one line naming the file and line, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import BlspError
+
+EXIT_USER_ERROR = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+def cmd_continue(args: argparse.Namespace) -> int:
+    from .continuation import ContinueOptions, run_continue
+
+    options = ContinueOptions(
+        llm=args.llm, instruction=args.instruction, system_prompt=args.system_prompt,
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=not args.no_normalize,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad)
+    report_skipped(summary.skipped_bad)
+    print(f"step 1: wrote {summary.written} continuation(s) to {summary.output} "
+          f"({summary.already_done} already there, {len(summary.dropped_long)} dropped as too long)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainOptions, run_train
+
+    options = TrainOptions(
+        encoder=args.encoder, llm=args.llm, adapter=args.adapter, instruction=args.instruction,
+        system_prompt=args.system_prompt, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+        max_grad_norm=args.max_grad_norm, precision=args.precision, seed=args.seed,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, feature_cache=args.feature_cache,
+    )
+    result = run_train(args.data, args.output_dir, options, resume=args.resume, skip_bad=args.skip_bad)
+    report_skipped(result["skipped_bad"])
+    print(f"step 2: trained {result['steps']} step(s); adapter saved in {result['output_dir']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import run_generate
+    from .prompts import task_instruction
+
+    instruction = args.instruction if args.instruction is not None else task_instruction(args.task, args.language)
+    summary = run_generate(
+        args.model, args.manifest, args.output, instruction, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, skip_bad=args.skip_bad, strict=not args.no_strict, seed=args.seed,
+    )
+    report_skipped(summary["skipped_bad"])
+    print(f"generate: wrote {summary['written']} answer(s) to {args.output} ({summary['already_done']} already there)")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args.model, max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
+                    strict=not args.no_strict)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .packaged import list_models, resolve
+
+    for name in args.convert or []:
+        print(f"{name}: {resolve(name)}")
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':24} {'kind':8} {'installed':10} {'converted':10} path")
+    for r in rows:
+        print(f"{r['name']:24} {r['kind']:8} {str(r['installed']):10} {str(r['cached']):10} {r['path']}")
+    return 0
+
+
+def report_skipped(skipped: Sequence[str]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} bad line(s):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def _add_decoding(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prompts import CONTINUATION_INSTRUCTION, TASK_INSTRUCTIONS
+
+    parser = argparse.ArgumentParser(prog="blsp", description="BLSP: teach a text LLM to listen.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("continue", help="step 1: the LLM continues each transcript (behavior data)")
+    p.add_argument("--manifest", required=True, help="JSONL: {\"audio\": ..., \"text\": ...} per line")
+    p.add_argument("--llm", default="smollm2-135m-instruct")
+    p.add_argument("--output", required=True, help="behavior data JSONL (appended to; resumable)")
+    p.add_argument("--instruction", default=CONTINUATION_INSTRUCTION)
+    p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-prompt-tokens", type=int, default=192, help="longer prompts are dropped")
+    p.add_argument("--no-normalize", action="store_true", help="feed transcripts as written")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
+    _add_decoding(p, 64)
+    p.set_defaults(func=cmd_continue)
+
+    p = sub.add_parser("train", help="step 2: train the adapter on behavior data")
+    p.add_argument("--data", required=True, nargs="+", help="behavior data JSONL from `blsp continue`")
+    p.add_argument("--encoder", default="whisper-base")
+    p.add_argument("--llm", default="smollm2-135m-instruct")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
+    p.add_argument("--instruction", default=CONTINUATION_INSTRUCTION)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr-schedule", default="cosine", help="linear, cosine, constant_with_warmup, ...")
+    p.add_argument("--batch-size", type=int, default=8, help="per process and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="any instruction over the speech of a manifest")
+    p.add_argument("--model", required=True, help="a trained adapter directory")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--output", required=True)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--instruction", default=None)
+    what.add_argument("--task", default="transcribe", choices=sorted(TASK_INSTRUCTIONS))
+    p.add_argument("--language", default="English", help="target language of --task translate")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--no-strict", action="store_true", help="allow backbones other than the trained ones")
+    _add_decoding(p, 64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to the model: type text, or /audio PATH [text]")
+    p.add_argument("--model", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--no-strict", action="store_true")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list the packaged models; --convert NAME converts and caches one")
+    p.add_argument("--convert", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BlspError as err:
+        print(f"blsp: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("blsp: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

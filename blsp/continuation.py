@@ -1,0 +1,209 @@
+"""Step 1: the frozen LLM continues each transcript; its words become step 2's targets.
+
+Output (behavior data) is the manifest line plus `continuation`, `truncated` (generation hit the
+token limit, so no end-of-turn token may be appended to the target), the transcript as fed to the
+LLM, and a `fingerprint` of everything that shaped the continuation: a changed LLM, prompt or
+decoding setting never silently reuses stale data.
+
+Crash safety: lines are appended and fsynced one batch at a time; a re-run skips ids already
+written. Under torchrun each rank writes its own part file, merged by rank 0 at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .data import Utterance, normalize_transcript, read_jsonl, read_manifest
+from .distributed import barrier, default_device, init_distributed
+from .errors import BlspError
+from .io import append_jsonl, repair_jsonl_tail
+from .modeling import load_language_model, weights_fingerprint
+from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
+
+
+@dataclass(frozen=True)
+class ContinueOptions:
+    llm: str = "smollm2-135m-instruct"
+    instruction: str = CONTINUATION_INSTRUCTION
+    system_prompt: str | None = None  # None: the chat template's default
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 192  # the original dropped longer prompts
+    normalize: bool = True  # Whisper's English normaliser on transcripts, as the original
+    batch_size: int = 16
+    seed: int = 0
+
+    def decoding(self) -> dict:
+        """The settings that change the output (batch size does not under greedy decoding)."""
+        keys = ["instruction", "system_prompt", "max_new_tokens", "do_sample", "max_prompt_tokens", "normalize"]
+        if self.do_sample:
+            keys += ["temperature", "top_p", "seed"]
+        return {k: getattr(self, k) for k in keys}
+
+
+def settings_fingerprint(options: ContinueOptions, llm_fingerprint: str) -> str:
+    blob = json.dumps({"llm": llm_fingerprint, **options.decoding()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ContinueSummary:
+    written: int
+    already_done: int
+    dropped_long: list[str]
+    skipped_bad: list[str]
+    output: str
+    fingerprint: str
+
+
+def part_path(output: Path, rank: int, world: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}-of-{world}")
+
+
+def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
+    """Records already written (in the output and any rank part files), checked for staleness."""
+    files = [output] + sorted(output.parent.glob(f"{output.name}.rank*-of-*"))
+    done: dict[str, dict] = {}
+    for f in files:
+        if not f.exists():
+            continue
+        repair_jsonl_tail(f)
+        for line_no, rec in read_jsonl(f):
+            if rec.get("fingerprint") != fingerprint:
+                raise BlspError(
+                    f"{f}:{line_no}: this output was written with other step-1 settings "
+                    f"(fingerprint {rec.get('fingerprint')}, now {fingerprint}); "
+                    "write to another --output, or delete it to start over"
+                )
+            done.setdefault(str(rec["id"]), rec)
+    return done
+
+
+def output_record(utt: Utterance, output_dir: Path, transcript: str, continuation: str,
+                  truncated: bool, fingerprint: str) -> dict:
+    return {
+        **utt.extra,
+        "id": utt.id,
+        "audio": utt.audio.relative_to(output_dir),
+        "text": utt.text,
+        "prompt_transcript": transcript,
+        "continuation": continuation,
+        "truncated": truncated,
+        "fingerprint": fingerprint,
+    }
+
+
+class Continuer:
+    """Greedy (or sampled) batched continuation with a frozen LLM."""
+
+    def __init__(self, model, tokenizer, options: ContinueOptions):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.prompt = ChatPrompt(tokenizer, options.system_prompt)
+        self.stop_ids = sorted({self.prompt.end_of_turn_id, tokenizer.eos_token_id} - {None})
+        self.pad_id = tokenizer.pad_token_id
+
+    def prompt_ids(self, transcript: str) -> list[int]:
+        return pieces_to_ids(self.prompt.render(transcript_message(self.options.instruction, transcript)))
+
+    @torch.no_grad()
+    def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
+        """(continuation, truncated) per prompt; left padding so every row ends at the same place."""
+        width = max(map(len, prompts))
+        device = self.model.device
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        o = self.options
+        sampling = {"temperature": o.temperature, "top_p": o.top_p} if o.do_sample else {}
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=o.max_new_tokens,
+            do_sample=o.do_sample, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **sampling,
+        )[:, width:].cpu()
+        results = []
+        for row in out.tolist():
+            stops = [i for i, t in enumerate(row) if t in self.stop_ids]
+            tokens = row[: stops[0]] if stops else row
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append((text, not stops))
+        return results
+
+
+def run_continue(manifest: str | Path, output: str | Path, options: ContinueOptions,
+                 skip_bad: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None) -> ContinueSummary:
+    """Step 1 over a manifest, resumable and sharded across torchrun ranks."""
+    info = init_distributed()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    read = read_manifest(manifest, skip_bad=skip_bad)
+    if model_and_tokenizer is None:
+        model, tokenizer = load_language_model(options.llm)
+        model.to(default_device(info))
+    else:
+        model, tokenizer = model_and_tokenizer
+    fingerprint = settings_fingerprint(options, weights_fingerprint(model))
+    done = existing_records(output, fingerprint)
+    continuer = Continuer(model, tokenizer, options)
+
+    todo, dropped = [], []
+    for utt in read.utterances:
+        if utt.id in done:
+            continue
+        transcript = normalize_transcript(utt.text) if options.normalize else utt.text.strip()
+        ids = continuer.prompt_ids(transcript)
+        if len(ids) >= options.max_prompt_tokens:
+            dropped.append(utt.id)
+            continue
+        todo.append((utt, transcript, ids))
+    todo.sort(key=lambda item: -len(item[2]))  # similar lengths together: less padding
+    mine = todo[info.rank :: info.world_size]
+    target = part_path(output, info.rank, info.world_size) if info.enabled else output
+    torch.manual_seed(options.seed + info.rank)
+
+    bs = options.batch_size
+    with tqdm(total=len(mine), desc="step 1: continuing", unit="utt", disable=not info.is_main) as bar:
+        for start in range(0, len(mine), bs):
+            batch = mine[start : start + bs]
+            results = continuer.continue_batch([ids for _, _, ids in batch])
+            append_jsonl(target, [
+                output_record(utt, output.parent, transcript, text, truncated, fingerprint)
+                for (utt, transcript, _), (text, truncated) in zip(batch, results)
+            ])
+            bar.update(len(batch))
+    if info.enabled:
+        barrier()
+        if info.is_main:
+            merge_parts(output)
+        barrier()
+    if dropped and info.is_main:
+        print(f"step 1: dropped {len(dropped)} utterance(s) whose prompt has >= "
+              f"{options.max_prompt_tokens} tokens", file=sys.stderr)
+    return ContinueSummary(
+        written=len(todo), already_done=len(done), dropped_long=dropped,
+        skipped_bad=[str(e) for e in read.skipped], output=str(output), fingerprint=fingerprint,
+    )
+
+
+def merge_parts(output: Path) -> None:
+    """Append every rank's part file to the output, then remove it (ids seen twice keep one)."""
+    seen = {str(rec["id"]) for _, rec in read_jsonl(output)} if output.exists() else set()
+    for part in sorted(output.parent.glob(f"{output.name}.rank*-of-*")):
+        repair_jsonl_tail(part)
+        fresh = []
+        for _, rec in read_jsonl(part):
+            if str(rec["id"]) not in seen:
+                seen.add(str(rec["id"]))
+                fresh.append(rec)
+        append_jsonl(output, fresh)
+        part.unlink()

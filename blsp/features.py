@@ -1,0 +1,96 @@
+"""Frozen-encoder features: computed once per clip, on its actual length, cached on disk.
+
+The encoder is frozen, so encoding the same clip on every training step (as the original did,
+padded to 30 s) is pure waste. Features are stored as float16 `.npy`, one file per clip, in a
+directory named by the encoder's weight fingerprint, keyed by the audio reference and the audio
+file's size and modification time (so an edited file is re-encoded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .audio import AudioRef, load_audio, log_mel_spectrogram, split_for_encoder
+from .io import atomic_write_bytes
+
+
+@torch.no_grad()
+def encode_waveforms(model, waveforms: Sequence[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
+    """Encoder features [T_enc, d_enc] (float32, CPU) for each 16 kHz waveform.
+
+    Clips longer than Whisper's 30 s window are split, encoded piece by piece and concatenated.
+    Pieces are batched in order of length so little compute goes into padding.
+    """
+    n_mels = model.config.encoder_config.num_mel_bins
+    pieces = [(i, chunk) for i, wav in enumerate(waveforms) for chunk in split_for_encoder(wav)]
+    order = sorted(range(len(pieces)), key=lambda k: len(pieces[k][1]))
+    encoded: dict[int, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        ids = order[start : start + batch_size]
+        mels = [log_mel_spectrogram(pieces[k][1], n_mels) for k in ids]
+        lengths = torch.tensor([m.shape[-1] for m in mels])
+        batch = torch.zeros(len(mels), n_mels, int(lengths.max()))
+        for row, m in enumerate(mels):
+            batch[row, :, : m.shape[-1]] = m
+        feats, feat_lengths = model.encode_mel(batch, lengths)
+        for row, k in enumerate(ids):
+            encoded[k] = feats[row, : feat_lengths[row]].float().cpu()
+    out: list[list[torch.Tensor]] = [[] for _ in waveforms]
+    for k, (i, _) in enumerate(pieces):
+        out[i].append(encoded[k])
+    return [torch.cat(parts) for parts in out]
+
+
+def audio_key(ref: AudioRef) -> str:
+    """Identity of a clip: its reference plus the file's size and mtime."""
+    st = os.stat(ref.path)
+    raw = f"{Path(ref.path).resolve()}|{ref.start}|{ref.num_samples}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+class FeatureCache:
+    """On-disk cache of encoder features for one encoder (by fingerprint)."""
+
+    def __init__(self, root: str | os.PathLike, encoder_fingerprint: str):
+        self.dir = Path(root) / encoder_fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, ref: AudioRef) -> Path:
+        key = audio_key(ref)
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def has(self, ref: AudioRef) -> bool:
+        return self.path(ref).exists()
+
+    def load(self, ref: AudioRef) -> torch.Tensor:
+        return torch.from_numpy(np.load(self.path(ref))).float()
+
+    def save(self, ref: AudioRef, features: torch.Tensor) -> None:
+        buf = io.BytesIO()
+        np.save(buf, features.to(torch.float16).numpy())
+        atomic_write_bytes(self.path(ref), buf.getvalue())
+
+    def fill(self, model, refs: Sequence[AudioRef], batch_size: int = 16, desc: str = "encoding speech",
+             rank: int = 0, world_size: int = 1) -> int:
+        """Encode every clip not cached yet (this rank's share of them); returns how many."""
+        todo = [r for r in dict.fromkeys(refs) if not self.has(r)]
+        todo = todo[rank::world_size]
+        # Long clips first within a group of batches would waste less; sort by duration instead.
+        todo.sort(key=lambda r: r.num_samples or os.path.getsize(r.path))
+        group = batch_size * 8  # load this many waveforms at a time to bound memory
+        with tqdm(total=len(todo), desc=desc, unit="clip", disable=rank != 0 or not todo) as bar:
+            for start in range(0, len(todo), group):
+                chunk = todo[start : start + group]
+                feats = encode_waveforms(model, [load_audio(r) for r in chunk], batch_size)
+                for ref, f in zip(chunk, feats):
+                    self.save(ref, f)
+                bar.update(len(chunk))
+        return len(todo)

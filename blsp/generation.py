@@ -1,0 +1,73 @@
+"""`blsp generate`: one instruction over every clip of a manifest, batched and resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import read_jsonl, read_manifest
+from .distributed import default_device, init_distributed
+from .errors import BlspError
+from .io import append_jsonl, repair_jsonl_tail
+from .modeling import BlspModel
+
+
+def done_ids(output: Path, instruction: str | None = None) -> set[str]:
+    """Ids already answered in `output`. Refuses a file that is not a `blsp generate` output (say,
+    the manifest given as --output) before touching it, and answers to another instruction, so a
+    changed instruction never silently reuses stale answers."""
+    if not output.exists():
+        return set()
+    with open(output, "rb") as f:
+        first = f.readline()
+    if first.endswith(b"\n"):  # a complete line; a partial one is a killed writer's, repaired below
+        try:
+            rec = json.loads(first)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or "prediction" not in rec:
+            raise BlspError(f"{output}:1: not a `blsp generate` output (no `prediction`); write to another --output")
+    repair_jsonl_tail(output)
+    done = set()
+    for line_no, rec in read_jsonl(output):
+        if "id" not in rec or "prediction" not in rec:
+            raise BlspError(f"{output}:{line_no}: not a `blsp generate` output (no `id` or `prediction`)")
+        if instruction is not None and rec.get("instruction") != instruction:
+            raise BlspError(f"{output}:{line_no}: this output holds answers to another instruction "
+                            f"({rec.get('instruction')!r}); write to another --output, or delete it to start over")
+        done.add(str(rec["id"]))
+    return done
+
+
+def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path, instruction: str,
+                 batch_size: int = 8, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, skip_bad: bool = False,
+                 strict: bool = True, seed: int = 0, model: BlspModel | None = None) -> dict:
+    """Writes `{"id", "audio", "text", "instruction", "prediction"}` per clip; skips ids already written."""
+    info = init_distributed()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    read = read_manifest(manifest, require_text=False, skip_bad=skip_bad)
+    finished = done_ids(output, instruction)  # before loading the model: refuse a stale output fast
+    if model is None:
+        model = BlspModel.from_pretrained(model_dir, strict=strict)
+        model.to(default_device(info))
+    todo = [u for u in read.utterances if u.id not in finished]
+    torch.manual_seed(seed)
+    with tqdm(total=len(todo), desc="generating", unit="utt") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            answers = model.generate(
+                audio=[u.audio for u in batch], instruction=instruction, max_new_tokens=max_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p,
+            )
+            append_jsonl(output, [
+                {**u.extra, "id": u.id, "audio": u.audio.relative_to(output.parent),
+                 "text": u.text, "instruction": instruction, "prediction": a}
+                for u, a in zip(batch, answers)
+            ])
+            bar.update(len(batch))
+    return {"written": len(todo), "already_done": len(finished), "skipped_bad": [str(e) for e in read.skipped]}

@@ -1,0 +1,537 @@
+"""The BLSP model: a frozen Whisper encoder, a small trainable adapter, a frozen causal LLM.
+
+Named parts as in transformers' audio-LLMs (qwen2_audio, voxtral):
+`audio_tower` (Whisper encoder) -> `adapter` (the paper's modality adapter) -> `language_model`.
+
+Speech enters the LLM by `masked_scatter` into the embedded prompt at positions whose input id is
+`SPEECH_TOKEN_ID`, a negative sentinel no vocabulary uses (as LLaVA's IMAGE_TOKEN_INDEX).
+A checkpoint holds only the adapter, plus the names and weight fingerprints of the encoder and
+LLM it was trained against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .errors import BlspError, CheckpointError
+
+SPEECH_TOKEN_ID = -200
+IGNORE_INDEX = -100
+ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: (encoder frames [B, T, d_enc], lengths [B]) -> (speech vectors [B, S, d_llm], lengths)
+# ----------------------------------------------------------------------------------------------
+def _mask_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero frames past each length ([B, T, C]) so convolutions see exactly what an unbatched,
+    zero-padded clip would: batching then never changes a clip's output."""
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return x * keep[..., None].to(x.dtype)
+
+
+class ConvAdapter(nn.Module):
+    """The paper's modality adapter.
+
+    Three Conv1d (kernel 5, stride 2, padding 2), each followed by GLU, downsample 8x
+    (50 Hz -> 6.25 Hz); then a residual bottleneck d_llm -> 512 -> d_llm without bias; LayerNorm.
+    """
+
+    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, kernel: int = 5, n_convs: int = 3):
+        super().__init__()
+        self.kernel, self.stride = kernel, 2
+        outs = [d_enc] * (n_convs - 1) + [d_llm]
+        ins = [d_enc] * n_convs
+        self.convs = nn.ModuleList(
+            nn.Conv1d(i, 2 * o, kernel, stride=self.stride, padding=kernel // 2) for i, o in zip(ins, outs)
+        )
+        self.fc1 = nn.Linear(d_llm, bottleneck, bias=False)
+        self.fc2 = nn.Linear(bottleneck, d_llm, bias=False)
+        self.norm = nn.LayerNorm(d_llm)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for _ in self.convs:
+            lengths = (lengths - 1) // self.stride + 1
+        return lengths
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for conv in self.convs:
+            x = _mask_padding(x, lengths)
+            x = F.glu(conv(x.transpose(1, 2)), dim=1).transpose(1, 2)
+            lengths = (lengths - 1) // self.stride + 1
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.norm(x), lengths
+
+
+class FrameStackAdapter(nn.Module):
+    """Ultravox-style alternative: stack `stack` frames, then a SwiGLU MLP and LayerNorm."""
+
+    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, stack: int = 8):
+        super().__init__()
+        del bottleneck  # the MLP's hidden width is the LLM's; kept in the signature for one interface
+        self.stack = stack
+        self.gate_up = nn.Linear(d_enc * stack, 2 * d_llm)
+        self.down = nn.Linear(d_llm, d_llm)
+        self.norm = nn.LayerNorm(d_llm)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + self.stack - 1) // self.stack
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _mask_padding(x, lengths)
+        b, t, d = x.shape
+        pad = (-t) % self.stack
+        x = F.pad(x, (0, 0, 0, pad)).reshape(b, (t + pad) // self.stack, d * self.stack)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.norm(self.down(F.silu(gate) * up)), self.output_lengths(lengths)
+
+
+ADAPTERS = {"conv": ConvAdapter, "stack": FrameStackAdapter}
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen encoder on the clip's actual length
+# ----------------------------------------------------------------------------------------------
+def encoder_output_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
+    """Whisper's conv2 has stride 2: 100 mel frames a second become 50 encoder frames."""
+    return (mel_lengths - 1) // 2 + 1
+
+
+def run_whisper_encoder(
+    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whisper's encoder without the 30 s padding HF insists on.
+
+    Slices the positional embedding to the actual length (most of the original's training time
+    went into encoding padding). Padded frames are zeroed before each conv and masked as keys in
+    attention, so a clip's frames do not depend on what it was batched with.
+    `mel`: [B, n_mels, T] (T <= 3000), `mel_lengths`: [B]. Returns ([B, T', d], lengths).
+    """
+    if mel.shape[-1] > encoder.config.max_source_positions * 2:
+        raise ValueError("mel input longer than 30 s: split it first (blsp.audio.split_for_encoder)")
+    x = _mask_padding(mel.transpose(1, 2), mel_lengths).transpose(1, 2)
+    x = F.gelu(encoder.conv1(x))
+    x = _mask_padding(x.transpose(1, 2), mel_lengths).transpose(1, 2)
+    x = F.gelu(encoder.conv2(x)).transpose(1, 2)
+    lengths = encoder_output_lengths(mel_lengths)
+    x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+    mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
+    for layer in encoder.layers:
+        x = layer(x, mask)
+        x = x[0] if isinstance(x, tuple) else x
+    return encoder.layer_norm(x), lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and model
+# ----------------------------------------------------------------------------------------------
+def _as_config(value: Any) -> PretrainedConfig | None:
+    if value is None or isinstance(value, PretrainedConfig):
+        return value
+    value = dict(value)
+    return AutoConfig.for_model(value.pop("model_type"), **value)
+
+
+class BlspConfig(PretrainedConfig):
+    """Nests the encoder's and the LLM's configs; names and fingerprints them."""
+
+    model_type = "blsp"
+
+    def __init__(
+        self,
+        encoder_config: Any = None,
+        llm_config: Any = None,
+        adapter_type: str = "conv",
+        adapter_bottleneck: int = 512,
+        encoder_name: str | None = None,
+        llm_name: str | None = None,
+        encoder_fingerprint: str | None = None,
+        llm_fingerprint: str | None = None,
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ):
+        self.encoder_config = _as_config(encoder_config)
+        self.llm_config = _as_config(llm_config)
+        if adapter_type not in ADAPTERS:
+            raise BlspError(f"unknown adapter {adapter_type!r}; known: {', '.join(ADAPTERS)}")
+        self.adapter_type = adapter_type
+        self.adapter_bottleneck = adapter_bottleneck
+        self.encoder_name, self.llm_name = encoder_name, llm_name
+        self.encoder_fingerprint, self.llm_fingerprint = encoder_fingerprint, llm_fingerprint
+        self.system_prompt = system_prompt
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key in ("encoder_config", "llm_config"):
+            if isinstance(getattr(self, key), PretrainedConfig):
+                out[key] = getattr(self, key).to_dict()
+        return out
+
+
+def weights_fingerprint(module: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A cheap, dtype-robust identity of a model's weights.
+
+    Hashes every tensor's name and shape and a strided sample of its values rounded to bfloat16,
+    so a 7B LLM is fingerprinted in milliseconds and the same weights loaded in fp32 or bf16
+    agree.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).to(torch.bfloat16)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class BlspOutput:
+    loss: torch.Tensor | None = None  # mean over target tokens
+    loss_sum: torch.Tensor | None = None
+    n_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B, T, V] only when asked for
+
+
+class BlspModel(PreTrainedModel):
+    config_class = BlspConfig
+    base_model_prefix = "blsp"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: BlspConfig,
+        audio_tower: WhisperEncoder | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.audio_tower = audio_tower if audio_tower is not None else WhisperEncoder(config.encoder_config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.llm_config)
+        )
+        d_enc = config.encoder_config.d_model
+        d_llm = self.language_model.get_input_embeddings().embedding_dim
+        self.adapter = ADAPTERS[config.adapter_type](d_enc, d_llm, config.adapter_bottleneck)
+        self.processor = None  # a BlspProcessor, attached by the loaders
+        self.freeze_backbones()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models come pretrained; the adapter keeps torch's default init (see init_adapter).
+        pass
+
+    # -- construction --------------------------------------------------------------------------
+    def freeze_backbones(self) -> None:
+        for part in (self.audio_tower, self.language_model):
+            part.requires_grad_(False)
+            part.eval()
+
+    def train(self, mode: bool = True) -> "BlspModel":
+        # Frozen parts stay in eval mode (no dropout) whatever the trainer asks.
+        super().train(mode)
+        self.freeze_backbones()
+        return self
+
+    @torch.no_grad()
+    def init_adapter(self, seed: int = 0) -> None:
+        """Seeded adapter init whose output starts at the scale of the LLM's token embeddings.
+
+        The LayerNorm gain starts at the embedding matrix's std: a unit-variance speech vector
+        sits far outside the region the LLM has ever seen (std 0.136 for SmolLM2 against 1.0).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.adapter.named_parameters():
+            if name.startswith("norm."):
+                continue
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.empty_like(p, device="cpu").uniform_(-1, 1, generator=gen) / math.sqrt(fan_in))
+            else:
+                p.zero_()
+        emb_std = self.language_model.get_input_embeddings().weight.float().std().item()
+        self.adapter.norm.weight.fill_(emb_std)
+        self.adapter.norm.bias.zero_()
+
+    @classmethod
+    def from_components(
+        cls,
+        encoder: str = "whisper-base",
+        llm: str = "smollm2-135m-instruct",
+        adapter_type: str = "conv",
+        adapter_bottleneck: int = 512,
+        system_prompt: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> "BlspModel":
+        """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs)."""
+        audio_tower, encoder_config = load_audio_tower(encoder, torch_dtype)
+        language_model, tokenizer = load_language_model(llm, torch_dtype)
+        config = BlspConfig(
+            encoder_config=encoder_config,
+            llm_config=language_model.config,
+            adapter_type=adapter_type,
+            adapter_bottleneck=adapter_bottleneck,
+            encoder_name=encoder,
+            llm_name=llm,
+            encoder_fingerprint=weights_fingerprint(audio_tower),
+            llm_fingerprint=weights_fingerprint(language_model),
+            system_prompt=system_prompt,
+        )
+        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model.init_adapter(seed)
+        model.attach_processor(tokenizer)
+        return model
+
+    def attach_processor(self, tokenizer: Any) -> None:
+        from .processing import BlspProcessor
+
+        self.processor = BlspProcessor(
+            tokenizer,
+            n_mels=self.config.encoder_config.num_mel_bins,
+            system_prompt=self.config.system_prompt,
+            speech_lengths=lambda n: int(self.adapter.output_lengths(torch.tensor(n))),
+        )
+
+    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:  # type: ignore[override]
+        """Write config.json and the adapter's weights only (the backbones are named, not copied)."""
+        from safetensors.torch import save_file
+
+        from .io import replace_dir
+
+        final = Path(save_directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.config.save_pretrained(tmp)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.adapter.state_dict().items()}
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if final.exists() and not (final / ADAPTER_WEIGHTS).exists():
+            # A directory holding other things (a training run): write the files in place.
+            for f in tmp.iterdir():
+                f.replace(final / f.name)
+            tmp.rmdir()
+        else:
+            replace_dir(tmp, final)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        path: str | Path,
+        encoder: str | None = None,
+        llm: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        strict: bool = True,
+        **_: Any,
+    ) -> "BlspModel":
+        """Load a saved adapter onto the encoder and LLM it names (or the ones given).
+
+        With `strict`, a backbone whose weights differ from the ones the adapter was trained
+        against is refused: an adapter is meaningless on another LLM.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / ADAPTER_WEIGHTS).exists():
+            raise CheckpointError(f"{path}: not a blsp checkpoint (no {ADAPTER_WEIGHTS})")
+        config = BlspConfig.from_pretrained(path)
+        encoder = encoder or config.encoder_name
+        llm = llm or config.llm_name
+        audio_tower, _ = load_audio_tower(encoder, torch_dtype)
+        language_model, tokenizer = load_language_model(llm, torch_dtype)
+        for what, module, expected in (
+            ("encoder", audio_tower, config.encoder_fingerprint),
+            ("LLM", language_model, config.llm_fingerprint),
+        ):
+            found = weights_fingerprint(module)
+            if strict and expected and found != expected:
+                raise CheckpointError(
+                    f"{path}: this adapter was trained against the {what} "
+                    f"{config.encoder_name if what == 'encoder' else config.llm_name!r} "
+                    f"(fingerprint {expected}), but the {what} loaded has fingerprint {found}. "
+                    "Load it with the same model, or pass strict=False (--no-strict) to force."
+                )
+        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        missing, unexpected = model.adapter.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: adapter weights do not fit (missing {missing}, unexpected {unexpected})")
+        model.attach_processor(tokenizer)
+        return model
+
+    # -- forward -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.language_model.dtype
+
+    @torch.no_grad()
+    def encode_mel(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen encoder features ([B, T, d_enc], lengths) of padded log-mel [B, n_mels, T]."""
+        mel = mel.to(self.audio_tower.conv1.weight.device, self.audio_tower.conv1.weight.dtype)
+        return run_whisper_encoder(self.audio_tower, mel, mel_lengths.to(mel.device))
+
+    def speech_embeddings(
+        self, encoder_features: torch.Tensor, encoder_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        param = next(self.adapter.parameters())
+        x, lengths = self.adapter(encoder_features.to(param.device, param.dtype), encoder_lengths.to(param.device))
+        return x, lengths
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        encoder_features: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the adapter's speech vectors scattered into the speech slots."""
+        embed = self.language_model.get_input_embeddings()
+        speech_mask = input_ids == SPEECH_TOKEN_ID
+        embeds = embed(input_ids.masked_fill(speech_mask, 0))
+        n_slots = int(speech_mask.sum())
+        if encoder_features is None:
+            if n_slots:
+                raise ValueError("input_ids hold speech slots but no speech features were given")
+            return embeds
+        speech, lengths = self.speech_embeddings(encoder_features, encoder_lengths)
+        valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < lengths[:, None]
+        flat = speech[valid]
+        if flat.shape[0] != n_slots:
+            raise ValueError(f"{n_slots} speech slots in input_ids but the adapter made {flat.shape[0]} vectors")
+        return embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        encoder_features: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = False,
+        **_: Any,
+    ) -> BlspOutput:
+        embeds = self.embed_inputs(input_ids, encoder_features, encoder_lengths)
+        hidden = self.llm_hidden_states(embeds, attention_mask)
+        out = BlspOutput()
+        if return_logits:
+            out.logits = self.lm_logits(hidden)
+        if labels is not None:
+            out.loss_sum, out.n_tokens = self.target_loss(hidden, labels)
+            out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        return out
+
+    def llm_hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states; positions come from the mask so padding takes none."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        base = self.language_model.get_decoder()
+        return base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.language_model.get_output_embeddings()(hidden)
+        cap = getattr(self.language_model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def target_logits(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits only where a next token is scored ([N, V]) and those tokens ([N]).
+
+        Projecting only the target positions onto the vocabulary saves most of the memory and
+        time of the LM head (the continuation is a fraction of the sequence).
+        """
+        shift_labels = labels[:, 1:]
+        where = shift_labels != IGNORE_INDEX
+        return self.lm_logits(hidden[:, :-1][where]), shift_labels[where]
+
+    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets = self.target_logits(hidden, labels)
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss_sum, torch.tensor(targets.numel(), device=hidden.device)
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(  # type: ignore[override]
+        self,
+        audio: Any = None,
+        instruction: str | None = None,
+        messages: Sequence[Sequence[dict]] | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Follow an instruction on speech.
+
+        `audio`: a path, a 16 kHz waveform, or a list of them (batched). Or `messages`: a list
+        of conversations whose content parts may be `{"type": "audio", "audio": path|array}`.
+        """
+        from .inference import generate_batch
+
+        return generate_batch(
+            self, audio=audio, instruction=instruction, messages=messages, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, **generate_kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the backbones
+# ----------------------------------------------------------------------------------------------
+def load_audio_tower(name: str, torch_dtype: torch.dtype = torch.float32) -> tuple[WhisperEncoder, PretrainedConfig]:
+    """The encoder half of a Whisper checkpoint (packaged name, local dir or hub id)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from .packaged import resolve
+
+    path = resolve(name)
+    try:
+        whisper = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    except OSError as err:
+        raise BlspError(f"cannot load the speech encoder {name!r}: {err}") from None
+    encoder = whisper.get_encoder()
+    encoder.requires_grad_(False)
+    return encoder.eval(), whisper.config
+
+
+def load_language_model(name: str, torch_dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """A causal LM and its tokenizer, with an explicit pad id (Llama-2's tokenizer has none)."""
+    from .packaged import resolve
+
+    path = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as err:
+        raise BlspError(f"cannot load the LLM {name!r}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def describe(model: BlspModel) -> dict:
+    """Parameter counts of each part, for logs and the README."""
+    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+    return {
+        "audio_tower": count(model.audio_tower),
+        "adapter": count(model.adapter),
+        "language_model": count(model.language_model),
+        "trainable": count(model, trainable=True),
+    }
+
+
+def dump_config(model: BlspModel) -> str:
+    return json.dumps(model.config.to_dict(), indent=2)

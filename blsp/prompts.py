@@ -1,0 +1,187 @@
+"""Prompts: the instruction table and the splicing of speech into an LLM's chat template.
+
+A prompt is rendered into *pieces*: runs of token ids and audio slots. Each content part of a
+message (a text part, a transcript, an audio clip) is tokenized on its own, so the tokens around
+a slot are the same whether the slot holds speech vectors or the transcript's tokens. That is
+what makes the text-conditioned teacher (step 1, KD) and the speech-conditioned student line up
+token for token outside the slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+# The exact instruction of the paper's step 1.
+CONTINUATION_INSTRUCTION = (
+    "Continue the following text in a coherent and engaging style with less than 40 words."
+)
+
+# One table for the CLI, evals and serving. `{language}` is filled by `task_instruction`.
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "continue": CONTINUATION_INSTRUCTION,
+    "transcribe": "Please transcribe the following audio into English text.",
+    "translate": "Please translate the following audio into {language} text.",
+    "sentiment": "What is the sentiment of the speaker? Answer with one word: positive, negative or neutral.",
+    "emotion": "What is the emotion of the speaker? Answer with one word: neutral, happy, sad, angry or surprised.",
+    "chat": "",  # free conversation: the speech is the user's whole message
+}
+
+# The original repository's raw template, used for LLMs that ship no chat template.
+RAW_TEMPLATE = "###[Human]:{content}\n\n\n###[Assistant]:"
+
+# Marks a content part's boundary inside the rendered template; private-use code points so no
+# real text contains them.
+_SLOT = "\ue000{}\ue001"
+
+
+def task_instruction(task: str, language: str = "English") -> str:
+    if task not in TASK_INSTRUCTIONS:
+        raise KeyError(f"unknown task {task!r}; known: {', '.join(sorted(TASK_INSTRUCTIONS))}")
+    return TASK_INSTRUCTIONS[task].format(language=language)
+
+
+@dataclass(frozen=True)
+class AudioSlot:
+    """Where the k-th audio clip of a prompt goes."""
+
+    index: int
+
+
+Piece = Union[list[int], AudioSlot]
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def audio_part(index: int) -> dict:
+    return {"type": "audio", "index": index}
+
+
+def speech_message(instruction: str, audio_index: int = 0) -> list[dict]:
+    """A user turn: the instruction, then the speech where the paper put the transcript."""
+    parts = [text_part(instruction)] if instruction else []
+    return [{"role": "user", "content": parts + [audio_part(audio_index)]}]
+
+
+def transcript_message(instruction: str, transcript: str) -> list[dict]:
+    """The same turn with the transcript in the speech's place (the text-side teacher / step 1).
+
+    The space goes with the transcript, not the instruction: tokenizers merge a leading space
+    into the next word, so the instruction's tokens stay identical to the speech prompt's.
+    """
+    parts = [text_part(instruction)] if instruction else []
+    sep = " " if instruction else ""
+    return [{"role": "user", "content": parts + [text_part(sep + transcript.strip())]}]
+
+
+class ChatPrompt:
+    """Renders messages with the LLM's chat template into token pieces and audio slots.
+
+    `system_prompt`: None keeps the template's own default (SmolLM2 adds one); a string sets it.
+    """
+
+    def __init__(self, tokenizer: Any, system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.end_of_turn_id = self._find_end_of_turn_id()
+
+    # -- rendering -----------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[Piece]:
+        slots: list[dict] = []
+        flat = []
+        for message in self._with_system(messages):
+            content = message["content"]
+            if isinstance(content, str):
+                content = [text_part(content)]
+            marked = ""
+            for part in content:
+                marked += _SLOT.format(len(slots))
+                slots.append(part)
+            flat.append({"role": message["role"], "content": marked})
+        rendered = self._apply_template(flat, add_generation_prompt)
+        return self._tokenize_around_slots(rendered, slots)
+
+    def _with_system(self, messages: Sequence[dict]) -> list[dict]:
+        messages = list(messages)
+        if self.system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def _apply_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.has_chat_template:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        text = ""
+        for m in messages:
+            if m["role"] == "user":
+                text += RAW_TEMPLATE.format(content=m["content"])
+            elif m["role"] == "assistant":
+                text += m["content"] + "\n\n\n"
+            else:  # a system message in the raw format is plain leading text
+                text += m["content"] + "\n"
+        bos = self.tokenizer.bos_token or ""
+        return bos + text
+
+    def _tokenize_around_slots(self, rendered: str, slots: list[dict]) -> list[Piece]:
+        pieces: list[Piece] = []
+        rest = rendered
+        for k, part in enumerate(slots):
+            marker = _SLOT.format(k)
+            before, found, rest = rest.partition(marker)
+            if not found:
+                raise ValueError("the chat template dropped a content part; cannot splice speech")
+            self._append_ids(pieces, before)
+            if part["type"] == "audio":
+                pieces.append(AudioSlot(part["index"]))
+            else:
+                self._append_ids(pieces, part["text"])
+        self._append_ids(pieces, rest)
+        return pieces
+
+    def _append_ids(self, pieces: list[Piece], text: str) -> None:
+        if not text:
+            return
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if pieces and isinstance(pieces[-1], list):
+            pieces[-1] = pieces[-1] + ids
+        else:
+            pieces.append(list(ids))
+
+    # -- targets -------------------------------------------------------------------------------
+    def _find_end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: what the template writes after a reply."""
+        if self.has_chat_template:
+            probe = "\ue002"
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                tokenize=False,
+            )
+            after = text.split(probe, 1)[-1]
+            ids = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+            special = set(self.tokenizer.all_special_ids)
+            for i in ids:
+                if i in special:
+                    return i
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the LLM's tokenizer has neither a chat template end-of-turn nor an eos token")
+        return self.tokenizer.eos_token_id
+
+    def target_ids(self, text: str, truncated: bool = False) -> list[int]:
+        """Token ids of an assistant reply; the end-of-turn token is appended unless generation
+        stopped at its length limit (the LLM never closed that turn)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids if truncated else ids + [self.end_of_turn_id]
+
+
+def pieces_to_ids(pieces: Sequence[Piece]) -> list[int]:
+    """Flatten a prompt that has no audio slots."""
+    out: list[int] = []
+    for p in pieces:
+        if isinstance(p, AudioSlot):
+            raise ValueError("prompt has an audio slot; it cannot be flattened to token ids")
+        out.extend(p)
+    return out

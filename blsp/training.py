@@ -1,0 +1,386 @@
+"""Step 2: train the adapter so that speech in place of the transcript yields the same continuation.
+
+Only the adapter learns; the encoder and LLM are frozen (checked after training: their weights'
+digests are unchanged and no gradient ever reached them). The loss is the LLM's cross-entropy on
+the continuation (and its end-of-turn token) only.
+
+Reproducibility: the data order is a seeded permutation per epoch, and a step's samples follow
+from the step number alone, so `--resume` from a checkpoint (adapter, optimizer, scheduler, RNG)
+ends exactly where an uninterrupted run would. Each step's loss is normalised by the number of
+target tokens in the whole global batch (all ranks, all accumulation micro-batches), so one
+process and N processes with the same global batch compute the same update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from .audio import AudioRef
+from .data import Utterance, read_manifest
+from .distributed import DistInfo, barrier, default_device, init_distributed
+from .errors import BlspError, CheckpointError, InputError
+from .features import FeatureCache
+from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
+from .modeling import BlspModel
+from .packaged import CACHE_DIR
+from .processing import Example
+from .prompts import CONTINUATION_INSTRUCTION
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    encoder: str = "whisper-base"
+    llm: str = "smollm2-135m-instruct"
+    adapter: str = "conv"
+    instruction: str = CONTINUATION_INSTRUCTION
+    system_prompt: str | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # any transformers scheduler name: linear, cosine, constant_with_warmup
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    feature_cache: str | None = None  # default: $BLSP_CACHE/features
+
+    # Settings that may change between a run and its resumption.
+    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache")
+
+
+@dataclass
+class BehaviorItem:
+    utterance: Utterance
+    target: list[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def read_behavior_data(paths: Sequence[str | Path], skip_bad: bool = False) -> tuple[list[Utterance], list[InputError]]:
+    """Behavior data lines: manifest lines that also carry a non-empty `continuation`."""
+    utterances, skipped, empty = [], [], 0
+    for path in paths:
+        result = read_manifest(path, skip_bad=skip_bad)
+        skipped += result.skipped
+        for utt in result.utterances:
+            cont = utt.extra.get("continuation")
+            if isinstance(cont, str) and cont.strip():
+                utterances.append(utt)
+                continue
+            if isinstance(cont, str):  # the LLM ended its turn at once: nothing to learn from
+                empty += 1
+                continue
+            err = InputError("no `continuation` (is this step 1's output? run `blsp continue` first)", utt.source, utt.line)
+            if not skip_bad:
+                raise err
+            skipped.append(err)
+    if empty:
+        print(f"step 2: left out {empty} line(s) whose continuation is empty", file=sys.stderr)
+    if not utterances:
+        raise BlspError(f"no usable training lines in {', '.join(map(str, paths))}")
+    return utterances, skipped
+
+
+def sample_order(n: int, epoch: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def global_batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """The dataset indices of optimizer step `step` (0-based): a window over seeded epochs."""
+    out = []
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch, k = divmod(pos, n)
+        if k == 0 or not out or epoch != (pos - 1) // n:
+            order = sample_order(n, epoch, seed)
+        out.append(order[k])
+    return out
+
+
+def micro_batches(indices: list[int], batch_size: int, info: DistInfo) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: micro-batch m of rank r is slot m*world+r."""
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return chunks[info.rank :: info.world_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    dirs = [d for d in (output_dir / "checkpoints").glob("step-*") if (d / STATE_FILE).exists()]
+    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """Exact digest of every weight byte: proves a frozen part did not change."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, model: BlspModel, utterances: list[Utterance], options: TrainOptions,
+                 output_dir: str | Path, info: DistInfo | None = None):
+        self.model, self.options = model, options
+        self.output_dir = Path(output_dir)
+        self.info = info or DistInfo()
+        self.device = next(model.adapter.parameters()).device
+        proc = model.processor
+        self.prompt = proc.speech_prompt(options.instruction)
+        self.items = [
+            BehaviorItem(u, proc.prompt.target_ids(u.extra["continuation"], bool(u.extra.get("truncated"))))
+            for u in utterances
+        ]
+        self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
+        self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
+        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.encoder_fingerprint)
+        self.params = [p for p in model.adapter.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
+        self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
+        self.step = 0
+        use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # -- features ------------------------------------------------------------------------------
+    def prepare_features(self) -> None:
+        """Encode every clip once (each rank its share), then wait for all ranks."""
+        refs = [it.utterance.audio for it in self.items]
+        self.cache.fill(self.model, refs, rank=self.info.rank, world_size=self.info.world_size)
+        barrier()
+
+    def example(self, item: BehaviorItem) -> Example:
+        return Example(pieces=self.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        indices = global_batch_indices(step, len(self.items), self.global_batch, self.options.seed)
+        # Normaliser: target tokens of the whole global batch, known to every rank without talking.
+        n_tokens = sum(len(self.items[i].target) for i in indices)
+        scale = self.info.world_size / n_tokens  # the gradient all-reduce below divides by world
+        self.model.adapter.train()
+        loss_sum = 0.0
+        for mb in micro_batches(indices, self.options.batch_size, self.info):
+            batch = self.model.processor.collate([self.example(self.items[i]) for i in mb])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast:
+                out = self.model(**batch)
+            (out.loss_sum * scale).backward()
+            loss_sum += float(out.loss_sum.detach())
+        self.all_reduce_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = float(all_reduce_scalar(loss_sum))
+        return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                "samples": len(indices)}
+
+    def all_reduce_gradients(self) -> None:
+        """Average the adapter's gradients over ranks in one flat all-reduce (data parallel)."""
+        if not dist.is_initialized():
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.info.world_size
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        torch.manual_seed(self.options.seed)
+        if resume:
+            self.load_latest_checkpoint()
+        elif checkpoint_dirs(self.output_dir) and self.info.is_main:
+            raise BlspError(f"{self.output_dir} already holds checkpoints: pass --resume, or use a new --output-dir")
+        self.prepare_features()
+        frozen_before = self.frozen_digests()
+        log_path = self.output_dir / LOG_FILE
+        if self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            truncate_log(log_path, self.step)
+        start, first_step = time.perf_counter(), self.step
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="step 2: training", unit="step",
+                   disable=not self.info.is_main)
+        while self.step < self.total_steps:
+            record = self.train_step(self.step)
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            record = {"step": self.step, **record, "elapsed_s": round(elapsed, 3),
+                      "samples_per_s": round((self.step - first_step) * self.global_batch / elapsed, 3)}
+            if self.info.is_main:
+                append_jsonl(log_path, [record])
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.update(1)
+            if self.step % self.options.save_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.check_frozen(frozen_before)
+        if self.info.is_main:
+            self.model.save_pretrained(self.output_dir)
+            summary = {"steps": self.step, "global_batch": self.global_batch, "examples": len(self.items),
+                       "options": asdict(self.options), "world_size": self.info.world_size}
+            atomic_write_json(self.output_dir / "train_summary.json", summary)
+            plot_loss(log_path, self.output_dir / "train_loss.png")
+        barrier()
+        return {"steps": self.step, "output_dir": str(self.output_dir)}
+
+    # -- frozen parts --------------------------------------------------------------------------
+    def frozen_digests(self) -> dict[str, str]:
+        return {"audio_tower": module_digest(self.model.audio_tower),
+                "language_model": module_digest(self.model.language_model)}
+
+    def check_frozen(self, before: dict[str, str]) -> None:
+        for name, digest in self.frozen_digests().items():
+            part = getattr(self.model, name)
+            if digest != before[name]:
+                raise RuntimeError(f"the frozen {name} changed during training")
+            if any(p.requires_grad or p.grad is not None for p in part.parameters()):
+                raise RuntimeError(f"a gradient reached the frozen {name}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.info.is_main:
+            barrier()
+            return
+        final = self.output_dir / "checkpoints" / f"step-{self.step}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        torch.save({
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "options": asdict(self.options),
+            "world_size": self.info.world_size,
+        }, tmp / STATE_FILE)
+        replace_dir(tmp, final)
+        for old in checkpoint_dirs(self.output_dir)[: -self.options.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def load_latest_checkpoint(self) -> None:
+        dirs = checkpoint_dirs(self.output_dir)
+        if not dirs:
+            print(f"resume: no checkpoint in {self.output_dir}, starting from step 0", file=sys.stderr)
+            return
+        latest = dirs[-1]
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+        changed = {
+            f.name: (state["options"].get(f.name), getattr(self.options, f.name))
+            for f in fields(self.options)
+            if f.name not in TrainOptions.RESUMABLE_CHANGES and state["options"].get(f.name) != getattr(self.options, f.name)
+        }
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise CheckpointError(f"{latest}: cannot resume with other training settings ({detail})")
+        from safetensors.torch import load_file
+
+        self.model.adapter.load_state_dict(load_file(str(latest / "adapter.safetensors")))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.info.is_main:
+            print(f"resume: from {latest} (step {self.step} of {self.total_steps})", file=sys.stderr)
+
+
+def all_reduce_scalar(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines up to `step` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    repair_jsonl_tail(path)
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    from .io import atomic_write_text
+
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on continuation (nats/token)")
+    ax.set_title("step 2 training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def run_train(data: Sequence[str | Path], output_dir: str | Path, options: TrainOptions,
+              resume: bool = False, skip_bad: bool = False, model: BlspModel | None = None) -> dict:
+    """`blsp train`: load the backbones, build a fresh adapter (or resume one), train, save."""
+    info = init_distributed()
+    utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
+    if skipped and info.is_main:
+        print(f"skipped {len(skipped)} bad line(s):", file=sys.stderr)
+        for err in skipped:
+            print(f"  {err}", file=sys.stderr)
+    if model is None:
+        model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
+                                          system_prompt=options.system_prompt, seed=options.seed)
+    model.to(default_device(info))
+    trainer = Trainer(model, utterances, options, output_dir, info)
+    result = trainer.train(resume=resume)
+    result["skipped_bad"] = [str(e) for e in skipped]
+    return result

@@ -1,0 +1,100 @@
+"""Tiny, randomly initialised backbones built from configs, so most tests run in seconds offline.
+
+The tokenizer is a real fast BPE tokenizer trained here on a few sentences, with a ChatML chat
+template like SmolLM2's, so prompt splicing is exercised as with a real chat model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "continue the following text in a coherent and engaging style with less than forty words",
+    "please transcribe the following audio into english text",
+    "a speech encoder turns audio into frames and the adapter maps them to the language model",
+    "hello world this is a small test of the speech language model toolkit",
+]
+
+
+def build_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<unk>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """Local directories of a tiny Whisper and a tiny Llama with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    wcfg = WhisperConfig(vocab_size=100, num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                         decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_source_positions=1500, max_target_positions=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=2,
+                         begin_suppress_tokens=None, suppress_tokens=None)
+    WhisperForConditionalGeneration(wcfg).save_pretrained(root / "whisper")
+    tok = build_tokenizer(root / "llm")
+    lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(lcfg).save_pretrained(root / "llm")
+    return {"encoder": str(root / "whisper"), "llm": str(root / "llm")}
+
+
+@pytest.fixture
+def tiny_model(tiny_dirs):
+    from blsp.modeling import BlspModel
+
+    return BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], seed=0)
+
+
+def tone(seconds: float, freq: float = 440.0, sr: int = 16000, amp: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_corpus(root: Path, n: int = 6, with_continuation: bool = False) -> Path:
+    """A manifest of n clips of different lengths (tones), relative paths, optional continuations."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wav").mkdir(exist_ok=True)
+    lines = []
+    for i in range(n):
+        path = root / "wav" / f"u{i}.wav"
+        sf.write(path, tone(0.6 + 0.37 * i, 200 + 60 * i), 16000)
+        rec = {"id": f"u{i}", "audio": f"wav/u{i}.wav", "text": CORPUS[i % len(CORPUS)]}
+        if with_continuation:
+            rec["continuation"] = CORPUS[(i + 1) % len(CORPUS)]
+            rec["truncated"] = False
+        lines.append(json.dumps(rec))
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

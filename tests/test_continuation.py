@@ -1,0 +1,80 @@
+"""Step 1: batched greedy continuation, resume, stale-settings refusal, sharding helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from blsp.continuation import ContinueOptions, Continuer, merge_parts, part_path, run_continue
+from blsp.errors import BlspError
+
+from conftest import write_corpus
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dirs):
+    return AutoModelForCausalLM.from_pretrained(tiny_dirs["llm"]).eval(), AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+
+
+def lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(llm):
+    continuer = Continuer(*llm, ContinueOptions(max_new_tokens=12))
+    prompts = [continuer.prompt_ids(t) for t in ["hello world", "the quick brown fox jumps over the lazy dog", "a"]]
+    batched = continuer.continue_batch(prompts)
+    single = [continuer.continue_batch([p])[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(text, str) and isinstance(trunc, bool) for text, trunc in batched)
+
+
+def test_continue_writes_every_line_with_fingerprint_and_resumes(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=6)
+    opts = ContinueOptions(max_new_tokens=8, batch_size=4)
+    out = tmp_path / "behavior.jsonl"
+    summary = run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    full = lines(out)
+    assert summary.written == 6 and len(full) == 6
+    assert {r["id"] for r in full} == {f"u{i}" for i in range(6)}
+    assert len({r["fingerprint"] for r in full}) == 1
+    # a truncated continuation used all the tokens it was allowed
+    assert all(isinstance(r["continuation"], str) and isinstance(r["truncated"], bool) for r in full)
+    # the audio path stays valid relative to the output's directory
+    assert all((out.parent / r["audio"]).exists() for r in full)
+
+    # simulate a kill: two complete lines and a half-written third survive
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:2]) + text[2][:15])
+    summary = run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    assert summary.already_done == 2 and summary.written == 4
+    resumed = lines(out)
+    assert sorted(resumed, key=lambda r: r["id"]) == sorted(full, key=lambda r: r["id"])
+
+
+def test_other_settings_into_the_same_output_are_refused(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=2)
+    out = tmp_path / "behavior.jsonl"
+    run_continue(manifest, out, ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    with pytest.raises(BlspError, match="other step-1 settings"):
+        run_continue(manifest, out, ContinueOptions(max_new_tokens=5), model_and_tokenizer=llm)
+
+
+def test_prompts_over_the_limit_are_dropped(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=3)
+    out = tmp_path / "behavior.jsonl"
+    summary = run_continue(manifest, out, ContinueOptions(max_new_tokens=4, max_prompt_tokens=10),
+                           model_and_tokenizer=llm)
+    assert len(summary.dropped_long) == 3 and not out.exists()
+
+
+def test_rank_parts_merge_into_the_output_once(tmp_path):
+    out = tmp_path / "b.jsonl"
+    out.write_text(json.dumps({"id": "a"}) + "\n")
+    part_path(out, 0, 2).write_text(json.dumps({"id": "b"}) + "\n" + json.dumps({"id": "a"}) + "\n")
+    part_path(out, 1, 2).write_text(json.dumps({"id": "c"}) + "\n" + '{"id": "trunc')
+    merge_parts(out)
+    assert [r["id"] for r in lines(out)] == ["a", "b", "c"]
+    assert not list(tmp_path.glob("b.jsonl.rank*"))

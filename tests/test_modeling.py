@@ -1,0 +1,179 @@
+"""The model: adapter shapes, encoder on actual lengths, splicing, masking, padding, freezing, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blsp.modeling import (
+    IGNORE_INDEX,
+    SPEECH_TOKEN_ID,
+    BlspModel,
+    ConvAdapter,
+    FrameStackAdapter,
+    run_whisper_encoder,
+)
+from blsp.processing import Example
+from blsp.prompts import AudioSlot, CONTINUATION_INSTRUCTION
+
+
+def test_conv_adapter_output_lengths_follow_the_formula():
+    adapter = ConvAdapter(16, 24, bottleneck=8)
+    for length in [1, 2, 7, 8, 9, 50, 251]:
+        expected = length
+        for _ in range(3):
+            expected = (expected - 1) // 2 + 1
+        out, lengths = adapter(torch.randn(1, length, 16), torch.tensor([length]))
+        assert out.shape == (1, expected, 24)
+        assert int(lengths) == expected == int(adapter.output_lengths(torch.tensor(length)))
+
+
+def test_conv_adapter_parameter_count_matches_the_paper_scale():
+    # Whisper-small (768) into a 4096-wide LLM: "about 47 M parameters" (DESIGN.md).
+    adapter = ConvAdapter(768, 4096)
+    n = sum(p.numel() for p in adapter.parameters())
+    assert 47_000_000 < n < 48_000_000
+
+
+@pytest.mark.parametrize("cls", [ConvAdapter, FrameStackAdapter])
+def test_adapter_output_does_not_depend_on_batch_padding(cls):
+    torch.manual_seed(0)
+    adapter = cls(16, 24, 8).eval()
+    clips = [torch.randn(n, 16) for n in (37, 80, 5)]
+    batch = torch.zeros(3, 80, 16)
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = c
+    out, lengths = adapter(batch, torch.tensor([37, 80, 5]))
+    for i, c in enumerate(clips):
+        alone, n = adapter(c[None], torch.tensor([len(c)]))
+        torch.testing.assert_close(out[i, : int(lengths[i])], alone[0], rtol=1e-5, atol=1e-5)
+        assert int(n) == int(lengths[i])
+
+
+def test_encoder_on_actual_length_matches_hf_on_a_full_window_and_is_batch_invariant(tiny_model):
+    enc = tiny_model.audio_tower
+    torch.manual_seed(0)
+    full = torch.randn(1, 80, 3000)
+    ours, n = run_whisper_encoder(enc, full, torch.tensor([3000]))
+    theirs = enc(full).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert int(n) == 1500
+    mels = [torch.randn(80, t) for t in (120, 333)]
+    batch = torch.zeros(2, 80, 333)
+    for i, m in enumerate(mels):
+        batch[i, :, : m.shape[1]] = m
+    out, lengths = run_whisper_encoder(enc, batch, torch.tensor([120, 333]))
+    assert lengths.tolist() == [60, 167]
+    for i, m in enumerate(mels):
+        alone, _ = run_whisper_encoder(enc, m[None], torch.tensor([m.shape[1]]))
+        torch.testing.assert_close(out[i, : int(lengths[i])], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def make_examples(model, n_frames=(40, 90, 17), targets=("hello world", "the quick brown fox jumps", "dog")):
+    proc = model.processor
+    prompt = proc.speech_prompt(CONTINUATION_INSTRUCTION)
+    torch.manual_seed(1)
+    d = model.config.encoder_config.d_model
+    return [
+        Example(pieces=prompt, features=[torch.randn(t, d)], target=proc.prompt.target_ids(text))
+        for t, text in zip(n_frames, targets)
+    ]
+
+
+def test_labels_are_ignore_index_exactly_at_prompt_speech_and_padding(tiny_model):
+    proc = tiny_model.processor
+    examples = make_examples(tiny_model)
+    batch = proc.collate(examples)
+    assert batch["labels"].dtype == torch.long  # the original's bool labels taught BOS at speech
+    for row, ex in enumerate(examples):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        n = int(mask.sum())
+        t = len(ex.target)
+        assert labels[n - t : n].tolist() == ex.target == ids[n - t : n].tolist()
+        assert (labels[: n - t] == IGNORE_INDEX).all() and (labels[n:] == IGNORE_INDEX).all()
+        n_speech = int((ids == SPEECH_TOKEN_ID).sum())
+        assert n_speech == int(tiny_model.adapter.output_lengths(torch.tensor(ex.features[0].shape[0])))
+        assert ex.target[-1] == proc.prompt.end_of_turn_id
+
+
+def test_speech_and_transcript_prompts_share_every_token_outside_the_slot(tiny_model):
+    proc = tiny_model.processor
+    speech = proc.speech_prompt(CONTINUATION_INSTRUCTION)
+    text = proc.transcript_prompt(CONTINUATION_INSTRUCTION, "hello world")
+    assert isinstance(speech[1], AudioSlot) and len(speech) == 3
+    flat = [t for p in text for t in p]
+    assert flat[: len(speech[0])] == speech[0]
+    assert flat[-len(speech[2]) :] == speech[2]
+    middle = flat[len(speech[0]) : -len(speech[2])]
+    assert proc.tokenizer.decode(middle) == " hello world"
+
+
+def test_left_and_right_padding_give_the_same_logits_as_one_by_one(tiny_model):
+    proc = tiny_model.processor
+    examples = make_examples(tiny_model)
+    outs = {}
+    for side in ("left", "right"):
+        batch = proc.collate(examples, padding_side=side)
+        logits = tiny_model(**batch, return_logits=True).logits
+        outs[side] = [logits[r][batch["attention_mask"][r].bool()] for r in range(len(examples))]
+    for r, ex in enumerate(examples):
+        alone = proc.collate([ex])
+        ref = tiny_model(**alone, return_logits=True).logits[0]
+        torch.testing.assert_close(outs["left"][r], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs["right"][r], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_is_the_mean_cross_entropy_over_target_tokens(tiny_model):
+    proc = tiny_model.processor
+    examples = make_examples(tiny_model)
+    batch = proc.collate(examples)
+    out = tiny_model(**batch, return_logits=True)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    assert int(out.n_tokens) == sum(len(e.target) for e in examples)
+
+
+def test_gradients_reach_only_the_adapter(tiny_model):
+    batch = tiny_model.processor.collate(make_examples(tiny_model))
+    tiny_model.train()
+    tiny_model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.adapter.parameters())
+    for part in (tiny_model.audio_tower, tiny_model.language_model):
+        assert all(not p.requires_grad and p.grad is None for p in part.parameters())
+        assert not part.training
+
+
+def test_adapter_output_starts_at_the_llm_embedding_scale(tiny_model):
+    emb_std = tiny_model.language_model.get_input_embeddings().weight.std().item()
+    torch.testing.assert_close(tiny_model.adapter.norm.weight, torch.full_like(tiny_model.adapter.norm.weight, emb_std))
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    with torch.no_grad():
+        for p in tiny_model.adapter.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    files = sorted(f.name for f in (tmp_path / "ckpt").iterdir())
+    assert files == ["adapter.safetensors", "config.json"]
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    for (k, a), (_, b) in zip(tiny_model.adapter.state_dict().items(), loaded.adapter.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    batch = tiny_model.processor.collate(make_examples(tiny_model))
+    torch.testing.assert_close(loaded(**batch).loss, tiny_model(**batch).loss)
+
+
+def test_loading_against_another_llm_fails_loudly(tiny_model, tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from blsp.errors import CheckpointError
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    other = AutoModelForCausalLM.from_pretrained(tiny_dirs["llm"])
+    torch.manual_seed(123)
+    other.model.layers[0].mlp.down_proj.weight.data.normal_()
+    other.save_pretrained(tmp_path / "other_llm")
+    tiny_model.processor.tokenizer.save_pretrained(tmp_path / "other_llm")
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        BlspModel.from_pretrained(tmp_path / "ckpt", llm=str(tmp_path / "other_llm"))
+    BlspModel.from_pretrained(tmp_path / "ckpt", llm=str(tmp_path / "other_llm"), strict=False)

@@ -1,0 +1,114 @@
+"""Step 2: the loss goes down, frozen parts stay frozen, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blsp.training import TrainOptions, Trainer, global_batch_indices, micro_batches, read_behavior_data, run_train
+from blsp.distributed import DistInfo
+
+from conftest import write_corpus
+
+
+def options(tiny_dirs, tmp_path, **kw):
+    base = dict(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, lr=5e-3, warmup_steps=2,
+                max_steps=6, save_every=2, feature_cache=str(tmp_path / "features"))
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def adapter_of(path):
+    return load_file(str(path / "adapter.safetensors"))
+
+
+def test_global_batches_cover_each_epoch_once_and_split_across_ranks():
+    n, g = 10, 4
+    seen = [i for step in range(5) for i in global_batch_indices(step, n, g, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    idx = global_batch_indices(0, n, g, seed=3)
+    r0 = micro_batches(idx, 1, DistInfo(0, 2, 0))
+    r1 = micro_batches(idx, 1, DistInfo(1, 2, 0))
+    assert sorted(sum(r0 + r1, [])) == sorted(idx)
+
+
+def test_training_lowers_the_loss_and_logs_each_step(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    out = tmp_path / "run"
+    run_train([data], out, options(tiny_dirs, tmp_path, max_steps=30, lr=1e-2, batch_size=4))
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert (out / "train_loss.png").stat().st_size > 1000
+    assert (out / "adapter.safetensors").exists() and (out / "config.json").exists()
+    # features were cached once, one file per clip
+    assert len(list((tmp_path / "features").rglob("*.npy"))) == 4
+
+
+def test_resume_after_a_kill_ends_with_the_same_adapter(tiny_dirs, tmp_path, monkeypatch):
+    data = write_corpus(tmp_path / "data", n=5, with_continuation=True)
+    opts = options(tiny_dirs, tmp_path)
+    run_train([data], tmp_path / "full", opts)
+
+    calls = {"n": 0}
+    real_step = Trainer.train_step
+
+    def dying_step(self, step):
+        if step == 3:  # after the step-2 checkpoint and one more step
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_train([data], tmp_path / "killed", opts)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    run_train([data], tmp_path / "killed", opts, resume=True)
+
+    full, resumed = adapter_of(tmp_path / "full"), adapter_of(tmp_path / "killed")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+    log = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 7))
+
+
+def test_resume_with_other_settings_is_refused(tiny_dirs, tmp_path):
+    from blsp.errors import CheckpointError
+
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, max_steps=2))
+    with pytest.raises(CheckpointError, match="lr"):
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, max_steps=2, lr=1.0), resume=True)
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    run_train([data], tmp_path / "big", options(tiny_dirs, tmp_path, batch_size=4, max_steps=3))
+    run_train([data], tmp_path / "acc", options(tiny_dirs, tmp_path, batch_size=1, grad_accum=4, max_steps=3))
+    a, b = adapter_of(tmp_path / "big"), adapter_of(tmp_path / "acc")
+    for k in a:
+        # Adam turns fp-noise in near-zero gradients into updates of up to lr: compare at 1/25 of lr.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4, msg=k)
+
+
+def test_frozen_parts_are_checked(tiny_model, tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=2, with_continuation=True)
+    utts, _ = read_behavior_data([data])
+    trainer = Trainer(tiny_model, utts, options(tiny_dirs, tmp_path), tmp_path / "run")
+    before = trainer.frozen_digests()
+    with torch.no_grad():
+        tiny_model.language_model.lm_head.weight[0, 0] += 1e-3
+    with pytest.raises(RuntimeError, match="frozen language_model changed"):
+        trainer.check_frozen(before)
+
+
+def test_behavior_data_without_continuation_names_the_line(tmp_path):
+    from blsp.errors import InputError
+
+    data = write_corpus(tmp_path / "data", n=2)
+    with pytest.raises(InputError) as err:
+        read_behavior_data([data])
+    assert str(err.value).startswith(f"{data}:1:")
