@@ -71,21 +71,18 @@ def part_path(output: Path, rank: int, world: int) -> Path:
 
 
 def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
-    """Records already written (in the output and any rank part files), checked for staleness."""
-    files = [output] + sorted(output.parent.glob(f"{output.name}.rank*-of-*"))
+    """Records already in the output, checked for staleness (read-only: every rank calls it)."""
     done: dict[str, dict] = {}
-    for f in files:
-        if not f.exists():
-            continue
-        repair_jsonl_tail(f)
-        for line_no, rec in read_jsonl(f):
-            if rec.get("fingerprint") != fingerprint:
-                raise BlspError(
-                    f"{f}:{line_no}: this output was written with other step-1 settings "
-                    f"(fingerprint {rec.get('fingerprint')}, now {fingerprint}); "
-                    "write to another --output, or delete it to start over"
-                )
-            done.setdefault(str(rec["id"]), rec)
+    if not output.exists():
+        return done
+    for line_no, rec in read_jsonl(output):
+        if rec.get("fingerprint") != fingerprint:
+            raise BlspError(
+                f"{output}:{line_no}: this output was written with other step-1 settings "
+                f"(fingerprint {rec.get('fingerprint')}, now {fingerprint}); "
+                "write to another --output, or delete it to start over"
+            )
+        done.setdefault(str(rec["id"]), rec)
     return done
 
 
@@ -153,6 +150,9 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     else:
         model, tokenizer = model_and_tokenizer
     fingerprint = settings_fingerprint(options, weights_fingerprint(model))
+    if info.is_main:  # gather what a killed run left (its rank parts, a half-written line)
+        merge_parts(output)
+    barrier()  # every rank must see the same `done`, or their shares would overlap
     done = existing_records(output, fingerprint)
     continuer = Continuer(model, tokenizer, options)
 
@@ -197,6 +197,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
 
 def merge_parts(output: Path) -> None:
     """Append every rank's part file to the output, then remove it (ids seen twice keep one)."""
+    repair_jsonl_tail(output)
     seen = {str(rec["id"]) for _, rec in read_jsonl(output)} if output.exists() else set()
     for part in sorted(output.parent.glob(f"{output.name}.rank*-of-*")):
         repair_jsonl_tail(part)

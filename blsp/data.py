@@ -163,6 +163,15 @@ def read_manifest(
     return collect.result
 
 
+def load_utterance_audio(utt: Utterance) -> np.ndarray:
+    """The utterance's waveform; a file that turns out unusable only now (a header that reads but
+    samples that do not) is reported with the manifest line that named it."""
+    try:
+        return load_audio(utt.audio)
+    except AudioError as err:
+        raise InputError(str(err), utt.source, utt.line) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face datasets (optional dependency)
 # ----------------------------------------------------------------------------------------------

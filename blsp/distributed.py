@@ -36,6 +36,11 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AudioRef, load_audio, log_mel_spectrogram, split_for_encoder
+from .audio import AudioRef, log_mel_spectrogram, split_for_encoder
+from .data import Utterance, load_utterance_audio
+from .errors import InputError
 from .io import atomic_write_bytes
 
 
@@ -78,19 +80,29 @@ class FeatureCache:
         np.save(buf, features.to(torch.float16).numpy())
         atomic_write_bytes(self.path(ref), buf.getvalue())
 
-    def fill(self, model, refs: Sequence[AudioRef], batch_size: int = 16, desc: str = "encoding speech",
-             rank: int = 0, world_size: int = 1) -> int:
-        """Encode every clip not cached yet (this rank's share of them); returns how many."""
-        todo = [r for r in dict.fromkeys(refs) if not self.has(r)]
-        todo = todo[rank::world_size]
-        # Long clips first within a group of batches would waste less; sort by duration instead.
-        todo.sort(key=lambda r: r.num_samples or os.path.getsize(r.path))
+    def fill(self, model, utterances: Sequence[Utterance], batch_size: int = 16, rank: int = 0,
+             world_size: int = 1, skip_bad: bool = False) -> list[InputError]:
+        """Encode every clip not cached yet (this rank's share of them).
+
+        An unreadable clip raises an error naming its manifest line, or with `skip_bad` is left
+        uncached and returned, so the caller can drop it.
+        """
+        todo = list({u.audio: u for u in utterances if not self.has(u.audio)}.values())[rank::world_size]
+        todo.sort(key=lambda u: u.audio.num_samples or os.path.getsize(u.audio.path))  # less padding
         group = batch_size * 8  # load this many waveforms at a time to bound memory
-        with tqdm(total=len(todo), desc=desc, unit="clip", disable=rank != 0 or not todo) as bar:
+        errors: list[InputError] = []
+        with tqdm(total=len(todo), desc="encoding speech", unit="clip", disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), group):
-                chunk = todo[start : start + group]
-                feats = encode_waveforms(model, [load_audio(r) for r in chunk], batch_size)
-                for ref, f in zip(chunk, feats):
-                    self.save(ref, f)
-                bar.update(len(chunk))
-        return len(todo)
+                loaded = []
+                for utt in todo[start : start + group]:
+                    try:
+                        loaded.append((utt, load_utterance_audio(utt)))
+                    except InputError as err:
+                        if not skip_bad:
+                            raise
+                        errors.append(err)
+                feats = encode_waveforms(model, [wav for _, wav in loaded], batch_size)
+                for (utt, _), f in zip(loaded, feats):
+                    self.save(utt.audio, f)
+                bar.update(len(todo[start : start + group]))
+        return errors

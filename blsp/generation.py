@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import read_jsonl, read_manifest
-from .distributed import default_device, init_distributed
-from .errors import BlspError
+from .data import load_utterance_audio, read_jsonl, read_manifest
+from .distributed import DistInfo, default_device
+from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
 from .modeling import BlspModel
 
@@ -47,21 +47,32 @@ def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path
                  temperature: float = 1.0, top_p: float = 1.0, skip_bad: bool = False,
                  strict: bool = True, seed: int = 0, model: BlspModel | None = None) -> dict:
     """Writes `{"id", "audio", "text", "instruction", "prediction"}` per clip; skips ids already written."""
-    info = init_distributed()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, require_text=False, skip_bad=skip_bad)
     finished = done_ids(output, instruction)  # before loading the model: refuse a stale output fast
     if model is None:
         model = BlspModel.from_pretrained(model_dir, strict=strict)
-        model.to(default_device(info))
+        model.to(default_device(DistInfo()))
     todo = [u for u in read.utterances if u.id not in finished]
     torch.manual_seed(seed)
+    skipped, written = list(read.skipped), 0
     with tqdm(total=len(todo), desc="generating", unit="utt") as bar:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+            batch, audio = [], []
+            for u in todo[start : start + batch_size]:
+                try:
+                    audio.append(load_utterance_audio(u))
+                    batch.append(u)
+                except InputError as err:
+                    if not skip_bad:
+                        raise
+                    skipped.append(err)
+            bar.update(len(todo[start : start + batch_size]))
+            if not batch:
+                continue
             answers = model.generate(
-                audio=[u.audio for u in batch], instruction=instruction, max_new_tokens=max_new_tokens,
+                audio=audio, instruction=instruction, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature, top_p=top_p,
             )
             append_jsonl(output, [
@@ -69,5 +80,6 @@ def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path
                  "text": u.text, "instruction": instruction, "prediction": a}
                 for u, a in zip(batch, answers)
             ])
-            bar.update(len(batch))
-    return {"written": len(todo), "already_done": len(finished), "skipped_bad": [str(e) for e in read.skipped]}
+            written += len(batch)
+    return {"written": written, "already_done": len(finished),
+            "skipped_bad": [str(e) for e in skipped]}

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from .audio import AudioRef
 from .data import Utterance, read_manifest
 from .distributed import DistInfo, barrier, default_device, init_distributed
 from .errors import BlspError, CheckpointError, InputError
@@ -159,20 +158,24 @@ def module_digest(module: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model: BlspModel, utterances: list[Utterance], options: TrainOptions,
-                 output_dir: str | Path, info: DistInfo | None = None):
+                 output_dir: str | Path, info: DistInfo | None = None, skip_bad: bool = False):
         self.model, self.options = model, options
         self.output_dir = Path(output_dir)
         self.info = info or DistInfo()
         self.device = next(model.adapter.parameters()).device
+        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.encoder_fingerprint)
+        self.skipped = self.prepare_features(utterances, skip_bad)
         proc = model.processor
         self.prompt = proc.speech_prompt(options.instruction)
         self.items = [
             BehaviorItem(u, proc.prompt.target_ids(u.extra["continuation"], bool(u.extra.get("truncated"))))
             for u in utterances
+            if self.cache.has(u.audio)
         ]
+        if not self.items:
+            raise BlspError("no utterance with readable audio to train on")
         self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
-        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.encoder_fingerprint)
         self.params = [p for p in model.adapter.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
@@ -181,11 +184,16 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # -- features ------------------------------------------------------------------------------
-    def prepare_features(self) -> None:
-        """Encode every clip once (each rank its share), then wait for all ranks."""
-        refs = [it.utterance.audio for it in self.items]
-        self.cache.fill(self.model, refs, rank=self.info.rank, world_size=self.info.world_size)
+    def prepare_features(self, utterances: list[Utterance], skip_bad: bool) -> list[InputError]:
+        """Encode every clip once (each rank its share), then wait for all ranks.
+
+        With `skip_bad`, clips that cannot be read are left out (every rank then sees the same
+        set: whatever has no cached features after the barrier).
+        """
+        errors = self.cache.fill(self.model, utterances, rank=self.info.rank,
+                                 world_size=self.info.world_size, skip_bad=skip_bad)
         barrier()
+        return errors
 
     def example(self, item: BehaviorItem) -> Example:
         return Example(pieces=self.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
@@ -235,7 +243,6 @@ class Trainer:
             self.load_latest_checkpoint()
         elif checkpoint_dirs(self.output_dir) and self.info.is_main:
             raise BlspError(f"{self.output_dir} already holds checkpoints: pass --resume, or use a new --output-dir")
-        self.prepare_features()
         frozen_before = self.frozen_digests()
         log_path = self.output_dir / LOG_FILE
         if self.info.is_main:
@@ -372,15 +379,11 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     """`blsp train`: load the backbones, build a fresh adapter (or resume one), train, save."""
     info = init_distributed()
     utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
-    if skipped and info.is_main:
-        print(f"skipped {len(skipped)} bad line(s):", file=sys.stderr)
-        for err in skipped:
-            print(f"  {err}", file=sys.stderr)
     if model is None:
         model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
                                           system_prompt=options.system_prompt, seed=options.seed)
     model.to(default_device(info))
-    trainer = Trainer(model, utterances, options, output_dir, info)
+    trainer = Trainer(model, utterances, options, output_dir, info, skip_bad=skip_bad)
     result = trainer.train(resume=resume)
-    result["skipped_bad"] = [str(e) for e in skipped]
+    result["skipped_bad"] = [str(e) for e in skipped + trainer.skipped]
     return result

@@ -98,3 +98,15 @@ def write_corpus(root: Path, n: int = 6, with_continuation: bool = False) -> Pat
     manifest = root / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+def speak(text: str, wav_path: Path, voice: str = "slt") -> Path:
+    """Speech from Debian's flite text-to-speech engine (installed by `make test`)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("flite") is None:
+        pytest.fail("flite is not installed: run `make test` (or apt-get install flite)")
+    wav_path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav_path)], check=True)
+    return wav_path

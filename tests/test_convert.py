@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from blsp import convert, packaged
 from blsp.errors import BlspError
-from blsp.whisper import SAMPLE_RATE, transcribe
+from blsp.audio import load_audio
+from blsp.whisper import transcribe
+
+from conftest import speak
 
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
                     "<|notimestamps|>"]
@@ -234,14 +234,7 @@ def normalise(text: str) -> str:
 @pytest.fixture(scope="session")
 def flite_clip(tmp_path_factory) -> np.ndarray:
     """SENTENCE spoken by flite's slt voice, as 16 kHz float32."""
-    import soxr
-
-    if shutil.which("flite") is None:
-        pytest.skip("flite is not installed (apt-get install flite)")
-    wav = tmp_path_factory.mktemp("flite") / "sentence.wav"
-    subprocess.run(["flite", "-voice", "slt", "-t", SENTENCE, "-o", str(wav)], check=True)
-    audio, sr = sf.read(wav, dtype="float32")
-    return soxr.resample(audio, sr, SAMPLE_RATE).astype(np.float32) if sr != SAMPLE_RATE else audio
+    return load_audio(speak(SENTENCE, tmp_path_factory.mktemp("flite") / "sentence.wav"))
 
 
 def require(name: str) -> packaged.PackagedModel:

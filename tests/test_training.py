@@ -54,7 +54,6 @@ def test_resume_after_a_kill_ends_with_the_same_adapter(tiny_dirs, tmp_path, mon
     opts = options(tiny_dirs, tmp_path)
     run_train([data], tmp_path / "full", opts)
 
-    calls = {"n": 0}
     real_step = Trainer.train_step
 
     def dying_step(self, step):
@@ -112,3 +111,21 @@ def test_behavior_data_without_continuation_names_the_line(tmp_path):
     with pytest.raises(InputError) as err:
         read_behavior_data([data])
     assert str(err.value).startswith(f"{data}:1:")
+
+
+def test_audio_unreadable_only_at_training_names_its_line_or_is_skipped(tiny_dirs, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from blsp.errors import InputError
+
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    bad = np.full(8000, np.nan, dtype=np.float32)  # the header reads; the samples do not
+    sf.write(tmp_path / "data" / "wav" / "u1.wav", bad, 16000, subtype="FLOAT")
+    with pytest.raises(InputError) as err:
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, max_steps=1))
+    assert str(err.value).startswith(f"{data}:2:")
+    result = run_train([data], tmp_path / "run2", options(tiny_dirs, tmp_path, max_steps=1), skip_bad=True)
+    assert len(result["skipped_bad"]) == 1 and result["skipped_bad"][0].startswith(f"{data}:2:")
+    summary = json.loads((tmp_path / "run2" / "train_summary.json").read_text())
+    assert summary["examples"] == 2
