@@ -45,6 +45,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
         max_grad_norm=args.max_grad_norm, precision=args.precision, seed=args.seed,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, feature_cache=args.feature_cache,
+        loss=args.loss, kl_temperature=args.kl_temperature, kl_weight=args.kl_weight,
+        mix_transcribe=args.mix_transcribe, warm_start=args.warm_start, warm_start_steps=args.warm_start_steps,
+        warm_start_lr=args.warm_start_lr, warm_start_batch_size=args.warm_start_batch_size,
     )
     result = run_train(args.data, args.output_dir, options, resume=args.resume, skip_bad=args.skip_bad)
     report_skipped(result["skipped_bad"])
@@ -151,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--skip-bad", action="store_true")
+    g = p.add_argument_group("what the adapter learns from")
+    g.add_argument("--loss", default="ce", choices=["ce", "kl", "ce+kl"],
+                   help="ce: cross-entropy on the continuation (the paper); kl: KL(LLM on transcript || "
+                        "LLM on speech) over the continuation (BLSP-KD); ce+kl: both")
+    g.add_argument("--kl-temperature", type=float, default=1.0)
+    g.add_argument("--kl-weight", type=float, default=1.0)
+    g.add_argument("--mix-transcribe", type=float, default=0.0, metavar="SHARE",
+                   help="share of utterances trained to transcribe instead of continue (the paper's 9:1 is 0.1)")
+    g.add_argument("--warm-start", default="none", choices=["none", "ctc"],
+                   help="ctc: first train the adapter with CTC through the LLM's frozen embeddings, on cached "
+                        "features alone (no LLM forward), then step 2")
+    g.add_argument("--warm-start-steps", type=int, default=0)
+    g.add_argument("--warm-start-lr", type=float, default=2e-3)
+    g.add_argument("--warm-start-batch-size", type=int, default=32)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")
@@ -178,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert", nargs="*", metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+    __import__("blsp.evaluation", fromlist=["add_eval_parser"]).add_eval_parser(sub)
     return parser
 
 

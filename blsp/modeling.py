@@ -205,6 +205,7 @@ class BlspOutput:
     loss_sum: torch.Tensor | None = None
     n_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, T, V] only when asked for
+    target_logits: torch.Tensor | None = None  # [N, V] at the N scored positions, when asked for
 
 
 class BlspModel(PreTrainedModel):
@@ -423,6 +424,7 @@ class BlspModel(PreTrainedModel):
         encoder_lengths: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
+        return_target_logits: bool = False,
         **_: Any,
     ) -> BlspOutput:
         embeds = self.embed_inputs(input_ids, encoder_features, encoder_lengths)
@@ -431,8 +433,12 @@ class BlspModel(PreTrainedModel):
         if return_logits:
             out.logits = self.lm_logits(hidden)
         if labels is not None:
-            out.loss_sum, out.n_tokens = self.target_loss(hidden, labels)
+            logits, targets = self.target_logits(hidden, labels)
+            out.loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            out.n_tokens = torch.tensor(targets.numel(), device=hidden.device)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+            if return_target_logits:
+                out.target_logits = logits
         return out
 
     def llm_hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -455,11 +461,6 @@ class BlspModel(PreTrainedModel):
         shift_labels = labels[:, 1:]
         where = shift_labels != IGNORE_INDEX
         return self.lm_logits(hidden[:, :-1][where]), shift_labels[where]
-
-    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, targets = self.target_logits(hidden, labels)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss_sum, torch.tensor(targets.numel(), device=hidden.device)
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,7 +38,9 @@ from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
 from .modeling import BlspModel
 from .packaged import CACHE_DIR
 from .processing import Example
-from .prompts import CONTINUATION_INSTRUCTION
+from .losses import ForwardKLLoss
+from .prompts import CONTINUATION_INSTRUCTION, task_instruction
+from .warmstart import WarmStartOptions, ctc_warm_start
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -65,14 +67,30 @@ class TrainOptions:
     save_every: int = 100
     keep_checkpoints: int = 2
     feature_cache: str | None = None  # default: $BLSP_CACHE/features
+    # What step 2 learns from (see README "Recipes that learn fast").
+    loss: str = "ce"  # ce | kl | ce+kl: cross-entropy on the continuation, and/or BLSP-KD distillation
+    kl_temperature: float = 1.0
+    kl_weight: float = 1.0
+    mix_transcribe: float = 0.0  # share of utterances whose target is their transcript
+    warm_start: str = "none"  # none | ctc: first train the adapter on cached features alone
+    warm_start_steps: int = 0
+    warm_start_lr: float = 2e-3
+    warm_start_batch_size: int = 32
 
     # Settings that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache")
 
 
+LOSSES = ("ce", "kl", "ce+kl")
+
+
 @dataclass
 class BehaviorItem:
+    """One training sequence: the speech prompt, its text twin (the KD teacher), the target."""
+
     utterance: Utterance
+    prompt: list
+    teacher_prompt: list
     target: list[int]
 
 
@@ -165,15 +183,12 @@ class Trainer:
         self.device = next(model.adapter.parameters()).device
         self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.encoder_fingerprint)
         self.skipped = self.prepare_features(utterances, skip_bad)
-        proc = model.processor
-        self.prompt = proc.speech_prompt(options.instruction)
-        self.items = [
-            BehaviorItem(u, proc.prompt.target_ids(u.extra["continuation"], bool(u.extra.get("truncated"))))
-            for u in utterances
-            if self.cache.has(u.audio)
-        ]
+        if options.loss not in LOSSES:
+            raise BlspError(f"unknown --loss {options.loss!r}; choose from {', '.join(LOSSES)}")
+        self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options)
         if not self.items:
             raise BlspError("no utterance with readable audio to train on")
+        self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
         self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
         self.params = [p for p in model.adapter.parameters()]
@@ -196,7 +211,25 @@ class Trainer:
         return errors
 
     def example(self, item: BehaviorItem) -> Example:
-        return Example(pieces=self.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
+        return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
+
+    def micro_batch_loss(self, items: list[BehaviorItem]) -> tuple[torch.Tensor, float, float]:
+        """(summed loss to backpropagate, summed CE, summed KL) over the items' target tokens."""
+        proc = self.model.processor
+        batch = {k: v.to(self.device) for k, v in proc.collate([self.example(it) for it in items]).items()}
+        with self.autocast:
+            out = self.model(**batch, return_target_logits=self.kl is not None)
+        loss = out.loss_sum if "ce" in self.options.loss.split("+") else out.loss_sum * 0
+        kl_sum = 0.0
+        if self.kl is not None:
+            teacher = proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items])
+            with torch.no_grad(), self.autocast:
+                teacher_logits = self.model(**{k: v.to(self.device) for k, v in teacher.items()},
+                                            return_target_logits=True).target_logits
+            kl = self.kl(out.target_logits, teacher_logits)
+            loss = loss + self.options.kl_weight * kl
+            kl_sum = float(kl.detach())
+        return loss, float(out.loss_sum.detach()), kl_sum
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -205,23 +238,21 @@ class Trainer:
         n_tokens = sum(len(self.items[i].target) for i in indices)
         scale = self.info.world_size / n_tokens  # the gradient all-reduce below divides by world
         self.model.adapter.train()
-        loss_sum = 0.0
+        ce_sum = kl_sum = 0.0
         for mb in micro_batches(indices, self.options.batch_size, self.info):
-            batch = self.model.processor.collate([self.example(self.items[i]) for i in mb])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast:
-                out = self.model(**batch)
-            (out.loss_sum * scale).backward()
-            loss_sum += float(out.loss_sum.detach())
+            loss, ce, kl = self.micro_batch_loss([self.items[i] for i in mb])
+            (loss * scale).backward()
+            ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
         self.all_reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = float(all_reduce_scalar(loss_sum))
-        return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
-                "samples": len(indices)}
+        record = {"loss": all_reduce_scalar(ce_sum) / n_tokens}
+        if self.kl is not None:
+            record["kl"] = all_reduce_scalar(kl_sum) / n_tokens
+        return {**record, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens, "samples": len(indices)}
 
     def all_reduce_gradients(self) -> None:
         """Average the adapter's gradients over ranks in one flat all-reduce (data parallel)."""
@@ -248,6 +279,8 @@ class Trainer:
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             truncate_log(log_path, self.step)
+        if self.step == 0 and self.options.warm_start != "none":
+            self.warm_start()
         start, first_step = time.perf_counter(), self.step
         bar = tqdm(total=self.total_steps, initial=self.step, desc="step 2: training", unit="step",
                    disable=not self.info.is_main)
@@ -273,6 +306,17 @@ class Trainer:
             plot_loss(log_path, self.output_dir / "train_loss.png")
         barrier()
         return {"steps": self.step, "output_dir": str(self.output_dir)}
+
+    def warm_start(self) -> None:
+        """The CTC warm start on cached features (see blsp.warmstart); its log beside the run's."""
+        o = self.options
+        if o.warm_start != "ctc":
+            raise BlspError(f"unknown --warm-start {o.warm_start!r}; choose from none, ctc")
+        options = WarmStartOptions("ctc", o.warm_start_steps, o.warm_start_lr, o.warm_start_batch_size, o.seed)
+        log = ctc_warm_start(self.model, [it.utterance for it in self.items], self.cache, options,
+                             show_progress=self.info.is_main)
+        if self.info.is_main:
+            atomic_write_json(self.output_dir / "warm_start_log.json", log)
 
     # -- frozen parts --------------------------------------------------------------------------
     def frozen_digests(self) -> dict[str, str]:
@@ -333,6 +377,26 @@ class Trainer:
         self.step = state["step"]
         if self.info.is_main:
             print(f"resume: from {latest} (step {self.step} of {self.total_steps})", file=sys.stderr)
+
+
+def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> list[BehaviorItem]:
+    """Training sequences: continuation targets, and with `mix_transcribe` a seeded share of the
+    utterances whose target is instead their transcript under the transcribe instruction (the
+    paper's variant; it keeps the exact words in view)."""
+    rng = random.Random(options.seed)
+    continue_prompt = proc.speech_prompt(options.instruction)
+    transcribe = task_instruction("transcribe")
+    transcribe_prompt = proc.speech_prompt(transcribe)
+    items = []
+    for u in utterances:
+        transcript = u.extra.get("prompt_transcript") or u.text
+        if rng.random() < options.mix_transcribe:
+            items.append(BehaviorItem(u, transcribe_prompt, proc.transcript_prompt(transcribe, transcript),
+                                      proc.prompt.target_ids(u.text)))
+        else:
+            target = proc.prompt.target_ids(u.extra["continuation"], bool(u.extra.get("truncated")))
+            items.append(BehaviorItem(u, continue_prompt, proc.transcript_prompt(options.instruction, transcript), target))
+    return items
 
 
 def all_reduce_scalar(value: float) -> float:

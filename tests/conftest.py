@@ -82,14 +82,14 @@ def tone(seconds: float, freq: float = 440.0, sr: int = 16000, amp: float = 0.3)
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def write_corpus(root: Path, n: int = 6, with_continuation: bool = False) -> Path:
+def write_corpus(root: Path, n: int = 6, with_continuation: bool = False, seconds: float = 0.6) -> Path:
     """A manifest of n clips of different lengths (tones), relative paths, optional continuations."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "wav").mkdir(exist_ok=True)
     lines = []
     for i in range(n):
         path = root / "wav" / f"u{i}.wav"
-        sf.write(path, tone(0.6 + 0.37 * i, 200 + 60 * i), 16000)
+        sf.write(path, tone(seconds + 0.37 * i, 200 + 60 * i), 16000)
         rec = {"id": f"u{i}", "audio": f"wav/u{i}.wav", "text": CORPUS[i % len(CORPUS)]}
         if with_continuation:
             rec["continuation"] = CORPUS[(i + 1) % len(CORPUS)]

@@ -129,3 +129,30 @@ def test_audio_unreadable_only_at_training_names_its_line_or_is_skipped(tiny_dir
     assert len(result["skipped_bad"]) == 1 and result["skipped_bad"][0].startswith(f"{data}:2:")
     summary = json.loads((tmp_path / "run2" / "train_summary.json").read_text())
     assert summary["examples"] == 2
+
+
+def test_ctc_warm_start_lowers_its_loss_and_then_trains(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True, seconds=4.0)
+    opts = options(tiny_dirs, tmp_path, max_steps=2, warm_start="ctc", warm_start_steps=40,
+                   warm_start_batch_size=4, warm_start_lr=1e-2)
+    run_train([data], tmp_path / "run", opts)
+    log = json.loads((tmp_path / "run" / "warm_start_log.json").read_text())
+    assert len(log) == 40
+    assert sum(r["ctc_loss"] for r in log[-5:]) / 5 < 0.8 * log[0]["ctc_loss"], (log[0], log[-1])
+    assert (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_kl_loss_logs_kl_and_mixed_transcription_changes_prompts_and_targets(tiny_dirs, tmp_path, tiny_model):
+    from blsp.training import build_items
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, max_steps=2, loss="ce+kl"))
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 0 for r in log)
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    plain = build_items(proc, utts, options(tiny_dirs, tmp_path))
+    mixed = build_items(proc, utts, options(tiny_dirs, tmp_path, mix_transcribe=1.0))
+    for p, m, u in zip(plain, mixed, utts):
+        assert p.target == proc.prompt.target_ids(u.extra["continuation"])
+        assert m.target == proc.prompt.target_ids(u.text) and m.prompt != p.prompt

@@ -1,0 +1,67 @@
+"""Losses as small modules (torchtune style), each checked on seeded tensors in the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ForwardKLLoss(nn.Module):
+    """Sum over positions of KL(teacher || student) of next-token distributions, at temperature T.
+
+    BLSP-KD style distillation: the teacher is the frozen LLM reading the transcript, the
+    student the same LLM reading speech; both are scored on the same continuation tokens, so
+    position i of one is position i of the other. Computed `chunk` positions at a time: a
+    49k-way softmax over every position at once would dominate memory. Multiplied by T^2 so its
+    gradient scale does not depend on T (Hinton et al.).
+    """
+
+    def __init__(self, temperature: float = 1.0, chunk: int = 256):
+        super().__init__()
+        self.temperature, self.chunk = temperature, chunk
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} differ")
+        t = self.temperature
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, student_logits.shape[0], self.chunk):
+            s = F.log_softmax(student_logits[start : start + self.chunk].float() / t, dim=-1)
+            p = F.log_softmax(teacher_logits[start : start + self.chunk].float() / t, dim=-1)
+            total = total + F.kl_div(s, p, log_target=True, reduction="sum")
+        return total * t * t
+
+
+class EmbeddingCTCHead(nn.Module):
+    """Reads the adapter's output as tokens through the LLM's own frozen input embeddings.
+
+    logits = scale * x @ [blank; E[vocab]]^T + bias, so a speech vector scores high on a token
+    when it lies close to that token's embedding: training it with CTC on the transcript pulls
+    the adapter's output towards the words' embeddings, with no LLM forward pass at all.
+    `vocab` restricts the projection to the tokens of the corpus (a few thousand of 49k), which
+    was half the cost of the stage when projecting onto the whole vocabulary.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, vocab: list[int]):
+        super().__init__()
+        self.register_buffer("rows", embeddings[vocab].detach().clone(), persistent=False)
+        self.index = {tok: i + 1 for i, tok in enumerate(vocab)}  # 0 is the blank
+        self.blank = nn.Parameter(torch.zeros(embeddings.shape[1]))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(len(vocab) + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.blank[None].to(self.rows.dtype), self.rows])
+        return self.scale * (x @ table.T.to(x.dtype)) + self.bias
+
+    def targets(self, token_ids: list[int]) -> list[int]:
+        return [self.index[t] for t in token_ids]
+
+    def loss(self, x: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """Mean CTC loss per target token; clips too short for their transcript contribute 0."""
+        log_probs = F.log_softmax(self(x).float(), dim=-1).transpose(0, 1)  # [S, B, C]
+        flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=x.device)
+        target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=x.device)
+        per_clip = F.ctc_loss(log_probs, flat, lengths, target_lengths, blank=0, reduction="none", zero_infinity=True)
+        return per_clip.sum() / target_lengths.sum().clamp(min=1)

@@ -1,0 +1,57 @@
+"""Losses on seeded tensors, checked against explicit computations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blsp.losses import EmbeddingCTCHead, ForwardKLLoss
+
+
+def test_kl_of_identical_distributions_is_zero():
+    x = torch.randn(7, 11, generator=torch.Generator().manual_seed(0))
+    assert ForwardKLLoss()(x, x.clone()).item() == 0.0
+
+
+def test_kl_matches_the_definition_and_does_not_depend_on_chunking():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(9, 13, generator=g), torch.randn(9, 13, generator=g)
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum()
+    torch.testing.assert_close(ForwardKLLoss()(student, teacher), expected)
+    torch.testing.assert_close(ForwardKLLoss(chunk=2)(student, teacher), expected)
+    t = 2.0
+    p2, q2 = (teacher / t).softmax(-1), (student / t).softmax(-1)
+    torch.testing.assert_close(ForwardKLLoss(temperature=t)(student, teacher), (p2 * (p2.log() - q2.log())).sum() * t * t)
+
+
+def test_kl_gradient_reaches_only_the_student():
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(4, 6, generator=g, requires_grad=True)
+    ForwardKLLoss()(student, torch.randn(4, 6, generator=g)).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_ctc_head_equals_torch_ctc_on_explicit_logits():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(50, 8, generator=g)
+    head = EmbeddingCTCHead(emb, vocab=[3, 7, 9, 20])
+    x = torch.randn(2, 6, 8, generator=g)
+    targets = [head.targets([7, 7, 20]), head.targets([3])]
+    assert targets == [[2, 2, 4], [1]]
+    lengths = torch.tensor([6, 4])
+    table = torch.cat([torch.zeros(1, 8), emb[[3, 7, 9, 20]]])
+    log_probs = F.log_softmax(x @ table.T, -1).transpose(0, 1)
+    expected = F.ctc_loss(log_probs, torch.tensor([2, 2, 4, 1]), lengths, torch.tensor([3, 1]), reduction="sum") / 4
+    torch.testing.assert_close(head.loss(x, lengths, targets), expected)
+
+
+def test_ctc_head_scores_speech_that_sits_on_the_word_embeddings_best():
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(30, 16, generator=g) * 3
+    head = EmbeddingCTCHead(emb, vocab=list(range(30)))
+    words = [5, 12, 7]
+    on_words = torch.stack([emb[w] for w in words for _ in range(2)])[None]  # each word held 2 frames
+    random = torch.randn(1, 6, 16, generator=g) * 3
+    lengths, targets = torch.tensor([6]), [head.targets(words)]
+    assert head.loss(on_words, lengths, targets) < 0.2 * head.loss(random, lengths, targets)
