@@ -78,3 +78,18 @@ def test_rank_parts_merge_into_the_output_once(tmp_path):
     merge_parts(out)
     assert [r["id"] for r in lines(out)] == ["a", "b", "c"]
     assert not list(tmp_path.glob("b.jsonl.rank*"))
+
+
+def test_a_transcript_spoken_by_several_voices_is_continued_once(tmp_path, llm, monkeypatch):
+    manifest = write_corpus(tmp_path / "data", n=3)
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    rows += [{**r, "id": r["id"] + "_again"} for r in rows]  # same transcripts, same clips, new ids
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    generated = []
+    real = Continuer.continue_batch
+    monkeypatch.setattr(Continuer, "continue_batch", lambda self, p: generated.extend(p) or real(self, p))
+    out = tmp_path / "behavior.jsonl"
+    summary = run_continue(manifest, out, ContinueOptions(max_new_tokens=5), model_and_tokenizer=llm)
+    assert len(generated) == 3 and summary.written == 6
+    by_id = {r["id"]: r["continuation"] for r in lines(out)}
+    assert all(by_id[f"u{i}"] == by_id[f"u{i}_again"] for i in range(3))
