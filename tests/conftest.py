@@ -31,17 +31,47 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
+def byte_level_bpe(specials: list[str], corpus: list[str], vocab_size: int, unk: str | None = None):
+    """A real byte-level BPE tokenizer (as GPT-2's, Whisper's, SmolLM2's) trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus * 4, trainer)
+    return tok
+
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                    "<|notimestamps|>"]
+
+
+def whisper_tokenizer_json(path: Path):
+    """A small byte-level BPE with Whisper's special tokens, saved as a tokenizer.json."""
+    tok = byte_level_bpe(WHISPER_SPECIALS, ["the quick brown fox jumps over the lazy dog"], 300)
+    tok.save(str(path))
+    return tok
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Nothing a test using this may write to the real ~/.cache/blsp."""
+    import blsp.packaged
+    import blsp.training
+
+    cache = tmp_path / "blsp-cache"
+    monkeypatch.setenv("BLSP_CACHE", str(cache))
+    monkeypatch.setattr(blsp.packaged, "CACHE_DIR", cache)
+    monkeypatch.setattr(blsp.training, "CACHE_DIR", cache)
+    return cache
+
+
+def build_tokenizer(out_dir: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"], CORPUS, 400, unk="<unk>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token="<unk>")
     fast.chat_template = CHATML

@@ -27,14 +27,7 @@ MANIFEST_GOOD = 4
 CONTINUE = ["--max-new-tokens", "6", "--batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Nothing these tests run may write to the real ~/.cache/blsp."""
-    cache = tmp_path / "blsp-cache"
-    monkeypatch.setenv("BLSP_CACHE", str(cache))
-    monkeypatch.setattr(blsp.packaged, "CACHE_DIR", cache)
-    monkeypatch.setattr(blsp.training, "CACHE_DIR", cache)
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # nothing here writes to ~/.cache/blsp
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -21,10 +21,8 @@ from blsp.errors import BlspError
 from blsp.audio import load_audio
 from blsp.whisper import transcribe
 
-from conftest import speak
+from conftest import speak, whisper_tokenizer_json
 
-WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
-                    "<|notimestamps|>"]
 CT2_CODES = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4, torch.bfloat16: 5}
 
 
@@ -98,18 +96,6 @@ def ct2_whisper_variables(model) -> dict[str, torch.Tensor]:
     return var
 
 
-def whisper_tokenizer_json(path: Path):
-    """A small byte-level BPE with Whisper's special tokens, saved as a tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=WHISPER_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
-    tok.save(str(path))
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_corpus
+from conftest import whisper_tokenizer_json, write_corpus
 
-import blsp.packaged
-import blsp.training
 from blsp.cli import main
 from blsp.data import load_utterance_audio, normalize_transcript
 from blsp.evaluation import (
@@ -31,18 +29,9 @@ from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION
 from blsp.training import read_behavior_data
 
-WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
-                    "<|notimestamps|>"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Nothing these tests run may write to the real ~/.cache/blsp."""
-    cache = tmp_path / "blsp-cache"
-    monkeypatch.setenv("BLSP_CACHE", str(cache))
-    monkeypatch.setattr(blsp.packaged, "CACHE_DIR", cache)
-    monkeypatch.setattr(blsp.training, "CACHE_DIR", cache)
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # nothing here writes to ~/.cache/blsp
 
 
 def behavior_data(root: Path, n: int = 4) -> Path:
@@ -64,7 +53,6 @@ def behavior_data(root: Path, n: int = 4) -> Path:
 @pytest.fixture(scope="module")
 def tiny_whisper_dir(tmp_path_factory):
     """A tiny random Whisper that, unlike conftest's, has a Whisper tokenizer: the cascade runs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         WhisperConfig,
         WhisperForConditionalGeneration,
@@ -72,13 +60,7 @@ def tiny_whisper_dir(tmp_path_factory):
     )
 
     root = tmp_path_factory.mktemp("whisper-tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=WHISPER_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
-    tok.save(str(root / "tokenizer.json"))
+    whisper_tokenizer_json(root / "tokenizer.json")
     fast = WhisperTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<|endoftext|>")
     eot = fast.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(0)
