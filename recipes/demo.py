@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The BLSP demo: speech corpus -> step 1 -> step 2 -> evaluation on held-out speech.
 
-    python recipes/demo.py                               # recipes/demo.yaml, ~20 min on 2 cores
-    python recipes/demo.py --recipe recipes/demo-full.yaml
+    python recipes/demo.py                  # recipes/demo.yaml
+    python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
+    python recipes/demo.py --recipe my.yaml
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and
 the demo picks up where it stopped. Writes OUT/report.json and OUT/report.png and prints them.
@@ -20,6 +21,10 @@ import yaml
 
 from blsp.cli import main as blsp
 from blsp.io import atomic_write_json
+
+
+HERE = Path(__file__).parent
+SIZES = {"default": HERE / "demo.yaml", "full": HERE / "demo-full.yaml"}
 
 
 def flags(options: dict) -> list[str]:
@@ -41,17 +46,19 @@ def run(stage: str, args: list[str], timings: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/demo.yaml")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--recipe", default=None, help="a recipe file (overrides --size)")
     parser.add_argument("--output", default=None, help="default: runs/<recipe name>")
     args = parser.parse_args()
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    recipe = yaml.safe_load(Path(args.recipe or SIZES[args.size]).read_text())
     out = Path(args.output or f"runs/{recipe['name']}")
     data, behavior, adapter = out / "data", out / "behavior", out / "adapter"
     models = recipe["models"]
     timings: dict[str, float] = {}
 
     d = dict(recipe["data"])
-    run("speech corpus", ["data", "synth", "--recipe", d.pop("recipe"), "--output", str(data), *flags(d)], timings)
+    data_recipe = HERE.parent / d.pop("recipe")  # recipe paths are relative to the repository
+    run("speech corpus", ["data", "synth", "--recipe", str(data_recipe), "--output", str(data), *flags(d)], timings)
     for split in ("train", "test"):
         run(f"step 1 ({split})", ["continue", "--manifest", str(data / f"{split}.jsonl"), "--llm", models["llm"],
                                   "--output", str(behavior / f"{split}.jsonl"), *flags(recipe["continue"])], timings)
