@@ -427,8 +427,14 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not records:
         return
+    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 20)  # a step's batch is small: show the trend beside the noise
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"mean of {window} steps")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss on continuation (nats/token)")
     ax.set_title("step 2 training loss")
