@@ -172,6 +172,20 @@ def load_utterance_audio(utt: Utterance) -> np.ndarray:
         raise InputError(str(err), utt.source, utt.line) from None
 
 
+def load_utterances_audio(utterances: list[Utterance], skip_bad: bool) -> tuple[list[tuple[Utterance, np.ndarray]], list[InputError]]:
+    """Waveforms of the utterances that load; the first failure raises unless `skip_bad`, which
+    returns the failures instead."""
+    loaded, errors = [], []
+    for utt in utterances:
+        try:
+            loaded.append((utt, load_utterance_audio(utt)))
+        except InputError as err:
+            if not skip_bad:
+                raise
+            errors.append(err)
+    return loaded, errors
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face datasets (optional dependency)
 # ----------------------------------------------------------------------------------------------

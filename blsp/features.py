@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import AudioRef, log_mel_spectrogram, split_for_encoder
-from .data import Utterance, load_utterance_audio
+from .data import Utterance, load_utterances_audio
 from .errors import InputError
 from .io import atomic_write_bytes
 
@@ -93,14 +93,8 @@ class FeatureCache:
         errors: list[InputError] = []
         with tqdm(total=len(todo), desc="encoding speech", unit="clip", disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), group):
-                loaded = []
-                for utt in todo[start : start + group]:
-                    try:
-                        loaded.append((utt, load_utterance_audio(utt)))
-                    except InputError as err:
-                        if not skip_bad:
-                            raise
-                        errors.append(err)
+                loaded, failed = load_utterances_audio(todo[start : start + group], skip_bad)
+                errors += failed
                 feats = encode_waveforms(model, [wav for _, wav in loaded], batch_size)
                 for (utt, _), f in zip(loaded, feats):
                     self.save(utt.audio, f)

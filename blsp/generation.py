@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import load_utterance_audio, read_jsonl, read_manifest
+from .data import load_utterances_audio, read_jsonl, read_manifest
 from .distributed import DistInfo, default_device
-from .errors import BlspError, InputError
+from .errors import BlspError
 from .io import append_jsonl, repair_jsonl_tail
 from .modeling import BlspModel
 
@@ -59,15 +59,9 @@ def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path
     skipped, written = list(read.skipped), 0
     with tqdm(total=len(todo), desc="generating", unit="utt") as bar:
         for start in range(0, len(todo), batch_size):
-            batch, audio = [], []
-            for u in todo[start : start + batch_size]:
-                try:
-                    audio.append(load_utterance_audio(u))
-                    batch.append(u)
-                except InputError as err:
-                    if not skip_bad:
-                        raise
-                    skipped.append(err)
+            loaded, failed = load_utterances_audio(todo[start : start + batch_size], skip_bad)
+            skipped += failed
+            batch, audio = [u for u, _ in loaded], [wav for _, wav in loaded]
             bar.update(len(todo[start : start + batch_size]))
             if not batch:
                 continue

@@ -67,7 +67,7 @@ class TrainOptions:
     save_every: int = 100
     keep_checkpoints: int = 2
     feature_cache: str | None = None  # default: $BLSP_CACHE/features
-    # What step 2 learns from (see README "Recipes that learn fast").
+    # What step 2 learns from (README: the levers of `blsp train`).
     loss: str = "ce"  # ce | kl | ce+kl: cross-entropy on the continuation, and/or BLSP-KD distillation
     kl_temperature: float = 1.0
     kl_weight: float = 1.0
