@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
+    p.add_argument("--adapter-downsample", type=int, default=8, metavar="N",
+                   help="encoder frames (50 Hz) per speech vector: 8 is the paper's 6.25 Hz; conv needs a power of 2")
     p.add_argument("--instruction", default=CONTINUATION_INSTRUCTION)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
     g.add_argument("--ctc-weight", type=float, default=0.5,
                    help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
+    g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
+                   help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
+                        "tokens: the mix of the LLM's own token embeddings the CTC head hears there")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")

@@ -60,6 +60,13 @@ class EmbeddingCTCHead(nn.Module):
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self(x).float(), dim=-1)
 
+    def token_mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each frame as the mix of its tokens' embeddings under the head's posterior without the
+        blank: a vector the LLM has seen (a token's own embedding) wherever the head is sure, and
+        differentiable, so step 2's loss still reaches the adapter through the head."""
+        probs = F.softmax(logits[..., 1:].float(), dim=-1)
+        return probs @ self.rows.float()
+
     def targets(self, token_ids: list[int]) -> list[int]:
         """Head classes of LLM token ids; tokens outside the head's vocabulary are left out."""
         return [self.index[t] for t in token_ids if t in self.index]

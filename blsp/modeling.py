@@ -48,10 +48,15 @@ class ConvAdapter(nn.Module):
 
     Three Conv1d (kernel 5, stride 2, padding 2), each followed by GLU, downsample 8x
     (50 Hz -> 6.25 Hz); then a residual bottleneck d_llm -> 512 -> d_llm without bias; LayerNorm.
+    `downsample` 4 (two convs, 12.5 Hz) gives CTC room for blanks between tokens, which it needs
+    to learn fast; with CTC compression the LLM still reads about one vector per token.
     """
 
-    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, kernel: int = 5, n_convs: int = 3):
+    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, downsample: int = 8, kernel: int = 5):
         super().__init__()
+        n_convs = int(math.log2(downsample))
+        if downsample < 2 or 2**n_convs != downsample:
+            raise BlspError(f"the conv adapter downsamples by a power of 2 (2, 4, 8, ...), not {downsample}")
         self.kernel, self.stride = kernel, 2
         outs = [d_enc] * (n_convs - 1) + [d_llm]
         ins = [d_enc] * n_convs
@@ -79,11 +84,11 @@ class ConvAdapter(nn.Module):
 class FrameStackAdapter(nn.Module):
     """Ultravox-style alternative: stack `stack` frames, then a SwiGLU MLP and LayerNorm."""
 
-    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, stack: int = 8):
+    def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, downsample: int = 8):
         super().__init__()
         del bottleneck  # the MLP's hidden width is the LLM's; kept in the signature for one interface
-        self.stack = stack
-        self.gate_up = nn.Linear(d_enc * stack, 2 * d_llm)
+        self.stack = downsample
+        self.gate_up = nn.Linear(d_enc * downsample, 2 * d_llm)
         self.down = nn.Linear(d_llm, d_llm)
         self.norm = nn.LayerNorm(d_llm)
 
@@ -100,7 +105,13 @@ class FrameStackAdapter(nn.Module):
 
 
 ADAPTERS = {"conv": ConvAdapter, "stack": FrameStackAdapter}
+
+
+def build_adapter(config: "BlspConfig", d_llm: int) -> nn.Module:
+    return ADAPTERS[config.adapter_type](config.encoder_config.d_model, d_llm, config.adapter_bottleneck,
+                                         config.adapter_downsample)
 COMPRESSIONS = (None, "ctc")
+SPEECH_VECTORS = ("adapter", "tokens")
 
 
 def ctc_compress(x: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +203,7 @@ class BlspConfig(PretrainedConfig):
         llm_config: Any = None,
         adapter_type: str = "conv",
         adapter_bottleneck: int = 512,
+        adapter_downsample: int = 8,
         encoder_name: str | None = None,
         llm_name: str | None = None,
         encoder_fingerprint: str | None = None,
@@ -199,6 +211,7 @@ class BlspConfig(PretrainedConfig):
         system_prompt: str | None = None,
         speech_compression: str | None = None,
         ctc_vocab: list[int] | None = None,
+        speech_vectors: str = "adapter",
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -207,6 +220,7 @@ class BlspConfig(PretrainedConfig):
             raise BlspError(f"unknown adapter {adapter_type!r}; known: {', '.join(ADAPTERS)}")
         self.adapter_type = adapter_type
         self.adapter_bottleneck = adapter_bottleneck
+        self.adapter_downsample = adapter_downsample  # encoder frames (50 Hz) per speech vector
         self.encoder_name, self.llm_name = encoder_name, llm_name
         self.encoder_fingerprint, self.llm_fingerprint = encoder_fingerprint, llm_fingerprint
         self.system_prompt = system_prompt
@@ -215,6 +229,13 @@ class BlspConfig(PretrainedConfig):
         # "ctc": the CTC head over `ctc_vocab` (LLM token ids) decides which speech vectors the
         # LLM sees (see `ctc_compress`); None: it sees all of them, as in the paper.
         self.speech_compression, self.ctc_vocab = speech_compression, ctc_vocab
+        if speech_vectors not in SPEECH_VECTORS:
+            raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
+        if speech_vectors == "tokens" and speech_compression != "ctc":
+            raise BlspError("speech vectors 'tokens' are read through the CTC head: they need speech compression 'ctc'")
+        # "adapter": the LLM reads the adapter's vectors (the paper); "tokens": each CTC token run
+        # becomes the mix of the LLM's own token embeddings that the head's posterior gives it.
+        self.speech_vectors = speech_vectors
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -285,9 +306,7 @@ class BlspModel(PreTrainedModel):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.llm_config)
         )
-        d_enc = config.encoder_config.d_model
-        d_llm = self.language_model.get_input_embeddings().embedding_dim
-        self.adapter = ADAPTERS[config.adapter_type](d_enc, d_llm, config.adapter_bottleneck)
+        self.adapter = build_adapter(config, self.language_model.get_input_embeddings().embedding_dim)
         self.ctc_head: EmbeddingCTCHead | None = None
         if config.speech_compression == "ctc":
             self.ctc_head = EmbeddingCTCHead(self.language_model.get_input_embeddings().weight, config.ctc_vocab)
@@ -331,10 +350,14 @@ class BlspModel(PreTrainedModel):
         self.adapter.norm.weight.fill_(emb_std)
         self.adapter.norm.bias.zero_()
 
-    def enable_ctc_compression(self, vocab: list[int]) -> None:
-        """Give the model a CTC head over `vocab` that compresses its speech (`ctc_compress`)."""
+    def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
+        """Give the model a CTC head over `vocab` that compresses its speech (`ctc_compress`);
+        `speech_vectors` "tokens": the LLM reads the head's token-embedding mixes instead."""
+        if speech_vectors not in SPEECH_VECTORS:
+            raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
         weight = self.language_model.get_input_embeddings().weight
         self.config.speech_compression, self.config.ctc_vocab = "ctc", [int(t) for t in vocab]
+        self.config.speech_vectors = speech_vectors
         self.ctc_head = EmbeddingCTCHead(weight, self.config.ctc_vocab).to(weight.device)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -369,6 +392,7 @@ class BlspModel(PreTrainedModel):
         llm: str = "smollm2-135m-instruct",
         adapter_type: str = "conv",
         adapter_bottleneck: int = 512,
+        adapter_downsample: int = 8,
         system_prompt: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
         seed: int = 0,
@@ -381,6 +405,7 @@ class BlspModel(PreTrainedModel):
             llm_config=language_model.config,
             adapter_type=adapter_type,
             adapter_bottleneck=adapter_bottleneck,
+            adapter_downsample=adapter_downsample,
             encoder_name=encoder,
             llm_name=llm,
             encoder_fingerprint=weights_fingerprint(audio_tower),
@@ -523,9 +548,14 @@ class BlspModel(PreTrainedModel):
         speech, lengths = self.speech_embeddings(encoder_features, encoder_lengths)
         vectors, keep = speech, None
         if self.ctc_head is not None:
-            with torch.no_grad():
-                log_probs = self.ctc_head.log_probs(speech)
-            vectors, keep = ctc_compress(speech, lengths, log_probs)
+            if self.config.speech_vectors == "tokens":
+                logits = self.ctc_head(speech)
+                log_probs = F.log_softmax(logits.detach().float(), dim=-1)
+                vectors = self.ctc_head.token_mix(logits)
+            else:
+                with torch.no_grad():
+                    log_probs = self.ctc_head.log_probs(speech)
+            vectors, keep = ctc_compress(vectors, lengths, log_probs)
         valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < lengths[:, None]
         flat = vectors[valid]
         if flat.shape[0] != n_slots:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .errors import CheckpointError
 from .io import file_sha256
 from .losses import EmbeddingCTCHead
-from .modeling import ADAPTER_WEIGHTS, ADAPTERS, SPEECH_TOKEN_ID, BlspConfig, BlspModel
+from .modeling import ADAPTER_WEIGHTS, SPEECH_TOKEN_ID, build_adapter, BlspConfig, BlspModel
 from .processing import Example
 from .prompts import AudioSlot, pieces_to_ids
 
@@ -190,8 +190,7 @@ def swapped_adapter(model: BlspModel, path: str | Path) -> Iterator[dict]:
             raise CheckpointError(f"{path}: the contrast adapter was trained against another {what} "
                                   f"({theirs}, this model's is {ours}); compare adapters of the same backbones")
     embeddings = model.language_model.get_input_embeddings().weight
-    adapter = ADAPTERS[cfg.adapter_type](model.config.encoder_config.d_model, embeddings.shape[1],
-                                         cfg.adapter_bottleneck)
+    adapter = build_adapter(cfg, embeddings.shape[1])
     head = EmbeddingCTCHead(embeddings, cfg.ctc_vocab) if cfg.speech_compression == "ctc" else None
     param = next(model.adapter.parameters())
     own = (model.adapter, model.ctc_head)

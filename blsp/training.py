@@ -35,7 +35,7 @@ from .distributed import DistInfo, barrier, default_device, init_distributed
 from .errors import BlspError, CheckpointError, InputError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
-from .modeling import ADAPTER_WEIGHTS, BlspModel, shared_prefix
+from .modeling import ADAPTER_WEIGHTS, SPEECH_VECTORS, BlspModel, shared_prefix
 from .packaged import CACHE_DIR
 from .processing import Example
 from .losses import ForwardKLLoss
@@ -51,6 +51,7 @@ class TrainOptions:
     encoder: str = "whisper-base"
     llm: str = "smollm2-135m-instruct"
     adapter: str = "conv"
+    adapter_downsample: int = 8  # encoder frames per speech vector (50 Hz / 8 = 6.25 Hz, the paper's)
     instruction: str = CONTINUATION_INSTRUCTION
     system_prompt: str | None = None
     lr: float = 1e-3
@@ -81,6 +82,7 @@ class TrainOptions:
     embed_weight: float = 1.0  # weight of the pull onto the tokens' embeddings (--warm-start embed)
     compress_speech: str = "none"  # none | ctc: the LLM reads one speech vector per CTC token
     ctc_weight: float = 0.5  # with compression: CTC on the transcript beside step 2's loss
+    speech_vectors: str = "adapter"  # adapter | tokens: with compression, what the LLM reads per token run
 
     # Settings that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache")
@@ -200,7 +202,8 @@ class Trainer:
         self.warm_start_extra = self.read_warm_start_data(skip_bad)
         if options.compress_speech == "ctc" and model.ctc_head is None:
             extra = [transcript_tokens(model.processor.tokenizer, u) for u in self.warm_start_extra]
-            model.enable_ctc_compression(sorted({t for seq in self.transcript_tokens + extra for t in seq}))
+            model.enable_ctc_compression(sorted({t for seq in self.transcript_tokens + extra for t in seq}),
+                                         options.speech_vectors)
         self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
         self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
@@ -426,6 +429,14 @@ def check_options(options: TrainOptions) -> None:
                                ("--compress-speech", options.compress_speech, COMPRESSIONS)):
         if value not in known:
             raise BlspError(f"unknown {name} {value!r}; choose from {', '.join(known)}")
+    if options.adapter_downsample < 1 or (options.adapter == "conv" and options.adapter_downsample & (options.adapter_downsample - 1)) \
+            or (options.adapter == "conv" and options.adapter_downsample < 2):
+        raise BlspError(f"--adapter-downsample {options.adapter_downsample}: the conv adapter downsamples by a power "
+                        "of 2 (2, 4, 8, ...), the stack adapter by any positive whole number")
+    if options.speech_vectors not in SPEECH_VECTORS:
+        raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
+    if options.speech_vectors == "tokens" and options.compress_speech != "ctc":
+        raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)")
@@ -515,7 +526,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
     if model is None:
         model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
-                                          system_prompt=options.system_prompt, seed=options.seed)
+                                          adapter_downsample=options.adapter_downsample, system_prompt=options.system_prompt, seed=options.seed)
     model.to(default_device(info))
     trainer = Trainer(model, utterances, options, output_dir, info, skip_bad=skip_bad)
     result = trainer.train(resume=resume)

@@ -15,6 +15,7 @@ from blsp.modeling import (
     shared_prefix,
     run_whisper_encoder,
 )
+from blsp.errors import BlspError
 from blsp.processing import Example
 from blsp.prompts import AudioSlot, CONTINUATION_INSTRUCTION
 
@@ -203,9 +204,9 @@ def test_ctc_compress_drops_blanks_and_merges_each_run_into_its_mean():
     torch.testing.assert_close(out[1, 2], x[1, 2])
 
 
-def compressing_model(model, seed: int = 0):
+def compressing_model(model, seed: int = 0, speech_vectors: str = "adapter"):
     vocab = list(range(5, 25))
-    model.enable_ctc_compression(vocab)
+    model.enable_ctc_compression(vocab, speech_vectors)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a head that reads some frames as blank and others as tokens
         model.ctc_head.blank.copy_(torch.randn(model.ctc_head.blank.shape, generator=g))
@@ -231,14 +232,49 @@ def test_compressed_speech_equals_feeding_only_the_kept_vectors(tiny_model):
         torch.testing.assert_close(logits[r][keep], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_compressing_model_saves_and_loads_its_ctc_head(tiny_model, tmp_path):
-    model = compressing_model(tiny_model)
+@pytest.mark.parametrize("speech_vectors", ["adapter", "tokens"])
+def test_compressing_model_saves_and_loads_its_ctc_head(tiny_model, tmp_path, speech_vectors):
+    model = compressing_model(tiny_model, speech_vectors=speech_vectors)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
     assert loaded.config.speech_compression == "ctc" and loaded.config.ctc_vocab == list(range(5, 25))
+    assert loaded.config.speech_vectors == speech_vectors
     torch.testing.assert_close(loaded.ctc_head.blank, model.ctc_head.blank)
     batch = model.processor.collate(make_examples(model))
     torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss)
+
+
+def test_token_vectors_are_the_heads_posterior_mix_of_token_embeddings(tiny_model):
+    """speech_vectors "tokens": each kept vector is sum_c p(c | frame, not blank) * E[c]; a head
+    sure of one token hands the LLM exactly that token's embedding."""
+    model = compressing_model(tiny_model, speech_vectors="tokens")
+    head = model.ctc_head
+    x = torch.randn(2, 6, head.rows.shape[1])
+    mix = head.token_mix(head(x))
+    probs = torch.softmax(head(x)[..., 1:], -1)
+    torch.testing.assert_close(mix, torch.einsum("bsc,cd->bsd", probs, head.rows))
+    # Step 2's loss reaches the adapter through the mix (with "adapter" vectors too, but here the
+    # adapter's own vectors never enter the LLM).
+    batch = model.processor.collate(make_examples(model))
+    model(**batch).loss.backward()
+    assert model.adapter.fc1.weight.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        head.bias[1:].fill_(-1e4)
+        head.bias[3] = 1e4  # always token vocab[2]
+    torch.testing.assert_close(head.token_mix(head(x)), head.rows[2].expand(2, 6, -1))
+
+
+@pytest.mark.parametrize("downsample", [2, 4, 8, 16])
+def test_conv_adapter_downsamples_by_its_factor(downsample):
+    adapter = ConvAdapter(16, 24, bottleneck=8, downsample=downsample)
+    assert len(adapter.convs) == {2: 1, 4: 2, 8: 3, 16: 4}[downsample]
+    out, lengths = adapter(torch.randn(1, 160, 16), torch.tensor([160]))
+    assert out.shape[1] == int(lengths) == 160 // downsample
+
+
+def test_conv_adapter_refuses_a_factor_that_is_not_a_power_of_two():
+    with pytest.raises(BlspError, match="power of 2"):
+        ConvAdapter(16, 24, downsample=6)
 
 
 # ----------------------------------------------------------------------------------------------
