@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_continue)
 
     p = sub.add_parser("train", help="step 2: train the adapter on behavior data")
-    p.add_argument("--data", required=True, nargs="+", help="behavior data JSONL from `blsp continue`")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="behavior data JSONL from `blsp continue`, or one directory of tar shards from "
+                        "`blsp data shard` (streamed: each rank reads only its own shards)")
     p.add_argument("--encoder", default="whisper-base")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
@@ -199,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
     g.add_argument("--ctc-weight", type=float, default=0.5,
                    help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
+    g = p.add_argument_group("scale (README \"Scale\"; launch with torchrun for several processes or machines)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
+                        "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")
+    g.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N",
+                   help="with --data DIR of shards: items mixed within each rank's stream (shards are "
+                        "shuffled per epoch too)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")
