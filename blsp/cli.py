@@ -201,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
     g.add_argument("--ctc-weight", type=float, default=0.5,
                    help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
-    g = p.add_argument_group("scale (README \"Scale\"; launch with torchrun for several processes or machines)")
+    g = p.add_argument_group(
+        "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
+                 "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp` on each "
+                 "machine (README \"Scale\")")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
                         "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")
