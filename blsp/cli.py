@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_continue)
 
     p = sub.add_parser("train", help="step 2: train the adapter on behavior data")
-    p.add_argument("--data", required=True, nargs="+", help="behavior data JSONL from `blsp continue`")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="behavior data JSONL from `blsp continue`, or one directory of tar shards from "
+                        "`blsp data shard` (streamed: each rank reads only its own shards)")
     p.add_argument("--encoder", default="whisper-base")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
@@ -204,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
                    help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
                         "tokens: the mix of the LLM's own token embeddings the CTC head hears there")
+    g = p.add_argument_group(
+        "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
+                 "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp` on each "
+                 "machine (README \"Scale\")")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
+                        "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")
+    g.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N",
+                   help="with --data DIR of shards: items mixed within each rank's stream (shards are "
+                        "shuffled per epoch too)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")

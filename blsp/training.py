@@ -37,6 +37,7 @@ from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
 from .modeling import ADAPTER_WEIGHTS, SPEECH_VECTORS, BlspModel, shared_prefix
 from .packaged import CACHE_DIR
+from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
 from .losses import ForwardKLLoss
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
@@ -83,9 +84,12 @@ class TrainOptions:
     compress_speech: str = "none"  # none | ctc: the LLM reads one speech vector per CTC token
     ctc_weight: float = 0.5  # with compression: CTC on the transcript beside step 2's loss
     speech_vectors: str = "adapter"  # adapter | tokens: with compression, what the LLM reads per token run
+    # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
+    fsdp: bool = False
+    shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
 
     # Settings that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache")
+    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "fsdp")  # fsdp: same math
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warm_start_data", tuple(str(p) for p in self.warm_start_data))
@@ -204,9 +208,15 @@ class Trainer:
             extra = [transcript_tokens(model.processor.tokenizer, u) for u in self.warm_start_extra]
             model.enable_ctc_compression(sorted({t for seq in self.transcript_tokens + extra for t in seq}),
                                          options.speech_vectors)
-        self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
+        self.n_examples = len(self.items)
         self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
+        self.setup_optimization()
+
+    def setup_optimization(self) -> None:
+        """Loss, optimizer, schedule and precision (needs `total_steps`; shared with blsp.streaming)."""
+        model, options = self.model, self.options
+        self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
         self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
@@ -249,15 +259,15 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in proc.collate([self.example(it) for it in items]).items()}
         with self.autocast:
             out = self.model(**batch, return_target_logits=self.kl is not None,
-                             shared_prefix=shared_prefix(batch["input_ids"], batch["attention_mask"]))
+                             shared_prefix=self.shared_prefix(batch))
         loss = out.loss_sum if "ce" in self.options.loss.split("+") else out.loss_sum * 0
         parts = {"loss": float(out.loss_sum.detach())}
         if self.kl is not None:
             teacher = {k: v.to(self.device) for k, v in
                        proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
             with torch.no_grad(), self.autocast:
-                teacher_logits = self.model(**teacher, return_target_logits=True, shared_prefix=shared_prefix(
-                    teacher["input_ids"], teacher["attention_mask"])).target_logits
+                teacher_logits = self.model(**teacher, return_target_logits=True,
+                                            shared_prefix=self.shared_prefix(teacher)).target_logits
             kl = self.kl(out.target_logits, teacher_logits)
             loss = loss + self.options.kl_weight * kl
             parts["kl"] = float(kl.detach())
@@ -269,6 +279,13 @@ class Trainer:
             loss = loss + self.options.ctc_weight * ctc
             parts["ctc"] = float(ctc.detach())
         return loss, parts
+
+    def shared_prefix(self, batch: dict) -> list[int]:
+        # Under FSDP every LLM forward all-gathers on all ranks together; the prefix cache runs
+        # one extra forward on whichever rank misses it, so it is off there (blsp.sharding).
+        if is_sharded(self.model):
+            return []
+        return shared_prefix(batch["input_ids"], batch["attention_mask"])
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -343,7 +360,7 @@ class Trainer:
         self.check_frozen(frozen_before)
         if self.info.is_main:
             self.model.save_pretrained(self.output_dir)
-            summary = {"steps": self.step, "global_batch": self.global_batch, "examples": len(self.items),
+            summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
                        "options": asdict(self.options), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
@@ -364,8 +381,8 @@ class Trainer:
 
     # -- frozen parts --------------------------------------------------------------------------
     def frozen_digests(self) -> dict[str, str]:
-        return {"audio_tower": module_digest(self.model.audio_tower),
-                "language_model": module_digest(self.model.language_model)}
+        digest = digest_across_ranks if is_sharded(self.model) else module_digest
+        return {"audio_tower": digest(self.model.audio_tower), "language_model": digest(self.model.language_model)}
 
     def check_frozen(self, before: dict[str, str]) -> None:
         for name, digest in self.frozen_digests().items():
@@ -477,7 +494,9 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> lis
 def all_reduce_scalar(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only GPU tensors (gloo either kind).
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t)
 
@@ -522,13 +541,35 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
 def run_train(data: Sequence[str | Path], output_dir: str | Path, options: TrainOptions,
               resume: bool = False, skip_bad: bool = False, model: BlspModel | None = None) -> dict:
     """`blsp train`: load the backbones, build a fresh adapter (or resume one), train, save."""
+    from .shards import is_shard_corpus
+
     info = init_distributed()
-    utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
+    streamed = is_shard_corpus(data)
+    if streamed:
+        from .streaming import StreamingTrainer, check_streaming_options
+
+        check_streaming_options(options)  # before minutes go into loading the models
+    else:
+        utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
     if model is None:
         model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
-                                          adapter_downsample=options.adapter_downsample, system_prompt=options.system_prompt, seed=options.seed)
-    model.to(default_device(info))
-    trainer = Trainer(model, utterances, options, output_dir, info, skip_bad=skip_bad)
+                                          adapter_downsample=options.adapter_downsample,
+                                          system_prompt=options.system_prompt, seed=options.seed)
+    place_model(model, options, info)
+    if streamed:
+        trainer = StreamingTrainer(model, data[0], options, output_dir, info, skip_bad=skip_bad)
+        skipped = []
+    else:
+        trainer = Trainer(model, utterances, options, output_dir, info, skip_bad=skip_bad)
     result = trainer.train(resume=resume)
     result["skipped_bad"] = [str(e) for e in skipped + trainer.skipped]
     return result
+
+
+def place_model(model: BlspModel, options: TrainOptions, info: DistInfo) -> None:
+    """The model on this rank's device: whole, or with `--fsdp` its LLM sharded across ranks."""
+    device = default_device(info)
+    if options.fsdp:
+        shard_model(model, device)
+    else:
+        model.to(device)
