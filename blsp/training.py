@@ -223,6 +223,11 @@ class Trainer:
         self.step = 0
         use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        if self.device.type == "cuda":
+            # cuDNN may pick convolution kernels whose backward sums in a varying order; --resume
+            # promises the adapter an uninterrupted run gives, so take the deterministic ones
+            # (the adapter's convolutions are a sliver of a step's cost).
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     # -- features ------------------------------------------------------------------------------
     def prepare_features(self, utterances: list[Utterance], skip_bad: bool) -> list[InputError]:

@@ -15,8 +15,9 @@ from conftest import write_corpus
 
 
 def options(tiny_dirs, tmp_path, **kw):
+    # fp32: these tests compare runs to fp tolerance; on a GPU `auto` would mean bf16 autocast.
     base = dict(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, lr=5e-3, warmup_steps=2,
-                max_steps=6, save_every=2, feature_cache=str(tmp_path / "features"))
+                max_steps=6, save_every=2, feature_cache=str(tmp_path / "features"), precision="fp32")
     base.update(kw)
     return TrainOptions(**base)
 
