@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
     g.add_argument("--ctc-weight", type=float, default=0.5,
                    help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
+    g = p.add_argument_group("speed and memory (benchmarks/train_step.py)")
+    g.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch sequences of similar length together (less padding); still deterministic from "
+                        "the step and seed, the same on every rank and on resume")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")
