@@ -55,6 +55,12 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
+    try:  # hand freed heap pages back first, else the RSS left by the previous variant hides this one's peak
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -72,19 +78,27 @@ def peak_mb(device: torch.device) -> float:
         return peak_rss_mb()
 
 
-def timed(run_step, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
-    """Run `warmup` untimed steps, then `steps` timed ones; samples/s and peak memory."""
-    reset_peak(device)
+def timed(variants: dict, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict[str, dict]:
+    """samples/s and peak memory of each variant, their steps interleaved (step s of every variant,
+    then step s+1): on a shared machine the load drifts, and interleaving exposes every variant
+    to the same drift, so the ratios hold even when the absolute figures move."""
     for s in range(warmup):
-        run_step(s)
-    presets.sync(device)
-    start = presets.now()
+        for run_step in variants.values():
+            run_step(s)
+    seconds = {name: 0.0 for name in variants}
+    peaks = {name: 0.0 for name in variants}
     for s in range(warmup, warmup + steps):
-        run_step(s)
-    presets.sync(device)
-    seconds = presets.now() - start
-    return {"samples_per_s": round(steps * batch_size / seconds, 3), "seconds_per_step": round(seconds / steps, 3),
-            "peak_memory_mb": peak_mb(device)}
+        for name, run_step in variants.items():
+            reset_peak(device)
+            presets.sync(device)
+            start = presets.now()
+            run_step(s)
+            presets.sync(device)
+            seconds[name] += presets.now() - start
+            peaks[name] = max(peaks[name], peak_mb(device))
+    return {name: {"samples_per_s": round(steps * batch_size / seconds[name], 3),
+                   "seconds_per_step": round(seconds[name] / steps, 3), "peak_memory_mb": peaks[name]}
+            for name in variants}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +200,8 @@ class FloorStep:
                     ids = b["input_ids"].masked_fill(b["input_ids"] == SPEECH_TOKEN_ID, 0)
                     b["embeds"] = embed(ids)
                 b["prefix"] = shared_prefix(b["input_ids"], b["attention_mask"]) if self.use_prefix else ()
+                if b["prefix"]:  # the prefix's keys and values: computed once, before any timing
+                    self.model._prefix_cache(tuple(b["prefix"]), 1, b["embeds"].dtype)
                 self.batches[step].append(b)
 
     def __call__(self, step: int) -> None:
@@ -238,10 +254,11 @@ def main() -> None:
     parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--tiny", action="store_true", help="shrink the gpu preset's models (a quick check on a CPU)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 (cpu preset), 16 (gpu)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 (cpu preset), 16 (gpu)")
     parser.add_argument("--clip-seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 2 (cpu), 10 (gpu)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first; default 0 on a CPU (a step there takes seconds), 2 on a GPU")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="also time ours with the frozen LLM's layers checkpointed, and its memory")
     parser.add_argument("--unbucketed", action="store_true", help="also time ours with random batches")
@@ -252,8 +269,9 @@ def main() -> None:
 
     device = presets.pick_device(args.device)
     big = args.preset == "gpu" and not args.tiny
-    batch_size = args.batch_size or (16 if big else 8)
+    batch_size = args.batch_size or (16 if big else 4)
     steps = args.steps or (10 if big else 2)
+    args.warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
     n = batch_size * (args.warmup + steps)  # one epoch: every timed step sees new clips
     print(f"building the {args.preset} preset on {device} ...", flush=True)
     built = presets.build_model(args.preset, device, args.tiny, args.seed)
@@ -270,34 +288,38 @@ def main() -> None:
                                feature_cache=str(tmp / "features"), **kw)
         return Trainer(model, utterances, options, tmp / "run", DistInfo())
 
-    results: dict[str, dict] = {}
     trainer = trainer_for()
     frames = [int(np.load(trainer.cache.path(it.utterance.audio), mmap_mode="r").shape[0]) for it in trainer.items]
     waste = waste_report(trainer, frames)
     prompt = sum(len(p) for p in trainer.items[0].prompt if isinstance(p, list))
     waste_skewed = skewed_waste(batch_size, prompt, args.seed)
 
-    def run(name: str, step_fn, t: Trainer) -> None:
-        results[name] = timed(step_fn, steps, args.warmup, batch_size, device)
-        r = results[name]
+    variants = {"ours": trainer.train_step}
+    if args.unbucketed:
+        variants["ours_unbucketed"] = trainer_for(bucket_by_length=False).train_step
+    if args.gradient_checkpointing:
+        # A model-wide switch: its trainer turns it on for its own steps only.
+        ckpt = trainer_for(gradient_checkpointing=True)
+        model.set_llm_checkpointing(False)
+
+        def checkpointed(step: int) -> None:
+            model.set_llm_checkpointing(True)
+            try:
+                ckpt.train_step(step)
+            finally:
+                model.set_llm_checkpointing(False)
+
+        variants["ours_checkpointed"] = checkpointed
+    for name, use_prefix in (("floor", False), ("floor_prefix_cached", True)):
+        variants[name] = FloorStep(trainer, use_prefix)
+        variants[name].prepare(range(args.warmup + steps))
+    if not args.no_original:
+        variants["original"] = OriginalStep(trainer, clips, batch_size, args.seed)
+    print(f"timing {', '.join(variants)}: {args.warmup} untimed + {steps} timed steps each, interleaved", flush=True)
+    results = timed(variants, steps, args.warmup, batch_size, device)
+    for name, r in results.items():
         print(f"{name:>22}: {r['samples_per_s']:8.3f} samples/s  ({r['seconds_per_step']:.3f} s/step, "
               f"peak {r['peak_memory_mb']:.0f} MB)", flush=True)
-
-    run("ours", trainer.train_step, trainer)
-    if args.unbucketed:
-        t = trainer_for(bucket_by_length=False)
-        run("ours_unbucketed", t.train_step, t)
-    if args.gradient_checkpointing:
-        t = trainer_for(gradient_checkpointing=True)
-        run("ours_checkpointed", t.train_step, t)
-        model.set_llm_checkpointing(False)
-    for name, use_prefix in (("floor", False), ("floor_prefix_cached", True)):
-        floor = FloorStep(trainer, use_prefix)
-        floor.prepare(range(args.warmup + steps))
-        run(name, floor, trainer)
-        del floor
-    if not args.no_original:
-        run("original", OriginalStep(trainer, clips, batch_size, args.seed), trainer)
 
     ours = results["ours"]["samples_per_s"]
     ratios = {
