@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 import torch.nn.functional as F
 from transformers import WhisperFeatureExtractor
@@ -78,6 +76,14 @@ class AudioRef:
         return path if self.start is None else f"{path}:{self.start}:{self.num_samples}"
 
 
+def _soundfile():
+    """soundfile, imported when a file is first read or written: the model, the mel features and
+    the benchmarks then work where libsndfile is not installed (a bare GPU machine)."""
+    import soundfile
+
+    return soundfile
+
+
 def _resolve(path: str | os.PathLike, base_dir: str | os.PathLike | None) -> str:
     path = os.path.expanduser(os.fspath(path))
     if base_dir is not None and not os.path.isabs(path):
@@ -118,7 +124,7 @@ def probe_audio(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike
     if not os.path.isfile(ref.path):
         raise AudioError(f"audio file not found: {ref.path}")
     try:
-        info = sf.info(ref.path)
+        info = _soundfile().info(ref.path)
     except (RuntimeError, OSError) as err:  # sf.LibsndfileError is a RuntimeError
         raise AudioError(f"cannot read audio file {ref.path}: {_reason(err)}") from err
     if ref.start is None:
@@ -134,7 +140,7 @@ def probe_audio(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike
 
 def _read(file: str | io.BytesIO, label: object, start: int = 0, frames: int = -1) -> tuple[np.ndarray, int]:
     try:
-        return sf.read(file, start=start, frames=frames, dtype="float32", always_2d=True)
+        return _soundfile().read(file, start=start, frames=frames, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as err:
         raise AudioError(f"cannot decode audio {label}: {_reason(err)}") from err
 
@@ -146,6 +152,8 @@ def _to_mono_16k(data: np.ndarray, sample_rate: int, label: object) -> np.ndarra
         raise AudioError(f"{label}: audio contains NaN or infinite samples")
     mono = data.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
+        import soxr
+
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
@@ -218,5 +226,5 @@ def split_for_encoder(audio: np.ndarray) -> list[np.ndarray]:
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Write 16-bit PCM WAV atomically (a killed writer never leaves a half file to be read)."""
     buf = io.BytesIO()
-    sf.write(buf, np.asarray(audio), sample_rate, subtype="PCM_16", format="WAV")
+    _soundfile().write(buf, np.asarray(audio), sample_rate, subtype="PCM_16", format="WAV")
     atomic_write_bytes(path, buf.getvalue())

@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N",
                    help="with --data DIR of shards: items mixed within each rank's stream (shards are "
                         "shuffled per epoch too)")
+    g = p.add_argument_group("speed and memory (benchmarks/train_step.py)")
+    g.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch sequences of similar length together (less padding); still deterministic from "
+                        "the step and seed, the same on every rank and on resume")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -278,6 +279,36 @@ def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list
     same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0) & (input_ids[0] != SPEECH_TOKEN_ID)
     n = int(same.long().cumprod(0).sum())
     return input_ids[0, :n].tolist()
+
+
+def _checkpointed(forward):
+    """`forward` under a non-reentrant activation checkpoint whenever a graph is being built."""
+
+    def run(*args: Any, **kwargs: Any):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # an older transformers: the prefix cache then keeps its own layers
+    DynamicLayer = None
+
+if DynamicLayer is None:
+    _ReadOnlyKV = type(None)  # matches no cache layer
+else:
+
+    class _ReadOnlyKV(DynamicLayer):
+        """A layer of the shared-prefix cache that returns prefix + new keys without storing them.
+
+        Nothing reads the cache after a training forward, and a layer recomputed under
+        activation checkpointing must not append its keys a second time."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
 def _hide_dropped_speech(attention_mask: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -605,11 +636,32 @@ class BlspModel(PreTrainedModel):
         base = self.language_model.get_decoder()
         n = len(shared_prefix)
         if not n:
-            return base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+            # use_cache=False: no KV cache to build (nothing reads it after a training forward).
+            return base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
         cache = self._prefix_cache(tuple(shared_prefix), embeds.shape[0], embeds.dtype)
+        if any("forward" in vars(layer) for layer in base.layers) and not all(
+                isinstance(layer, _ReadOnlyKV) for layer in cache.layers):
+            # Checkpointed layers would append to a writable cache twice: go without the prefix.
+            return self.llm_hidden_states(embeds, attention_mask)
         rest = base(inputs_embeds=embeds[:, n:], attention_mask=attention_mask, position_ids=position_ids[:, n:],
                     past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([rest.new_zeros(rest.shape[0], n, rest.shape[2]), rest], dim=1)
+
+    def set_llm_checkpointing(self, enabled: bool) -> None:
+        """Recompute each frozen LLM layer in the backward pass instead of keeping its activations.
+
+        Not transformers' `gradient_checkpointing_enable`: that one acts only in train mode (the
+        frozen LLM stays in eval mode, so dropout stays off) and drops a passed KV cache, which
+        would silently cut the shared prefix off. Here each decoder layer's forward is wrapped in
+        a non-reentrant `torch.utils.checkpoint`, whatever the mode; the prefix cache is
+        read-only (`_ReadOnlyKV`), so the recomputation sees exactly what the forward saw.
+        """
+        for layer in self.language_model.get_decoder().layers:
+            if enabled and "forward" not in vars(layer):
+                layer.forward = _checkpointed(layer.forward)
+            elif not enabled and "forward" in vars(layer):
+                del layer.forward
 
     def _prefix_cache(self, prefix: tuple[int, ...], batch: int, dtype: torch.dtype):
         """A fresh KV cache holding `prefix` for `batch` rows (the per-layer tensors are kept
@@ -624,8 +676,12 @@ class BlspModel(PreTrainedModel):
                 out = self.language_model.get_decoder()(
                     inputs_embeds=self.language_model.get_input_embeddings()(ids).to(dtype), use_cache=True)
             self._prefix_kv[key] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                            for k, v in self._prefix_kv[key]], config=self.language_model.config)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                             for k, v in self._prefix_kv[key]], config=self.language_model.config)
+        for layer in cache.layers:
+            if DynamicLayer is not None and type(layer) is DynamicLayer:
+                layer.__class__ = _ReadOnlyKV
+        return cache
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.language_model.get_output_embeddings()(hidden)

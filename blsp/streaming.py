@@ -116,6 +116,9 @@ class StreamingTrainer(Trainer):
         self.prompts = {"continue": proc.speech_prompt(options.instruction),
                         "transcribe": proc.speech_prompt(task_instruction("transcribe"))}
         self.setup_optimization()
+        # The stream's order is the shard shuffle and the shuffle buffer's (--bucket-by-length
+        # needs every length up front, so it applies to manifests only).
+        model.set_llm_checkpointing(options.gradient_checkpointing)
 
     def check_index(self) -> None:
         if len(self.index.shards) < self.info.world_size:

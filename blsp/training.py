@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -87,6 +88,9 @@ class TrainOptions:
     # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
     fsdp: bool = False
     shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
+    # Speed and memory (benchmarks/train_step.py measures both).
+    bucket_by_length: bool = True  # each global batch holds sequences of similar length: less padding
+    gradient_checkpointing: bool = False  # recompute the frozen LLM's layers in backward: less memory
 
     # Settings that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "fsdp")  # fsdp: same math
@@ -143,15 +147,58 @@ def sample_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
-def global_batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
-    """The dataset indices of optimizer step `step` (0-based): a window over seeded epochs."""
+def global_batch_indices(step: int, n: int, global_batch: int, seed: int,
+                         lengths: tuple[int, ...] | None = None) -> list[int]:
+    """The dataset indices of optimizer step `step` (0-based): a window over seeded epochs.
+
+    With `lengths` (one per item), each epoch's order is length-bucketed (`bucketed_order`).
+    Either way the result depends on nothing but the arguments, so every rank and a resumed run
+    compute the same batches without talking.
+    """
     out = []
     for pos in range(step * global_batch, (step + 1) * global_batch):
         epoch, k = divmod(pos, n)
         if k == 0 or not out or epoch != (pos - 1) // n:
-            order = sample_order(n, epoch, seed)
+            order = (sample_order(n, epoch, seed) if lengths is None
+                     else bucketed_order(lengths, epoch, seed, global_batch))
         out.append(order[k])
     return out
+
+
+BUCKET_SPAN = 50  # global batches sorted together: wide enough to find similar lengths, narrow
+# enough that what is batched together still changes from epoch to epoch
+
+
+@lru_cache(maxsize=4)
+def bucketed_order(lengths: tuple[int, ...], epoch: int, seed: int, global_batch: int) -> list[int]:
+    """An epoch's order in which each global batch holds items of similar length.
+
+    The epoch's seeded permutation is cut into spans of BUCKET_SPAN global batches, each span is
+    sorted by length and cut into batches, and the batches are shuffled, so batches of short and
+    long sequences still alternate. Why: padding a batch to its longest sequence spends compute
+    on nothing; with random batches that is a fifth or more of the LLM's tokens.
+
+    Batches are cut where `global_batch_indices` cuts its windows: when the dataset size is not
+    a multiple of the global batch, an epoch starts part-way into a window, so its first
+    `head` items (shortest of the first span) complete the previous epoch's last window and its
+    leftover longest items open the next epoch's first one. Those two stay in place.
+    """
+    n = len(lengths)
+    order = sample_order(n, epoch, seed)
+    span = BUCKET_SPAN * global_batch
+    ranked = [i for start in range(0, n, span) for i in sorted(order[start : start + span], key=lengths.__getitem__)]
+    head = min(n, (-epoch * n) % global_batch)
+    full = (n - head) // global_batch * global_batch
+    batches = [ranked[head + b : head + b + global_batch] for b in range(0, full, global_batch)]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)  # not the permutation's stream
+    shuffled = [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+    return ranked[:head] + shuffled + ranked[head + full :]
+
+
+def padding_waste(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of a padded batch's positions that are padding, over batches padded to their longest."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
 
 
 def micro_batches(indices: list[int], batch_size: int, info: DistInfo) -> list[list[int]]:
@@ -209,6 +256,8 @@ class Trainer:
             model.enable_ctc_compression(sorted({t for seq in self.transcript_tokens + extra for t in seq}),
                                          options.speech_vectors)
         self.n_examples = len(self.items)
+        self.lengths = tuple(self.sequence_length(it) for it in self.items) if options.bucket_by_length else None
+        model.set_llm_checkpointing(options.gradient_checkpointing)
         self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
         self.setup_optimization()
@@ -254,6 +303,14 @@ class Trainer:
             self.skipped += self.prepare_features(extra, skip_bad)
         return [u for u in extra if self.cache.has(u.audio)]
 
+    def sequence_length(self, item: BehaviorItem) -> int:
+        """The LLM positions an item takes (prompt, speech vectors, target): what a batch pads to.
+
+        Reads only the cached features' header for the number of frames."""
+        frames = np.load(self.cache.path(item.utterance.audio), mmap_mode="r").shape[0]
+        speech = self.model.processor.speech_lengths(frames)
+        return sum(len(p) if isinstance(p, list) else speech for p in item.prompt) + len(item.target)
+
     def example(self, item: BehaviorItem) -> Example:
         return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
 
@@ -294,7 +351,7 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        indices = global_batch_indices(step, len(self.items), self.global_batch, self.options.seed)
+        indices = global_batch_indices(step, len(self.items), self.global_batch, self.options.seed, self.lengths)
         # Normaliser: target tokens of the whole global batch, known to every rank without talking.
         n_tokens = sum(len(self.items[i].target) for i in indices)
         scale = self.info.world_size / n_tokens  # the gradient all-reduce below divides by world

@@ -304,3 +304,33 @@ def test_shared_prefix_stops_where_rows_differ_or_speech_begins():
     assert shared_prefix(ids, torch.ones_like(ids)) == [1, 2, 3]
     ids[1, 2] = 7
     assert shared_prefix(ids, torch.ones_like(ids)) == [1, 2]
+
+
+@pytest.mark.parametrize("use_prefix", [False, True], ids=["whole-sequence", "shared-prefix"])
+def test_llm_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(tiny_model, use_prefix):
+    model = tiny_model
+    batch = model.processor.collate(make_examples(model))
+    prefix = shared_prefix(batch["input_ids"], batch["attention_mask"]) if use_prefix else ()
+    calls = []
+    mlp = model.language_model.get_decoder().layers[0].mlp
+    mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)  # (hooks do not see a recompute)
+    with torch.no_grad():
+        model(**batch, shared_prefix=prefix)  # computes and keeps the prefix's keys and values
+    results = []
+    try:
+        for checkpointing in (False, True):
+            model.set_llm_checkpointing(checkpointing)
+            model.zero_grad(set_to_none=True)
+            calls.clear()
+            out = model(**batch, shared_prefix=prefix)
+            out.loss.backward()
+            results.append((out.loss.detach(), [p.grad.clone() for p in model.adapter.parameters()], len(calls)))
+    finally:
+        model.set_llm_checkpointing(False)
+        del mlp.forward
+    (loss, grads, calls_plain), (loss_ckpt, grads_ckpt, calls_ckpt) = results
+    assert (calls_plain, calls_ckpt) == (1, 2)  # the layer ran again in backward: it was checkpointed
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-7)
+    for g, ref in zip(grads_ckpt, grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.language_model.parameters())

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blsp.training import TrainOptions, Trainer, global_batch_indices, micro_batches, read_behavior_data, run_train
+from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste, read_behavior_data,
+                           run_train)
 from blsp.distributed import DistInfo
 
 from conftest import write_corpus
@@ -34,6 +35,35 @@ def test_global_batches_cover_each_epoch_once_and_split_across_ranks():
     r0 = micro_batches(idx, 1, DistInfo(0, 2, 0))
     r1 = micro_batches(idx, 1, DistInfo(1, 2, 0))
     assert sorted(sum(r0 + r1, [])) == sorted(idx)
+
+
+@pytest.mark.parametrize("n", [96, 103, 5])  # a multiple of the global batch, not one, and less than one
+def test_length_buckets_are_deterministic_cover_each_epoch_once_and_cut_padding(n):
+    g, micro = 8, 4
+    gen = torch.Generator().manual_seed(1)
+    lengths = tuple(int(x) for x in (torch.randn(n, generator=gen) * 0.8).exp().mul(60).long() + 10)  # skewed
+    steps = 3 * n // g + 2
+    bucketed = [global_batch_indices(s, n, g, seed=3, lengths=lengths) for s in range(steps)]
+    assert bucketed == [global_batch_indices(s, n, g, seed=3, lengths=lengths) for s in range(steps)]
+    flat = [i for b in bucketed for i in b]
+    for epoch in range(3):  # every item exactly once per epoch, epochs in different orders
+        assert sorted(flat[epoch * n : (epoch + 1) * n]) == list(range(n))
+    if n < g:
+        return
+    assert flat[:n] != flat[n : 2 * n]
+    plain = [global_batch_indices(s, n, g, seed=3) for s in range(steps)]
+    waste = {name: padding_waste([mb for b in batches for mb in micro_batches(b, micro, DistInfo())], lengths)
+             for name, batches in (("plain", plain), ("bucketed", bucketed))}
+    assert waste["plain"] > 0.3 and waste["bucketed"] < waste["plain"] / 3, waste
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    run_train([data], tmp_path / "plain", options(tiny_dirs, tmp_path, max_steps=2))
+    run_train([data], tmp_path / "ckpt", options(tiny_dirs, tmp_path, max_steps=2, gradient_checkpointing=True))
+    a, b = adapter_of(tmp_path / "plain"), adapter_of(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_training_lowers_the_loss_and_logs_each_step(tiny_dirs, tmp_path):
