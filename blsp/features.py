@@ -72,8 +72,11 @@ class FeatureCache:
     def has(self, ref: AudioRef) -> bool:
         return self.path(ref).exists()
 
-    def load(self, ref: AudioRef) -> torch.Tensor:
-        return torch.from_numpy(np.load(self.path(ref))).float()
+    def load(self, ref: AudioRef, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The clip's features [T, d]; `dtype` None: as stored (float16), so a trainer on a GPU
+        moves half the bytes and converts there instead of on its CPU."""
+        features = torch.from_numpy(np.load(self.path(ref)))
+        return features if dtype is None else features.to(dtype)
 
     def save(self, ref: AudioRef, features: torch.Tensor) -> None:
         buf = io.BytesIO()

@@ -272,11 +272,6 @@ class Trainer:
         self.step = 0
         use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        if self.device.type == "cuda":
-            # cuDNN may pick convolution kernels whose backward sums in a varying order; --resume
-            # promises the adapter an uninterrupted run gives, so take the deterministic ones
-            # (the adapter's convolutions are a sliver of a step's cost).
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     # -- features ------------------------------------------------------------------------------
     def prepare_features(self, utterances: list[Utterance], skip_bad: bool) -> list[InputError]:
@@ -312,7 +307,7 @@ class Trainer:
         return sum(len(p) if isinstance(p, list) else speech for p in item.prompt) + len(item.target)
 
     def example(self, item: BehaviorItem) -> Example:
-        return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio)], target=item.target)
+        return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio, dtype=None)], target=item.target)
 
     def micro_batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss to backpropagate, summed parts by name) over the items' target tokens."""
