@@ -17,15 +17,11 @@ Median of `--repeats` runs after one warm-up run. Writes benchmarks/results/gene
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import presets
 from blsp.prompts import CONTINUATION_INSTRUCTION
-
-HERE = Path(__file__).parent
 
 
 def timed_generate(model, clips, new_tokens: int, repeats: int, device) -> float:
@@ -84,10 +80,7 @@ def main() -> None:
     print(f"first token {result['time_to_first_token_s']} s; batch 1: {result['tokens_per_s_batch1']} tokens/s; "
           f"batch {args.batch_size}: {result['tokens_per_s_batched']} tokens/s "
           f"({result['batched_over_batch1_tokens_per_s']}x batch 1, end to end)")
-    output = Path(args.output or HERE / "results" / f"generate-{result['preset']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output}")
+    presets.write_result(result, args.output, "generate")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ made here, not read).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import platform
 import time
 from dataclasses import dataclass
@@ -156,3 +159,12 @@ def random_text(rng: np.random.Generator, low: int, high: int) -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def write_result(result: dict, output: str | None, name: str) -> Path:
+    """The result as JSON at `output`, default benchmarks/results/NAME-PRESET.json; its path."""
+    path = Path(output or Path(__file__).parent / "results" / f"{name}-{result['preset']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

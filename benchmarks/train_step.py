@@ -25,7 +25,6 @@ benchmarks/results/train_step-<preset>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,8 +42,6 @@ from blsp.modeling import SPEECH_TOKEN_ID, encoder_output_lengths, shared_prefix
 from blsp.processing import Example
 from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste,
                            peak_rss_mb)
-
-HERE = Path(__file__).parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,10 +353,7 @@ def main() -> None:
     print(f"  on clips of 1-35 s (lengths only): bucketed {waste_skewed['bucketed']['llm_positions_pct']}% / "
           f"{waste_skewed['bucketed']['speech_frames_pct']}%, random {waste_skewed['random']['llm_positions_pct']}% / "
           f"{waste_skewed['random']['speech_frames_pct']}%")
-    output = Path(args.output or HERE / "results" / f"train_step-{result['preset']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output}")
+    presets.write_result(result, args.output, "train_step")
 
 
 if __name__ == "__main__":
