@@ -118,11 +118,19 @@ def _add_decoding(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def option_flags(options: dict) -> list[str]:
     """A recipe's options as flags: {"max_steps": 200, "drop_copies": True} -> ["--max-steps", "200",
     "--drop-copies"] (recipes keep their settings in YAML, and run the commands with them)."""
+    from dataclasses import fields
+
+    from .training import TrainOptions
+
+    # Switches that are on by default have a --no-X flag (argparse.BooleanOptionalAction).
+    on_by_default = {f.name for f in fields(TrainOptions) if f.default is True}
     out = []
     for key, value in options.items():
         flag = f"--{key.replace('_', '-')}"
         if value is True:
             out.append(flag)
+        elif value is False and key in on_by_default:
+            out.append(f"--no-{key.replace('_', '-')}")
         elif value is not False and value is not None:
             out += [flag, str(value)]
     return out

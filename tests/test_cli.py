@@ -18,7 +18,7 @@ import soundfile as sf
 
 import blsp.packaged
 import blsp.training
-from blsp.cli import main
+from blsp.cli import build_parser, main
 from blsp.prompts import task_instruction
 
 from conftest import tone, write_corpus
@@ -327,6 +327,11 @@ def test_help_exits_0(command, capsys):
 
 def test_option_flags_turn_recipe_options_into_command_flags():
     from blsp.cli import option_flags
+
+    # A switch that is on by default is turned off by its --no- flag, not by leaving it out.
+    assert option_flags({"bucket_by_length": False, "drop_copies": False}) == ["--no-bucket-by-length"]
+    assert build_parser().parse_args(["train", "--data", "d", "--output-dir", "o",
+                                      *option_flags({"bucket_by_length": False})]).bucket_by_length is False
 
     assert option_flags({"max_steps": 200, "drop_copies": True, "resume": False, "system_prompt": "", "x": None}) == [
         "--max-steps", "200", "--drop-copies", "--system-prompt", ""]
