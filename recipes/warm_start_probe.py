@@ -85,7 +85,7 @@ def main() -> None:
     wer = error_rates(refs, hyps)
     report = alignment_report(model, test, feature_cache=cache, bootstrap_samples=200)
     result = {"options": vars(args), "train_clips": len(train), "test_clips": len(test),
-              "warm_start_s": round(seconds, 1), "ctc_loss_last_20_steps": sum(r["ctc_loss"] for r in log[-20:]) / 20,
+              "warm_start_s": round(seconds, 1), "ctc_loss_last_20_steps": sum(r["ctc_loss"] for r in log[-20:]) / max(1, len(log[-20:])),
               "ctc_wer": wer["wer"], "gap_closed": report["gap_closed"], "gap_closed_ci95": report["gap_closed_ci95"],
               "loss": report["loss"], "examples": [{"reference": r, "ctc": h} for r, h in zip(refs[:5], hyps[:5])]}
     model.save_pretrained(args.output)
