@@ -83,6 +83,9 @@ def test_training_lowers_the_loss_and_logs_each_step(tiny_dirs, tmp_path):
 COMPRESSING = dict(warm_start="embed", warm_start_steps=4, warm_start_batch_size=4, compress_speech="ctc")
 
 
+# On a GPU, flash attention's backward (and CTC's) sum in a nondeterministic order and Adam turns
+# that noise into different updates: resuming is exact on a CPU (CI), within noise on a GPU.
+@pytest.mark.xfail(torch.cuda.is_available(), reason="CUDA attention backward is nondeterministic", strict=False)
 @pytest.mark.parametrize("levers", [{}, COMPRESSING], ids=["plain", "embed+ctc-compression"])
 def test_resume_after_a_kill_ends_with_the_same_adapter(tiny_dirs, tmp_path, monkeypatch, levers):
     data = write_corpus(tmp_path / "data", n=5, with_continuation=True, seconds=3.0 if levers else 0.6)
