@@ -16,7 +16,6 @@ Prints the ratio and writes benchmarks/results/continue.json. Both must produce 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path

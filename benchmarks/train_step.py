@@ -286,7 +286,7 @@ def main() -> None:
         return Trainer(model, utterances, options, tmp / "run", DistInfo())
 
     trainer = trainer_for()
-    frames = [int(np.load(trainer.cache.path(it.utterance.audio), mmap_mode="r").shape[0]) for it in trainer.items]
+    frames = [trainer.cache.frames(it.utterance.audio) for it in trainer.items]
     waste = waste_report(trainer, frames)
     prompt = sum(len(p) for p in trainer.items[0].prompt if isinstance(p, list))
     waste_skewed = skewed_waste(batch_size, prompt, args.seed)

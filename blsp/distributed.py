@@ -47,10 +47,13 @@ def barrier() -> None:
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    """The sum of `value` over ranks, on `value`'s device (NCCL reduces only GPU tensors, so a CPU
+    value travels through this rank's GPU there; gloo takes either)."""
+    if not dist.is_initialized():
+        return value
+    reduced = value.to("cuda" if dist.get_backend() == "nccl" else value.device, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(value.device)
 
 
 def default_device(info: DistInfo) -> torch.device:

@@ -78,6 +78,10 @@ class FeatureCache:
         features = torch.from_numpy(np.load(self.path(ref)))
         return features if dtype is None else features.to(dtype)
 
+    def frames(self, ref: AudioRef) -> int:
+        """The clip's number of encoder frames, from the file's header alone."""
+        return int(np.load(self.path(ref), mmap_mode="r").shape[0])
+
     def save(self, ref: AudioRef, features: torch.Tensor) -> None:
         buf = io.BytesIO()
         np.save(buf, features.to(torch.float16).numpy())

@@ -124,8 +124,17 @@ ADAPTERS = {"conv": ConvAdapter, "stack": FrameStackAdapter}
 def build_adapter(config: "BlspConfig", d_llm: int) -> nn.Module:
     return ADAPTERS[config.adapter_type](config.encoder_config.d_model, d_llm, config.adapter_bottleneck,
                                          config.adapter_downsample)
+
+
 COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
+
+
+def check_speech_vectors(speech_vectors: str, speech_compression: str | None) -> None:
+    if speech_vectors not in SPEECH_VECTORS:
+        raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
+    if speech_vectors == "tokens" and speech_compression != "ctc":
+        raise BlspError("speech vectors 'tokens' are read through the CTC head: they need speech compression 'ctc'")
 
 
 def ctc_compress(x: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +252,7 @@ class BlspConfig(PretrainedConfig):
         # "ctc": the CTC head over `ctc_vocab` (LLM token ids) decides which speech vectors the
         # LLM sees (see `ctc_compress`); None: it sees all of them, as in the paper.
         self.speech_compression, self.ctc_vocab = speech_compression, ctc_vocab
-        if speech_vectors not in SPEECH_VECTORS:
-            raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
-        if speech_vectors == "tokens" and speech_compression != "ctc":
-            raise BlspError("speech vectors 'tokens' are read through the CTC head: they need speech compression 'ctc'")
+        check_speech_vectors(speech_vectors, speech_compression)
         # "adapter": the LLM reads the adapter's vectors (the paper); "tokens": each CTC token run
         # becomes the mix of the LLM's own token embeddings that the head's posterior gives it.
         self.speech_vectors = speech_vectors
@@ -399,8 +405,7 @@ class BlspModel(PreTrainedModel):
     def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
         """Give the model a CTC head over `vocab` that compresses its speech (`ctc_compress`);
         `speech_vectors` "tokens": the LLM reads the head's token-embedding mixes instead."""
-        if speech_vectors not in SPEECH_VECTORS:
-            raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
+        check_speech_vectors(speech_vectors, "ctc")
         weight = self.language_model.get_input_embeddings().weight
         self.config.speech_compression, self.config.ctc_vocab = "ctc", [int(t) for t in vocab]
         self.config.speech_vectors = speech_vectors

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from .data import Utterance, is_copy_continuation
 from .distributed import DistInfo, all_reduce_sum
@@ -42,9 +41,9 @@ from .errors import BlspError, InputError
 from .features import encode_waveforms
 from .io import append_jsonl
 from .processing import Example
-from .prompts import task_instruction
 from .shards import ShardIndex, ShardItem, iter_shard
-from .training import BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, sample_order, truncate_log
+from .training import (BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, behavior_item, sample_order,
+                       speech_prompts, truncate_log)
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -112,9 +111,7 @@ class StreamingTrainer(Trainer):
         self.stream: Iterator[ShardItem] | None = None
         self.stream_at: tuple[int, int] | None = None  # (epoch, step in epoch) the stream is at
         self.stand_in: ShardItem | None = None
-        proc = model.processor
-        self.prompts = {"continue": proc.speech_prompt(options.instruction),
-                        "transcribe": proc.speech_prompt(task_instruction("transcribe"))}
+        self.prompts = speech_prompts(model.processor, options)
         self.setup_optimization()
         # The stream's order is the shard shuffle and the shuffle buffer's (--bucket-by-length
         # needs every length up front, so it applies to manifests only).
@@ -168,13 +165,8 @@ class StreamingTrainer(Trainer):
                              utt.line)
         if not cont.strip() or (self.options.drop_copies and is_copy_continuation(utt)):
             return None
-        proc, transcript = self.model.processor, utt.extra.get("prompt_transcript") or utt.text
-        if random.Random(f"{self.options.seed}/{utt.id}").random() < self.options.mix_transcribe:
-            transcribe = task_instruction("transcribe")
-            return BehaviorItem(utt, self.prompts["transcribe"], proc.transcript_prompt(transcribe, transcript),
-                                proc.prompt.target_ids(utt.text))
-        return BehaviorItem(utt, self.prompts["continue"], proc.transcript_prompt(self.options.instruction, transcript),
-                            proc.prompt.target_ids(cont, bool(utt.extra.get("truncated"))))
+        transcribe = random.Random(f"{self.options.seed}/{utt.id}").random() < self.options.mix_transcribe
+        return behavior_item(self.model.processor, utt, self.options, transcribe, self.prompts)
 
     def load_step(self, raw: list[ShardItem]) -> list[BehaviorItem]:
         """The step's training items with their features (read, or encoded from the audio now)."""
@@ -210,8 +202,8 @@ class StreamingTrainer(Trainer):
             truncate_log(self.order_log, step)
         self.features.clear()
         items = self.load_step(self.step_items(step))
-        n_tokens = int(all_reduce_sum(self.count_tensor(sum(len(it.target) for it in items))))
-        n_samples = int(all_reduce_sum(self.count_tensor(len(items))))
+        n_tokens = int(all_reduce_sum(torch.tensor([sum(len(it.target) for it in items)])))
+        n_samples = int(all_reduce_sum(torch.tensor([len(items)])))
         self.model.adapter.train()
         sums: dict[str, float] = {}
         scale = self.info.world_size / max(1, n_tokens)
@@ -250,11 +242,6 @@ class StreamingTrainer(Trainer):
     @property
     def order_log(self) -> Path:
         return self.output_dir / ORDER_DIR / f"rank-{self.info.rank}.jsonl"
-
-    def count_tensor(self, n: int) -> torch.Tensor:
-        # NCCL reduces only GPU tensors.
-        on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
-        return torch.tensor([n], dtype=torch.long, device=self.device if on_gpu else "cpu")
 
 
 def check_streaming_options(options: TrainOptions) -> None:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from .data import Utterance, is_copy_continuation, read_manifest
-from .distributed import DistInfo, barrier, default_device, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, default_device, init_distributed
 from .errors import BlspError, CheckpointError, InputError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
@@ -302,8 +302,7 @@ class Trainer:
         """The LLM positions an item takes (prompt, speech vectors, target): what a batch pads to.
 
         Reads only the cached features' header for the number of frames."""
-        frames = np.load(self.cache.path(item.utterance.audio), mmap_mode="r").shape[0]
-        speech = self.model.processor.speech_lengths(frames)
+        speech = self.model.processor.speech_lengths(self.cache.frames(item.utterance.audio))
         return sum(len(p) if isinstance(p, list) else speech for p in item.prompt) + len(item.target)
 
     def example(self, item: BehaviorItem) -> Example:
@@ -503,8 +502,8 @@ def check_options(options: TrainOptions) -> None:
                                ("--compress-speech", options.compress_speech, COMPRESSIONS)):
         if value not in known:
             raise BlspError(f"unknown {name} {value!r}; choose from {', '.join(known)}")
-    if options.adapter_downsample < 1 or (options.adapter == "conv" and options.adapter_downsample & (options.adapter_downsample - 1)) \
-            or (options.adapter == "conv" and options.adapter_downsample < 2):
+    n = options.adapter_downsample
+    if not (n >= 2 and n & (n - 1) == 0 if options.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {options.adapter_downsample}: the conv adapter downsamples by a power "
                         "of 2 (2, 4, 8, ...), the stack adapter by any positive whole number")
     if options.speech_vectors not in SPEECH_VECTORS:
@@ -523,39 +522,41 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def speech_prompts(proc, options: TrainOptions) -> dict[str, list]:
+    """The speech prompt of each instruction step 2 trains under, built once."""
+    return {i: proc.speech_prompt(i) for i in (options.instruction, task_instruction("transcribe"))}
+
+
+def behavior_item(proc, utt: Utterance, options: TrainOptions, transcribe: bool,
+                  prompts: dict[str, list]) -> BehaviorItem:
+    """One training sequence: the utterance's continuation under the continuation instruction, or
+    with `transcribe` its transcript under the transcribe instruction; the teacher reads the
+    transcript under the same instruction."""
+    transcript = utt.extra.get("prompt_transcript") or utt.text
+    if transcribe:
+        instruction, target = task_instruction("transcribe"), proc.prompt.target_ids(utt.text)
+    else:
+        instruction = options.instruction
+        target = proc.prompt.target_ids(utt.extra["continuation"], bool(utt.extra.get("truncated")))
+    return BehaviorItem(utt, prompts[instruction], proc.transcript_prompt(instruction, transcript), target)
+
+
 def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> list[BehaviorItem]:
     """Training sequences: continuation targets, and with `mix_transcribe` a seeded share of the
     utterances whose target is instead their transcript under the transcribe instruction (the
     paper's variant; it keeps the exact words in view)."""
     rng = random.Random(options.seed)
-    continue_prompt = proc.speech_prompt(options.instruction)
-    transcribe = task_instruction("transcribe")
-    transcribe_prompt = proc.speech_prompt(transcribe)
-    items = []
+    prompts = speech_prompts(proc, options)
     if options.drop_copies:
         kept = [u for u in utterances if not is_copy_continuation(u)]
         print(f"step 2: left out {len(utterances) - len(kept)} of {len(utterances)} continuations that repeat "
               "the transcript (--drop-copies)", file=sys.stderr)
         utterances = kept
-    for u in utterances:
-        transcript = u.extra.get("prompt_transcript") or u.text
-        if rng.random() < options.mix_transcribe:
-            items.append(BehaviorItem(u, transcribe_prompt, proc.transcript_prompt(transcribe, transcript),
-                                      proc.prompt.target_ids(u.text)))
-        else:
-            target = proc.prompt.target_ids(u.extra["continuation"], bool(u.extra.get("truncated")))
-            items.append(BehaviorItem(u, continue_prompt, proc.transcript_prompt(options.instruction, transcript), target))
-    return items
+    return [behavior_item(proc, u, options, rng.random() < options.mix_transcribe, prompts) for u in utterances]
 
 
 def all_reduce_scalar(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    # NCCL reduces only GPU tensors (gloo either kind).
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t)
+    return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64)))
 
 
 def truncate_log(path: Path, step: int) -> None:

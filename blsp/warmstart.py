@@ -53,7 +53,7 @@ def ctc_min_length(target: list[int]) -> int:
 
 
 def count_too_short(model, utterances: Sequence[Utterance], cache: FeatureCache, targets: list[list[int]]) -> int:
-    lengths = model.adapter.output_lengths(torch.tensor([cache.load(u.audio).shape[0] for u in utterances]))
+    lengths = model.adapter.output_lengths(torch.tensor([cache.frames(u.audio) for u in utterances]))
     return sum(int(n) < ctc_min_length(t) for n, t in zip(lengths, targets))
 
 
