@@ -214,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
                    help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
                         "tokens: the mix of the LLM's own token embeddings the CTC head hears there")
+    g = p.add_argument_group("training more than the adapter")
+    g.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="LoRA of rank R on the LLM's projections (peft), trained with the adapter and saved in its "
+                        "checkpoint; 0 (default): the LLM stays frozen, as in the paper")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's scale is alpha / rank")
+    g.add_argument("--lora-where", default="speech", choices=["speech", "all"],
+                   help="speech: LoRA acts at speech positions only, so text-only prompts get the frozen LLM's "
+                        "answers; all: at every position")
+    g.add_argument("--lora-modules", default="attention", metavar="NAMES",
+                   help="attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated module names")
     g = p.add_argument_group(
         "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
                  "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp` on each "

@@ -23,6 +23,7 @@ window, `blsp.whisper.transcribe`), scored the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 from collections.abc import Callable, Sequence
@@ -97,7 +98,8 @@ def target_hidden(model: BlspModel, examples: Sequence[Example]) -> tuple[torch.
     batch = {k: v.to(device) for k, v in batch.items()}
     embeds, mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch.get("encoder_features"),
                                         batch.get("encoder_lengths"))
-    hidden = model.llm_hidden_states(embeds, mask)
+    with model.reading(batch["input_ids"]):
+        hidden = model.llm_hidden_states(embeds, mask)
     shift = batch["labels"][:, 1:]
     where = shift != IGNORE_INDEX
     return hidden[:, :-1][where], shift[where], where.sum(1).tolist()
@@ -185,7 +187,9 @@ def alignment_report(model: BlspModel, utterances: Sequence[Utterance], batch_si
                                                target=t) for u, t in zip(utts, targets)]
             hidden, lengths, tokens = {}, None, None
             for name, exs in examples.items():
-                hidden[name], tgt, lens = target_hidden(model, exs)
+                # The text conditions are the frozen LLM's (LoRA, if the adapter has it, is for speech).
+                with model.lora_off() if name != "speech" else contextlib.nullcontext():
+                    hidden[name], tgt, lens = target_hidden(model, exs)
                 if tokens is None:
                     tokens, lengths = tgt, lens
                 elif lens != lengths or not torch.equal(tgt, tokens):

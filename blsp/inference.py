@@ -74,16 +74,17 @@ def generate_from_examples(model, examples: Sequence[Example], max_new_tokens: i
     embeds, attention_mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"],
                                                   batch.get("encoder_features"), batch.get("encoder_lengths"))
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    out = model.language_model.generate(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        eos_token_id=proc.stop_ids(),
-        pad_token_id=proc.pad_id,
-        **sampling,
-        **generate_kwargs,
-    )
+    with model.reading(batch["input_ids"]):
+        out = model.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=proc.stop_ids(),
+            pad_token_id=proc.pad_id,
+            **sampling,
+            **generate_kwargs,
+        )
     return [t.strip() for t in proc.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 

@@ -29,11 +29,13 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .errors import BlspError, CheckpointError
 from .losses import EmbeddingCTCHead
+from .lora import LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 
 SPEECH_TOKEN_ID = -200
 IGNORE_INDEX = -100
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CTC_HEAD_PREFIX = "ctc_head."
+LORA_PREFIX = "lora."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +237,7 @@ class BlspConfig(PretrainedConfig):
         speech_compression: str | None = None,
         ctc_vocab: list[int] | None = None,
         speech_vectors: str = "adapter",
+        lora: dict | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -256,6 +259,8 @@ class BlspConfig(PretrainedConfig):
         # "adapter": the LLM reads the adapter's vectors (the paper); "tokens": each CTC token run
         # becomes the mix of the LLM's own token embeddings that the head's posterior gives it.
         self.speech_vectors = speech_vectors
+        # LoRA on the LLM (blsp.lora.LoraSettings as a dict), or None: the LLM frozen, as in the paper.
+        self.lora = dict(lora) if lora else None
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -300,15 +305,24 @@ def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list
     return input_ids[0, :n].tolist()
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, model: "BlspModel"):
     """`forward` under a non-reentrant activation checkpoint whenever a graph is being built."""
 
     def run(*args: Any, **kwargs: Any):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        # The recomputation runs in the backward pass, outside the forward's attention_kernels().
+        # The recomputation runs in the backward pass, outside the forward's attention_kernels()
+        # and outside the LoRA positions it was given: both are restored for it.
+        gate = model.lora_gate
+        state = gate.state() if gate is not None else None
+
+        @contextlib.contextmanager
+        def recompute_context():
+            with attention_kernels(), gate.restored(state) if gate is not None else contextlib.nullcontext():
+                yield
+
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs,
-                                                 context_fn=lambda: (contextlib.nullcontext(), attention_kernels()))
+                                                 context_fn=lambda: (contextlib.nullcontext(), recompute_context()))
 
     return run
 
@@ -362,6 +376,9 @@ class BlspModel(PreTrainedModel):
         self.ctc_head: EmbeddingCTCHead | None = None
         if config.speech_compression == "ctc":
             self.ctc_head = EmbeddingCTCHead(self.language_model.get_input_embeddings().weight, config.ctc_vocab)
+        self.lora_gate: LoraGate | None = None
+        if config.lora:
+            self.lora_gate = add_lora(self.language_model, LoraSettings(**config.lora))
         self.processor = None  # a BlspProcessor, attached by the loaders
         self._prefix_kv: dict = {}  # see llm_hidden_states(shared_prefix=...)
         self.freeze_backbones()
@@ -375,6 +392,8 @@ class BlspModel(PreTrainedModel):
         for part in (self.audio_tower, self.language_model):
             part.requires_grad_(False)
             part.eval()
+        for p in lora_parameters(self.language_model):  # the LLM's only trainable weights
+            p.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "BlspModel":
         # Frozen parts stay in eval mode (no dropout) whatever the trainer asks.
@@ -411,17 +430,46 @@ class BlspModel(PreTrainedModel):
         self.config.speech_vectors = speech_vectors
         self.ctc_head = EmbeddingCTCHead(weight, self.config.ctc_vocab).to(weight.device)
 
+    def enable_lora(self, settings: LoraSettings) -> None:
+        """LoRA on the LLM (blsp.lora): trainable beside the adapter, saved in its checkpoint."""
+        if self.lora_gate is not None:
+            raise BlspError("this model already has LoRA on its LLM")
+        self.config.lora = settings.to_dict()
+        self.lora_gate = add_lora(self.language_model, settings)
+        self.freeze_backbones()
+        self._prefix_kv.clear()
+
+    def lora_off(self) -> contextlib.AbstractContextManager:
+        """The frozen LLM itself for the duration (the KD teacher, text-only baselines)."""
+        return self.lora_gate.disabled() if self.lora_gate is not None else contextlib.nullcontext()
+
+    def reading(self, input_ids: torch.Tensor) -> contextlib.AbstractContextManager:
+        """For the LLM calls inside: which positions of `input_ids` are speech (speech-only LoRA)."""
+        if self.lora_gate is None:
+            return contextlib.nullcontext()
+        return self.lora_gate.positions(input_ids == SPEECH_TOKEN_ID)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: the adapter, and the CTC head (prefixed) when there is one."""
+        """What a checkpoint holds: the adapter, and the CTC head and the LLM's LoRA weights
+        (prefixed) when there are any."""
         state = dict(self.adapter.state_dict())
         if self.ctc_head is not None:
             state.update({f"{CTC_HEAD_PREFIX}{k}": v for k, v in self.ctc_head.state_dict().items()})
+        if self.lora_gate is not None:
+            state.update({f"{LORA_PREFIX}{k}": v for k, v in lora_state_dict(self.language_model).items()})
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: Path) -> None:
         head = {k[len(CTC_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(CTC_HEAD_PREFIX)}
-        adapter = {k: v for k, v in state.items() if not k.startswith(CTC_HEAD_PREFIX)}
+        lora = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
+        adapter = {k: v for k, v in state.items() if not k.startswith((CTC_HEAD_PREFIX, LORA_PREFIX))}
         problems = []
+        if self.lora_gate is None and lora:
+            problems.append("LoRA weights but no LoRA in config.json")
+        elif self.lora_gate is not None:
+            missing = load_lora_state_dict(self.language_model, lora)
+            if missing:
+                problems.append(f"LoRA: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         for name, module, part in (("adapter", self.adapter, adapter), ("CTC head", self.ctc_head, head)):
             if module is None:
                 if part:
@@ -434,7 +482,8 @@ class BlspModel(PreTrainedModel):
             raise CheckpointError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapter.parameters()) + (list(self.ctc_head.parameters()) if self.ctc_head is not None else [])
+        head = list(self.ctc_head.parameters()) if self.ctc_head is not None else []
+        return list(self.adapter.parameters()) + head + lora_parameters(self.language_model)
 
     @classmethod
     def from_components(
@@ -630,7 +679,8 @@ class BlspModel(PreTrainedModel):
             raise ValueError("return_logits needs every position's hidden state; do not pass shared_prefix")
         embeds, keep, speech = self._splice(input_ids, encoder_features, encoder_lengths)
         attention_mask = _hide_dropped_speech(attention_mask, input_ids, keep)
-        hidden = self.llm_hidden_states(embeds, attention_mask, shared_prefix)
+        with self.reading(input_ids):
+            hidden = self.llm_hidden_states(embeds, attention_mask, shared_prefix)
         out = BlspOutput(speech=speech)
         if return_logits:
             out.logits = self.lm_logits(hidden)
@@ -650,8 +700,12 @@ class BlspModel(PreTrainedModel):
         `shared_prefix`: token ids that open every row (right padding: the system prompt and the
         instruction before the speech). Their keys and values are computed once and reused, as
         they cannot depend on the speech; the hidden states returned at those positions are
-        zeros (no target is ever scored there).
+        zeros (no target is ever scored there). With LoRA acting on text the prefix's keys and
+        values change as it trains, so they are computed every time.
         """
+        gate = self.lora_gate
+        if gate is not None and gate.enabled and not gate.speech_only:
+            shared_prefix = ()
         with attention_kernels():
             return self._llm_hidden_states(embeds, attention_mask, shared_prefix)
 
@@ -684,7 +738,7 @@ class BlspModel(PreTrainedModel):
         """
         for layer in self.language_model.get_decoder().layers:
             if enabled and "forward" not in vars(layer):
-                layer.forward = _checkpointed(layer.forward)
+                layer.forward = _checkpointed(layer.forward, self)
             elif not enabled and "forward" in vars(layer):
                 del layer.forward
 
@@ -697,7 +751,7 @@ class BlspModel(PreTrainedModel):
         if key not in self._prefix_kv:
             self._prefix_kv.clear()  # one prompt at a time is the common case; keep memory flat
             ids = torch.tensor([prefix], device=self.language_model.device)
-            with torch.no_grad():
+            with torch.no_grad(), self.lora_off():  # the frozen LLM's (no speech in a prefix)
                 out = self.language_model.get_decoder()(
                     inputs_embeds=self.language_model.get_input_embeddings()(ids).to(dtype), use_cache=True)
             self._prefix_kv[key] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]

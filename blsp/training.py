@@ -41,6 +41,7 @@ from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
 from .losses import ForwardKLLoss
+from .lora import LoraSettings, is_lora_name, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
 from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_warm_start, transcript_tokens
 
@@ -85,6 +86,11 @@ class TrainOptions:
     compress_speech: str = "none"  # none | ctc: the LLM reads one speech vector per CTC token
     ctc_weight: float = 0.5  # with compression: CTC on the transcript beside step 2's loss
     speech_vectors: str = "adapter"  # adapter | tokens: with compression, what the LLM reads per token run
+    # LoRA on the LLM (blsp.lora): rank 0 keeps the LLM frozen, as in the paper.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_where: str = "speech"  # speech: at speech positions only (text prompts unchanged); all: everywhere
+    lora_modules: str = "attention"  # projections: attention, mlp, all, or names (q_proj,v_proj)
     # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
     fsdp: bool = False
     shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
@@ -229,6 +235,8 @@ def module_digest(module: torch.nn.Module) -> str:
     """Exact digest of every weight byte: proves a frozen part did not change."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        if is_lora_name(name):  # LoRA's weights are trained; the LLM's own are what must not move
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -265,6 +273,8 @@ class Trainer:
     def setup_optimization(self) -> None:
         """Loss, optimizer, schedule and precision (needs `total_steps`; shared with blsp.streaming)."""
         model, options = self.model, self.options
+        if options.lora_rank and model.lora_gate is None:
+            model.enable_lora(lora_settings(options))
         self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
@@ -321,7 +331,7 @@ class Trainer:
         if self.kl is not None:
             teacher = {k: v.to(self.device) for k, v in
                        proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
-            with torch.no_grad(), self.autocast:
+            with torch.no_grad(), self.autocast, self.model.lora_off():  # the frozen LLM reads the transcript
                 teacher_logits = self.model(**teacher, return_target_logits=True,
                                             shared_prefix=self.shared_prefix(teacher)).target_logits
             kl = self.kl(out.target_logits, teacher_logits)
@@ -445,7 +455,8 @@ class Trainer:
             part = getattr(self.model, name)
             if digest != before[name]:
                 raise RuntimeError(f"the frozen {name} changed during training")
-            if any(p.requires_grad or p.grad is not None for p in part.parameters()):
+            frozen = (p for n, p in part.named_parameters() if not is_lora_name(n))
+            if any(p.requires_grad or p.grad is not None for p in frozen):
                 raise RuntimeError(f"a gradient reached the frozen {name}")
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -510,9 +521,18 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
     if options.speech_vectors == "tokens" and options.compress_speech != "ctc":
         raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
+    if options.lora_rank:
+        lora_settings(options)  # its own checks (where, rank, module names)
+        if options.fsdp:
+            raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen")
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)")
+
+
+def lora_settings(options: TrainOptions) -> LoraSettings:
+    return LoraSettings(rank=options.lora_rank, alpha=options.lora_alpha, where=options.lora_where,
+                        target_modules=parse_modules(options.lora_modules))
 
 
 def peak_rss_mb() -> float:

@@ -60,6 +60,25 @@ def test_batched_generation_with_ctc_compressed_speech_equals_one_clip_at_a_time
     assert batched == single
 
 
+def test_speech_only_lora_changes_answers_on_speech_batched_as_one_at_a_time(model):
+    """Left padding shifts where the speech sits in each row: the LoRA's speech positions must
+    follow it, in the prompt and in every decoding step after it."""
+    from blsp.lora import LoraSettings
+
+    audio = clips()
+    before = model.generate(audio=audio, instruction=INSTRUCTION, max_new_tokens=12)
+    model.enable_lora(LoraSettings(rank=4, where="speech"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.language_model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    batched = model.generate(audio=audio, instruction=INSTRUCTION, max_new_tokens=12)
+    single = [model.generate(audio=a, instruction=INSTRUCTION, max_new_tokens=12)[0] for a in audio]
+    assert batched == single
+    assert batched != before
+
+
 def test_left_padding_leaves_each_rows_embeddings_unchanged(model):
     examples = conversation_examples(model, [
         [{"role": "user", "content": [{"type": "text", "text": INSTRUCTION}, {"type": "audio", "audio": a}]}]

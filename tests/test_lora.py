@@ -1,0 +1,128 @@
+"""LoRA on the LLM: trained beside the adapter, saved with it, and with `where="speech"` acting at
+speech positions only (text-only prompts keep the frozen LLM's answers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blsp.errors import BlspError
+from blsp.lora import LoraSettings, parse_modules
+from blsp.modeling import SPEECH_TOKEN_ID, BlspModel
+from blsp.processing import Example
+from blsp.training import run_train
+
+from conftest import write_corpus
+from test_training import options
+
+
+def _randomise_lora(model: BlspModel, seed: int = 0) -> None:
+    """B starts at zero (LoRA changes nothing until trained): give every LoRA weight a value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.language_model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def _speech_batch(model: BlspModel, seconds: float = 1.0):
+    feats = torch.randn(int(seconds * 50), model.config.encoder_config.d_model)
+    prompt = model.processor.speech_prompt("Continue the following text.")
+    target = model.processor.prompt.target_ids("the quick brown fox", False)
+    return model.processor.collate([Example(pieces=prompt, features=[feats], target=target)])
+
+
+def _text_batch(model: BlspModel):
+    prompt = model.processor.transcript_prompt("Continue the following text.", "hello world")
+    return model.processor.collate([Example(pieces=prompt, target=model.processor.prompt.target_ids("the fox", False))])
+
+
+def _logits(model: BlspModel, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, return_logits=True).logits
+
+
+def test_parse_modules_expands_groups_and_keeps_names():
+    assert parse_modules("attention") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert parse_modules("q_proj, mlp") == ("q_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(BlspError, match="--lora-where"):
+        LoraSettings(where="text")
+
+
+def test_speech_only_lora_leaves_text_prompts_exactly_as_the_frozen_llm(tiny_model):
+    text, speech = _text_batch(tiny_model), _speech_batch(tiny_model)
+    text_before, speech_before = _logits(tiny_model, text), _logits(tiny_model, speech)
+    tiny_model.enable_lora(LoraSettings(rank=4, where="speech"))
+    torch.testing.assert_close(_logits(tiny_model, speech), speech_before)  # B = 0: nothing changes yet
+    _randomise_lora(tiny_model)
+    assert torch.equal(_logits(tiny_model, text), text_before)  # bit-identical on text alone
+    after = _logits(tiny_model, speech)
+    is_speech = speech["input_ids"][0] == SPEECH_TOKEN_ID
+    first_speech = int(is_speech.nonzero()[0])
+    # Positions before the speech are untouched; the speech and everything after it changed.
+    torch.testing.assert_close(after[0, :first_speech], speech_before[0, :first_speech])
+    assert not torch.allclose(after[0, first_speech:], speech_before[0, first_speech:], atol=1e-4)
+
+
+def test_lora_everywhere_changes_text_prompts_and_can_be_turned_off(tiny_model):
+    text = _text_batch(tiny_model)
+    before = _logits(tiny_model, text)
+    tiny_model.enable_lora(LoraSettings(rank=4, where="all", target_modules=parse_modules("all")))
+    _randomise_lora(tiny_model)
+    assert not torch.allclose(_logits(tiny_model, text), before, atol=1e-4)
+    with tiny_model.lora_off():  # the KD teacher and eval's text conditions: the frozen LLM
+        assert torch.equal(_logits(tiny_model, text), before)
+
+
+@pytest.mark.parametrize("where", ["speech", "all"])
+def test_the_shared_prefix_and_checkpointing_give_the_full_forwards_gradients(tiny_model, where):
+    """The cached text prefix is the frozen LLM's: valid for speech-only LoRA, recomputed when
+    LoRA acts on text; a checkpointed layer is recomputed under the positions its forward saw."""
+    from blsp.modeling import shared_prefix
+
+    tiny_model.enable_lora(LoraSettings(rank=4, where=where))
+    _randomise_lora(tiny_model)
+    batch = _speech_batch(tiny_model)
+    params = tiny_model.trainable_parameters()
+    grads = []
+    for prefix, checkpointing in (((), False), (shared_prefix(batch["input_ids"], batch["attention_mask"]), True)):
+        tiny_model.set_llm_checkpointing(checkpointing)
+        tiny_model.zero_grad()
+        loss = tiny_model(**batch, shared_prefix=prefix).loss
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    lora_grads = [g for g, (n, _) in zip(grads[0], [(n, p) for n, p in tiny_model.named_parameters() if p.requires_grad])
+                  if ".lora_" in n]
+    assert lora_grads and any(g.abs().sum() > 0 for g in lora_grads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # prefix cached or not: fp noise
+
+
+def test_training_with_lora_saves_it_and_loading_gives_the_same_model(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    out = tmp_path / "run"
+    run_train([data], out, options(tiny_dirs, tmp_path, max_steps=4, lr=1e-2, lora_rank=4, lora_modules="q_proj,v_proj"))
+    weights = load_file(str(out / "adapter.safetensors"))
+    lora = {k: v for k, v in weights.items() if k.startswith("lora.")}
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)  # B moved off zero
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora"]["rank"] == 4 and config["lora"]["where"] == "speech"
+
+    loaded = BlspModel.from_pretrained(out)  # the LLM's fingerprint is its own weights', LoRA apart
+    again = loaded.trainable_state_dict()
+    for k, v in lora.items():
+        torch.testing.assert_close(again[k], v)
+    text = _text_batch(loaded)
+    plain = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"])
+    assert torch.equal(_logits(loaded, text), _logits(plain, text))
+
+
+def test_lora_is_refused_with_fsdp_and_unknown_modules_name_the_llms_layers(tiny_dirs, tmp_path, tiny_model):
+    with pytest.raises(BlspError, match="--fsdp"):
+        options(tiny_dirs, tmp_path, lora_rank=4, fsdp=True)
+    with pytest.raises(BlspError, match="no module named c_attn"):
+        tiny_model.enable_lora(LoraSettings(rank=2, target_modules=("c_attn",)))
