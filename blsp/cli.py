@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of utterances trained to transcribe instead of continue (the paper's 9:1 is 0.1)")
     g.add_argument("--drop-copies", action="store_true",
                    help="leave out continuations that merely repeat the transcript")
+    g.add_argument("--max-target-tokens", type=int, default=None, metavar="N",
+                   help="train on each continuation's first N tokens only (its end-of-turn token goes if cut)")
     g.add_argument("--warm-start", default="none", choices=["none", "ctc", "embed"],
                    help="ctc: first train the adapter with CTC through the LLM's frozen embeddings, on cached "
                         "features alone (no LLM forward), then step 2; embed: the same, and pull each speech "

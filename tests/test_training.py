@@ -231,6 +231,21 @@ def test_drop_copies_leaves_out_continuations_that_repeat_the_transcript(tiny_di
     assert [it.utterance.id for it in items] == ["u0", "u2", "u3"]
 
 
+def test_max_target_tokens_keeps_each_continuations_first_tokens(tiny_dirs, tmp_path, tiny_model):
+    from blsp.errors import BlspError
+    from blsp.training import build_items
+
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    full = build_items(proc, utts, options(tiny_dirs, tmp_path))
+    capped = build_items(proc, utts, options(tiny_dirs, tmp_path, max_target_tokens=3))
+    for f, c in zip(full, capped):
+        assert len(f.target) > 3 and c.target == f.target[:3] and c.prompt == f.prompt
+    with pytest.raises(BlspError, match="--max-target-tokens 0"):
+        options(tiny_dirs, tmp_path, max_target_tokens=0)
+
+
 def test_kl_loss_logs_kl_and_mixed_transcription_changes_prompts_and_targets(tiny_dirs, tmp_path, tiny_model):
     from blsp.training import build_items
 
