@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shuffled per epoch too)")
     g = p.add_argument_group("speed and memory (benchmarks/train_step.py)")
     g.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch sequences of similar length together (less padding); still deterministic from "
-                        "the step and seed, the same on every rank and on resume")
+                   help="batch sequences of similar length together (less padding), in step 2 and in the warm "
+                        "start; still deterministic from the step and seed, the same on every rank and on resume")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
     p.set_defaults(func=cmd_train)

@@ -440,7 +440,7 @@ class Trainer:
         """The CTC warm start on cached features (see blsp.warmstart); its log beside the run's."""
         o = self.options
         options = WarmStartOptions(o.warm_start, o.warm_start_steps, o.warm_start_lr, o.warm_start_batch_size, o.seed,
-                                   o.embed_weight)
+                                   o.embed_weight, o.bucket_by_length)
         utterances = [it.utterance for it in self.items] + self.warm_start_extra
         log = ctc_warm_start(self.model, utterances, self.cache, options,
                              show_progress=self.info.is_main)

@@ -39,6 +39,9 @@ class WarmStartOptions:
     batch_size: int = 32
     seed: int = 0
     embed_weight: float = 1.0
+    # Batches of clips of similar length: random batches of the demo's clips are half padding
+    # (49.6% of the frames the adapter runs over), bucketed ones 6%.
+    bucket_by_length: bool = True
 
 
 def transcript_tokens(tokenizer, utt: Utterance) -> list[int]:
@@ -157,8 +160,9 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     model.adapter.train()
     log, start = [], time.perf_counter()
     bar = tqdm(range(options.steps), desc=f"warm start ({options.method})", unit="step", disable=not show_progress)
+    frames = tuple(cache.frames(u.audio) for u in utterances) if options.bucket_by_length else None
     for step in bar:
-        idx = global_batch_indices(step, len(utterances), options.batch_size, options.seed)
+        idx = global_batch_indices(step, len(utterances), options.batch_size, options.seed, frames)
         feats, lengths = pad_features([cache.load(utterances[i].audio) for i in idx])
         x, out_lengths = model.speech_embeddings(feats.to(device), lengths.to(device))
         batch_targets = [targets[i] for i in idx]

@@ -180,6 +180,30 @@ def test_ctc_warm_start_lowers_its_loss_and_then_trains(tiny_dirs, tmp_path):
     assert (tmp_path / "run" / "adapter.safetensors").exists()
 
 
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_the_warm_start_batches_clips_of_similar_length_unless_told_not_to(tiny_dirs, tmp_path, monkeypatch, bucketed):
+    import blsp.training
+
+    data = write_corpus(tmp_path / "data", n=6, with_continuation=True, seconds=1.0)
+    seen = []
+    real = blsp.training.global_batch_indices
+
+    def spy(step, n, batch, seed, lengths=None):
+        seen.append(lengths)
+        return real(step, n, batch, seed, lengths)
+
+    monkeypatch.setattr(blsp.training, "global_batch_indices", spy)
+    opts = options(tiny_dirs, tmp_path, max_steps=1, warm_start="ctc", warm_start_steps=3, warm_start_batch_size=2,
+                   bucket_by_length=bucketed)
+    run_train([data], tmp_path / "run", opts)
+    warm = seen[:3]  # the warm start's three steps come first
+    if bucketed:  # the clips' encoder frames (0.37 s apart: 18 or 19 frames)
+        frames = warm[0]
+        assert len(frames) == 6 and all(17 <= b - a <= 20 for a, b in zip(frames, frames[1:])), frames
+    else:
+        assert warm == [None] * 3
+
+
 def test_embed_warm_start_and_compression_train_and_save_the_ctc_head(tiny_dirs, tmp_path):
     from blsp.modeling import BlspModel
 
