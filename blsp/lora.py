@@ -7,8 +7,9 @@ prompts then give exactly the frozen LLM's answers, and a prompt prefix without 
 cached keys and values (blsp.modeling's shared prefix).
 
 peft injects the LoRA layers into the LLM in place (`inject_adapter_in_model`): the LLM stays the
-transformers model it was, `language_model` of `BlspModel`. Every LoRA branch's output passes a forward hook on its
-`lora_B` (`LoraGate`) that scales it by a per-position flag, or by 0 for the KD teacher.
+transformers model it was, `language_model` of `BlspModel`. Every LoRA branch's output passes a
+forward hook on its `lora_B` (`LoraGate`) that scales it by a per-position flag, or by 0 for the KD
+teacher.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class LoraGate:
         finally:
             self.enabled = previous
 
+    @property
+    def acts_on_text(self) -> bool:
+        """Whether text positions' keys and values depend on LoRA now (a cached prefix would be stale)."""
+        return self.enabled and not self.speech_only
+
     def state(self) -> tuple:
         return self.mask, self.enabled
 
@@ -150,7 +156,7 @@ def lora_layers(language_model: nn.Module) -> list[nn.Module]:
 
 
 def lora_parameters(language_model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in language_model.named_parameters() if ".lora_" in name]
+    return [p for name, p in language_model.named_parameters() if is_lora_name(name)]
 
 
 def is_lora_name(name: str) -> bool:

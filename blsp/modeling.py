@@ -437,7 +437,6 @@ class BlspModel(PreTrainedModel):
         self.config.lora = settings.to_dict()
         self.lora_gate = add_lora(self.language_model, settings)
         self.freeze_backbones()
-        self._prefix_kv.clear()
 
     def lora_off(self) -> contextlib.AbstractContextManager:
         """The frozen LLM itself for the duration (the KD teacher, text-only baselines)."""
@@ -703,8 +702,7 @@ class BlspModel(PreTrainedModel):
         zeros (no target is ever scored there). With LoRA acting on text the prefix's keys and
         values change as it trains, so they are computed every time.
         """
-        gate = self.lora_gate
-        if gate is not None and gate.enabled and not gate.speech_only:
+        if self.lora_gate is not None and self.lora_gate.acts_on_text:
             shared_prefix = ()
         with attention_kernels():
             return self._llm_hidden_states(embeds, attention_mask, shared_prefix)

@@ -55,8 +55,9 @@ def ctc_min_length(target: list[int]) -> int:
     return len(target) + sum(a == b for a, b in zip(target, target[1:]))
 
 
-def count_too_short(model, utterances: Sequence[Utterance], cache: FeatureCache, targets: list[list[int]]) -> int:
-    lengths = model.adapter.output_lengths(torch.tensor([cache.frames(u.audio) for u in utterances]))
+def count_too_short(model, frames: Sequence[int], targets: list[list[int]]) -> int:
+    """Clips (by encoder frames) whose speech vectors are fewer than CTC needs for their target."""
+    lengths = model.adapter.output_lengths(torch.tensor(list(frames)))
     return sum(int(n) < ctc_min_length(t) for n, t in zip(lengths, targets))
 
 
@@ -148,7 +149,8 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
         vocab = sorted({t for seq in tokens for t in seq})
         head = EmbeddingCTCHead(model.language_model.get_input_embeddings().weight, vocab).to(device)
     targets = [head.targets(seq) for seq in tokens]
-    too_short = count_too_short(model, utterances, cache, targets)
+    frames = tuple(cache.frames(u.audio) for u in utterances)  # from the cached files' headers
+    too_short = count_too_short(model, frames, targets)
     if too_short and show_progress:
         print(f"warm start: {too_short} of {len(utterances)} clips have fewer speech vectors than CTC needs "
               "for their transcript; they add nothing to it", file=sys.stderr)
@@ -160,9 +162,9 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     model.adapter.train()
     log, start = [], time.perf_counter()
     bar = tqdm(range(options.steps), desc=f"warm start ({options.method})", unit="step", disable=not show_progress)
-    frames = tuple(cache.frames(u.audio) for u in utterances) if options.bucket_by_length else None
+    bucket_lengths = frames if options.bucket_by_length else None
     for step in bar:
-        idx = global_batch_indices(step, len(utterances), options.batch_size, options.seed, frames)
+        idx = global_batch_indices(step, len(utterances), options.batch_size, options.seed, bucket_lengths)
         feats, lengths = pad_features([cache.load(utterances[i].audio) for i in idx])
         x, out_lengths = model.speech_embeddings(feats.to(device), lengths.to(device))
         batch_targets = [targets[i] for i in idx]
