@@ -21,13 +21,14 @@ EXIT_USER_ERROR = 2
 # Subcommands
 # ----------------------------------------------------------------------------------------------
 def cmd_continue(args: argparse.Namespace) -> int:
-    from .continuation import ContinueOptions, run_continue
+    from .continuation import ContinueOptions, read_instruction_set, run_continue
 
     options = ContinueOptions(
         llm=args.llm, instruction=args.instruction, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=not args.no_normalize,
         batch_size=args.batch_size, seed=args.seed,
+        instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
     )
     summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad)
     report_skipped(summary.skipped_bad)
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output", required=True, help="behavior data JSONL (appended to; resumable)")
     p.add_argument("--instruction", default=CONTINUATION_INSTRUCTION)
+    p.add_argument("--instruction-set", default=None, metavar="FILE",
+                   help="YAML of task: instruction (e.g. recipes/instructions.yaml): each line also gets the "
+                        "LLM's answer to every one (`responses`), for `blsp train --mix TASK=SHARE`")
     p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="longer prompts are dropped")
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-weight", type=float, default=1.0)
     g.add_argument("--mix-transcribe", type=float, default=0.0, metavar="SHARE",
                    help="share of utterances trained to transcribe instead of continue (the paper's 9:1 is 0.1)")
+    g.add_argument("--mix", default="", metavar="TASK=SHARE,...",
+                   help="shares of utterances trained on other tasks instead of the continuation: transcribe, or a "
+                        "task of step 1's --instruction-set (e.g. transcribe=0.1,summarize=0.2)")
     g.add_argument("--drop-copies", action="store_true",
                    help="leave out continuations that merely repeat the transcript")
     g.add_argument("--max-target-tokens", type=int, default=None, metavar="N",
@@ -226,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "answers; all: at every position")
     g.add_argument("--lora-modules", default="attention", metavar="NAMES",
                    help="attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated module names")
+    g.add_argument("--lora-lr", type=float, default=None, metavar="LR",
+                   help="LoRA's peak learning rate (default: --lr, the adapter's)")
     g = p.add_argument_group(
         "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
                  "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp` on each "

@@ -3,7 +3,9 @@
 Output (behavior data) is the manifest line plus `continuation`, `truncated` (generation hit the
 token limit, so no end-of-turn token may be appended to the target), the transcript as fed to the
 LLM, and a `fingerprint` of everything that shaped the continuation: a changed LLM, prompt or
-decoding setting never silently reuses stale data.
+decoding setting never silently reuses stale data. With an instruction set (`--instruction-set`:
+summarise, answer, translate...) each line also holds `responses`: {task: {instruction, text,
+truncated}}, the LLM's answer to each instruction about the transcript, for step 2's `--mix`.
 
 Crash safety: lines are appended and fsynced one batch at a time; a re-run skips ids already
 written. Under torchrun each rank writes its own part file, merged by rank 0 at the end.
@@ -13,17 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from .data import Utterance, normalize_transcript, read_jsonl, read_manifest
 from .distributed import barrier, default_device, init_distributed
-from .errors import BlspError
+from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
 from .modeling import load_language_model, weights_fingerprint
 from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
@@ -42,13 +46,53 @@ class ContinueOptions:
     normalize: bool = True  # Whisper's English normaliser on transcripts, as the original
     batch_size: int = 16
     seed: int = 0
+    instruction_set: tuple[tuple[str, str], ...] = ()  # (task name, instruction): more answers per transcript
 
     def decoding(self) -> dict:
         """The settings that change the output (batch size does not under greedy decoding)."""
         keys = ["instruction", "system_prompt", "max_new_tokens", "do_sample", "max_prompt_tokens", "normalize"]
+        if self.instruction_set:
+            keys.append("instruction_set")
         if self.do_sample:
             keys += ["temperature", "top_p", "seed"]
         return {k: getattr(self, k) for k in keys}
+
+
+# Names step 2 gives a meaning of its own (`--mix transcribe=...`; `continuation` is the main target).
+RESERVED_TASKS = ("transcribe", "continuation")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def read_instruction_set(path: str | Path) -> tuple[tuple[str, str], ...]:
+    """A YAML mapping of task names to instructions, checked with the file and line named."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"cannot read the instruction set: {err.strerror}", str(path)) from None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", str(path),
+                         None if line is None else line + 1) from None
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        raise InputError("an instruction set is a mapping of task names to instructions, e.g. "
+                         "`summarize: Summarize the following text in one sentence.`", str(path), 1)
+    tasks = []
+    for key, value in node.value:
+        line = key.start_mark.line + 1
+        name = key.value
+        if not isinstance(key, yaml.ScalarNode) or not TASK_NAME.fullmatch(str(name)):
+            raise InputError(f"task name {name!r}: use letters, digits, - and _", str(path), line)
+        if name in RESERVED_TASKS:
+            raise InputError(f"task name {name!r} is reserved; choose another", str(path), line)
+        if name in dict(tasks):
+            raise InputError(f"task {name!r} appears twice", str(path), line)
+        if not isinstance(value, yaml.ScalarNode) or not str(value.value).strip():
+            raise InputError(f"task {name!r}: the instruction must be non-empty text", str(path), line)
+        tasks.append((name, str(value.value).strip()))
+    return tuple(tasks)
 
 
 def settings_fingerprint(options: ContinueOptions, llm_fingerprint: str) -> str:
@@ -95,9 +139,15 @@ def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
-def output_record(utt: Utterance, output_dir: Path, transcript: str, continuation: str,
-                  truncated: bool, fingerprint: str) -> dict:
-    return {
+# What one transcript's generations give: (continuation, truncated) and, per task of the
+# instruction set, (answer, truncated).
+Answers = tuple[tuple[str, bool], dict[str, tuple[str, bool]]]
+
+
+def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: Answers, fingerprint: str,
+                  instructions: dict[str, str]) -> dict:
+    (continuation, truncated), responses = answers
+    record = {
         **utt.extra,
         "id": utt.id,
         "audio": utt.audio.relative_to(output_dir),
@@ -107,6 +157,16 @@ def output_record(utt: Utterance, output_dir: Path, transcript: str, continuatio
         "truncated": truncated,
         "fingerprint": fingerprint,
     }
+    if responses:
+        record["responses"] = {task: {"instruction": instructions[task], "text": text, "truncated": cut}
+                               for task, (text, cut) in responses.items()}
+    return record
+
+
+def record_answers(record: dict) -> Answers:
+    """The generations a written record holds (for reuse by other voices of its transcript)."""
+    responses = {task: (r["text"], r["truncated"]) for task, r in record.get("responses", {}).items()}
+    return (record["continuation"], record["truncated"]), responses
 
 
 class Continuer:
@@ -118,8 +178,16 @@ class Continuer:
         self.stop_ids = sorted({self.prompt.end_of_turn_id, tokenizer.eos_token_id} - {None})
         self.pad_id = tokenizer.pad_token_id
 
-    def prompt_ids(self, transcript: str) -> list[int]:
-        return pieces_to_ids(self.prompt.render(transcript_message(self.options.instruction, transcript)))
+    def prompt_ids(self, transcript: str, instruction: str | None = None) -> list[int]:
+        message = transcript_message(instruction or self.options.instruction, transcript)
+        return pieces_to_ids(self.prompt.render(message))
+
+    def answer_jobs(self, jobs: Sequence["Job"]) -> list[Answers]:
+        """Each job's continuation, then its answer to every instruction of the set (one batch each)."""
+        main = self.continue_batch([job.prompt_ids for job in jobs])
+        per_task = {task: self.continue_batch([self.prompt_ids(job.transcript, instruction) for job in jobs])
+                    for task, instruction in self.options.instruction_set}
+        return [(main[i], {task: answers[i] for task, answers in per_task.items()}) for i in range(len(jobs))]
 
     @torch.no_grad()
     def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
@@ -211,7 +279,8 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     # One generation per distinct transcript: under greedy decoding the same transcript spoken
     # by several voices gets the same continuation, so a corpus of 3 voices costs 1/3 the time.
     greedy = not options.do_sample
-    known = {r["prompt_transcript"]: (r["continuation"], r["truncated"]) for r in done.values()} if greedy else {}
+    known = {r["prompt_transcript"]: record_answers(r) for r in done.values()} if greedy else {}
+    instructions = dict(options.instruction_set)
     jobs: dict[str, Job] = {}
     dropped = []
     for utt in read.utterances:
@@ -221,7 +290,8 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         key = transcript if greedy else utt.id
         if key not in jobs:
             ids = continuer.prompt_ids(transcript)
-            if len(ids) >= options.max_prompt_tokens:
+            longest = max([len(ids)] + [len(continuer.prompt_ids(transcript, i)) for i in instructions.values()])
+            if longest >= options.max_prompt_tokens:
                 dropped.append(utt.id)
                 continue
             jobs[key] = Job(transcript, ids, [])
@@ -238,13 +308,13 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
             batch = mine[start : start + bs]
             fresh = [job for job in batch if job.transcript not in known]
             if fresh:
-                results = continuer.continue_batch([job.prompt_ids for job in fresh])
+                results = continuer.answer_jobs(fresh)
                 known.update({job.transcript: r for job, r in zip(fresh, results)} if greedy else {})
                 outcome = dict(zip(map(id, fresh), results))
             records = []
             for job in batch:
-                text, truncated = known[job.transcript] if job.transcript in known else outcome[id(job)]
-                records += [output_record(u, output.parent, job.transcript, text, truncated, fingerprint)
+                answers = known[job.transcript] if job.transcript in known else outcome[id(job)]
+                records += [output_record(u, output.parent, job.transcript, answers, fingerprint, instructions)
                             for u in job.utterances]
             append_jsonl(target, records)
             bar.update(len(records))

@@ -42,8 +42,8 @@ from .features import encode_waveforms
 from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
-from .training import (BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, behavior_item, sample_order,
-                       speech_prompts, truncate_log)
+from .training import (BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, behavior_item, choose_task,
+                       mix_shares, sample_order, speech_prompts, truncate_log)
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -112,6 +112,7 @@ class StreamingTrainer(Trainer):
         self.stream_at: tuple[int, int] | None = None  # (epoch, step in epoch) the stream is at
         self.stand_in: ShardItem | None = None
         self.prompts = speech_prompts(model.processor, options)
+        self.shares = mix_shares(options)
         self.setup_optimization()
         # The stream's order is the shard shuffle and the shuffle buffer's (--bucket-by-length
         # needs every length up front, so it applies to manifests only).
@@ -165,8 +166,8 @@ class StreamingTrainer(Trainer):
                              utt.line)
         if not cont.strip() or (self.options.drop_copies and is_copy_continuation(utt)):
             return None
-        transcribe = random.Random(f"{self.options.seed}/{utt.id}").random() < self.options.mix_transcribe
-        return behavior_item(self.model.processor, utt, self.options, transcribe, self.prompts)
+        task = choose_task(random.Random(f"{self.options.seed}/{utt.id}").random(), self.shares)
+        return behavior_item(self.model.processor, utt, self.options, task, self.prompts)
 
     def load_step(self, raw: list[ShardItem]) -> list[BehaviorItem]:
         """The step's training items with their features (read, or encoded from the audio now)."""

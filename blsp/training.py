@@ -41,7 +41,7 @@ from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
 from .losses import ForwardKLLoss
-from .lora import LoraSettings, is_lora_name, parse_modules
+from .lora import LoraSettings, is_lora_name, lora_parameters, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
 from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_warm_start, transcript_tokens
 
@@ -76,6 +76,7 @@ class TrainOptions:
     kl_temperature: float = 1.0
     kl_weight: float = 1.0
     mix_transcribe: float = 0.0  # share of utterances whose target is their transcript
+    mix: str = ""  # task=share,...: shares trained on step 1's other answers (`responses`) or `transcribe`
     drop_copies: bool = False  # leave out continuations that merely repeat the transcript
     max_target_tokens: int | None = None  # train on each continuation's first N tokens (its opening
     # words depend most on the speech; later ones on the LLM's own text): shorter, cheaper steps
@@ -93,6 +94,7 @@ class TrainOptions:
     lora_alpha: float = 16.0
     lora_where: str = "speech"  # speech: at speech positions only (text prompts unchanged); all: everywhere
     lora_modules: str = "attention"  # projections: attention, mlp, all, or names (q_proj,v_proj)
+    lora_lr: float | None = None  # LoRA's own peak learning rate; None: the adapter's (lr)
     # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
     fsdp: bool = False
     shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
@@ -279,7 +281,8 @@ class Trainer:
             model.enable_lora(lora_settings(options))
         self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
         self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, weight_decay=options.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.lr,
+                                           weight_decay=options.weight_decay)
         self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
         self.step = 0
         use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
@@ -509,8 +512,43 @@ class Trainer:
             print(f"resume: from {latest} (step {self.step} of {self.total_steps})", file=sys.stderr)
 
 
+def mix_shares(options: TrainOptions) -> dict[str, float]:
+    """`--mix summarize=0.1,transcribe=0.1` (and `--mix-transcribe`) as {task: share}, checked."""
+    shares: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in options.mix.split(","))):
+        task, eq, share = part.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not eq or not task.strip() or not 0 <= value <= 1:
+            raise BlspError(f"--mix {options.mix!r}: write task=share pairs, shares from 0 to 1 "
+                            "(e.g. transcribe=0.1,summarize=0.2)")
+        if task.strip() in shares:
+            raise BlspError(f"--mix {options.mix!r}: task {task.strip()!r} given twice")
+        shares[task.strip()] = value
+    if options.mix_transcribe:
+        if "transcribe" in shares:
+            raise BlspError("give the transcribe share once: --mix-transcribe or --mix transcribe=...")
+        shares["transcribe"] = options.mix_transcribe
+    if sum(shares.values()) > 1 + 1e-9:
+        raise BlspError(f"the --mix shares add up to {sum(shares.values()):g}, more than 1")
+    return {task: share for task, share in shares.items() if share > 0}
+
+
+def choose_task(draw: float, shares: dict[str, float]) -> str | None:
+    """The task a uniform `draw` in [0, 1) falls on (shares laid end to end); None: the continuation."""
+    edge = 0.0
+    for task, share in shares.items():
+        edge += share
+        if draw < edge:
+            return task
+    return None
+
+
 def check_options(options: TrainOptions) -> None:
     """Refuse settings that cannot work before any minute is spent on them."""
+    mix_shares(options)
     for name, value, known in (("--loss", options.loss, LOSSES), ("--warm-start", options.warm_start, WARM_STARTS),
                                ("--compress-speech", options.compress_speech, COMPRESSIONS)):
         if value not in known:
@@ -525,6 +563,8 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
+    if options.lora_lr is not None and (not options.lora_rank or options.lora_lr <= 0):
+        raise BlspError(f"--lora-lr {options.lora_lr}: needs --lora-rank R (R > 0) and a rate above 0")
     if options.lora_rank:
         lora_settings(options)  # its own checks (where, rank, module names)
         if options.fsdp:
@@ -532,6 +572,16 @@ def check_options(options: TrainOptions) -> None:
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)")
+
+
+def parameter_groups(model: BlspModel, options: TrainOptions) -> list[dict]:
+    """The optimizer's groups: LoRA may learn at its own rate (the schedule scales every group alike)."""
+    lora = lora_parameters(model.language_model)
+    if not lora or options.lora_lr is None:
+        return [{"params": model.trainable_parameters()}]
+    ids = {id(p) for p in lora}
+    rest = [p for p in model.trainable_parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": lora, "lr": options.lora_lr}]
 
 
 def lora_settings(options: TrainOptions) -> LoraSettings:
@@ -547,37 +597,53 @@ def peak_rss_mb() -> float:
 
 
 def speech_prompts(proc, options: TrainOptions) -> dict[str, list]:
-    """The speech prompt of each instruction step 2 trains under, built once."""
+    """The speech prompt of each instruction step 2 trains under, built once (others on first use)."""
     return {i: proc.speech_prompt(i) for i in (options.instruction, task_instruction("transcribe"))}
 
 
-def behavior_item(proc, utt: Utterance, options: TrainOptions, transcribe: bool,
+def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
+    """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
+    if task == "transcribe":
+        return task_instruction("transcribe"), utt.text, False
+    response = utt.extra.get("responses", {}).get(task) if isinstance(utt.extra.get("responses"), dict) else None
+    if not isinstance(response, dict) or not isinstance(response.get("text"), str) \
+            or not isinstance(response.get("instruction"), str):
+        raise InputError(f"--mix {task}=...: this line has no step-1 answer for task {task!r} (run `blsp continue "
+                         f"--instruction-set FILE` with a task of that name)", utt.source, utt.line)
+    return response["instruction"], response["text"], bool(response.get("truncated"))
+
+
+def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
                   prompts: dict[str, list]) -> BehaviorItem:
     """One training sequence: the utterance's continuation under the continuation instruction, or
-    with `transcribe` its transcript under the transcribe instruction; the teacher reads the
-    transcript under the same instruction."""
+    with a mixed-in `task` that task's target under its instruction (`transcribe`: the transcript);
+    the teacher reads the transcript under the same instruction."""
     transcript = utt.extra.get("prompt_transcript") or utt.text
-    if transcribe:
-        instruction, target = task_instruction("transcribe"), proc.prompt.target_ids(utt.text)
+    if task is None:
+        instruction, text, truncated = options.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
     else:
-        instruction = options.instruction
-        target = proc.prompt.target_ids(utt.extra["continuation"], bool(utt.extra.get("truncated")))
+        instruction, text, truncated = task_target(utt, task)
+    target = proc.prompt.target_ids(text, truncated)
+    if task is None:
         target = target[: options.max_target_tokens]
+    if instruction not in prompts:
+        prompts[instruction] = proc.speech_prompt(instruction)
     return BehaviorItem(utt, prompts[instruction], proc.transcript_prompt(instruction, transcript), target)
 
 
 def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> list[BehaviorItem]:
-    """Training sequences: continuation targets, and with `mix_transcribe` a seeded share of the
-    utterances whose target is instead their transcript under the transcribe instruction (the
-    paper's variant; it keeps the exact words in view)."""
+    """Training sequences: continuation targets, and with `--mix` seeded shares of the utterances
+    trained instead on another task: `transcribe` (the paper's variant; it keeps the exact words in
+    view) or an instruction of step 1's instruction set (summarise, answer, ...)."""
     rng = random.Random(options.seed)
     prompts = speech_prompts(proc, options)
+    shares = mix_shares(options)
     if options.drop_copies:
         kept = [u for u in utterances if not is_copy_continuation(u)]
         print(f"step 2: left out {len(utterances) - len(kept)} of {len(utterances)} continuations that repeat "
               "the transcript (--drop-copies)", file=sys.stderr)
         utterances = kept
-    return [behavior_item(proc, u, options, rng.random() < options.mix_transcribe, prompts) for u in utterances]
+    return [behavior_item(proc, u, options, choose_task(rng.random(), shares), prompts) for u in utterances]
 
 
 def all_reduce_scalar(value: float) -> float:

@@ -115,3 +115,51 @@ def test_a_transcript_spoken_by_several_voices_is_continued_once(tmp_path, llm, 
     assert len(generated) == 3 and summary.written == 6
     by_id = {r["id"]: r["continuation"] for r in lines(out)}
     assert all(by_id[f"u{i}"] == by_id[f"u{i}_again"] for i in range(3))
+
+
+def test_an_instruction_set_adds_each_tasks_answer_and_resumes(tmp_path, llm):
+    from blsp.continuation import read_instruction_set
+
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("summarize: Summarize the following text.\nquestion: Ask a question about the following text.\n")
+    instruction_set = read_instruction_set(tasks)
+    assert instruction_set == (("summarize", "Summarize the following text."),
+                               ("question", "Ask a question about the following text."))
+    manifest = write_corpus(tmp_path / "data", n=5)
+    opts = ContinueOptions(max_new_tokens=6, batch_size=2, instruction_set=instruction_set)
+    out = tmp_path / "behavior.jsonl"
+    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    records = lines(out)
+    assert len(records) == 5
+    continuer = Continuer(*llm, opts)
+    for rec in records:  # each answer is what the LLM writes for that instruction alone
+        assert set(rec["responses"]) == {"summarize", "question"}
+        for task, instruction in instruction_set:
+            ids = continuer.prompt_ids(rec["prompt_transcript"], instruction)
+            text, truncated = continuer.continue_batch([ids])[0]
+            assert rec["responses"][task] == {"instruction": instruction, "text": text, "truncated": truncated}
+        assert (rec["continuation"], rec["truncated"]) == continuer.continue_batch(
+            [continuer.prompt_ids(rec["prompt_transcript"])])[0]
+    plain = ContinueOptions(max_new_tokens=6, batch_size=2)  # another set: another fingerprint, refused
+    with pytest.raises(BlspError, match="other step-1 settings"):
+        run_continue(manifest, out, plain, model_and_tokenizer=llm)
+    again = run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    assert again.already_done == 5 and len(lines(out)) == 5
+
+
+@pytest.mark.parametrize("text, message, line", [
+    ("summarize: Summarize it.\ntranscribe: Write it down.\n", "reserved", 2),
+    ("a: one\nb c: two\n", "task name", 2),
+    ("a: one\na: two\n", "twice", 2),
+    ("a: ''\n", "non-empty", 1),
+    ("- a list\n", "mapping", 1),
+    ("a: [unclosed\n", "not valid YAML", 2),
+])
+def test_a_bad_instruction_set_names_its_file_and_line(tmp_path, text, message, line):
+    from blsp.continuation import read_instruction_set
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text(text)
+    with pytest.raises(BlspError, match=message) as err:
+        read_instruction_set(path)
+    assert f"{path}:{line}:" in str(err.value)

@@ -126,3 +126,19 @@ def test_lora_is_refused_with_fsdp_and_unknown_modules_name_the_llms_layers(tiny
         options(tiny_dirs, tmp_path, lora_rank=4, fsdp=True)
     with pytest.raises(BlspError, match="no module named c_attn"):
         tiny_model.enable_lora(LoraSettings(rank=2, target_modules=("c_attn",)))
+
+
+def test_lora_lr_gives_lora_its_own_rate_and_needs_lora(tiny_dirs, tmp_path, tiny_model):
+    from blsp.training import parameter_groups
+
+    tiny_model.enable_lora(LoraSettings(rank=2))
+    groups = parameter_groups(tiny_model, options(tiny_dirs, tmp_path, lr=1e-3, lora_rank=2, lora_lr=5e-3))
+    assert len(groups) == 2 and groups[1]["lr"] == 5e-3 and "lr" not in groups[0]
+    lora_ids = {id(p) for n, p in tiny_model.language_model.named_parameters() if ".lora_" in n}
+    assert {id(p) for p in groups[1]["params"]} == lora_ids
+    assert not lora_ids & {id(p) for p in groups[0]["params"]}  # the adapter and head: the default rate
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(tiny_model.trainable_parameters())
+    one = parameter_groups(tiny_model, options(tiny_dirs, tmp_path, lora_rank=2))
+    assert len(one) == 1
+    with pytest.raises(BlspError, match="--lora-lr"):
+        options(tiny_dirs, tmp_path, lora_lr=1e-3)  # no LoRA to give it to

@@ -284,3 +284,39 @@ def test_kl_loss_logs_kl_and_mixed_transcription_changes_prompts_and_targets(tin
     for p, m, u in zip(plain, mixed, utts):
         assert p.target == proc.prompt.target_ids(u.extra["continuation"])
         assert m.target == proc.prompt.target_ids(u.text) and m.prompt != p.prompt
+
+
+def test_mix_trains_shares_on_step_1s_other_answers_and_names_a_line_without_one(tiny_dirs, tmp_path, tiny_model):
+    from blsp.errors import BlspError, InputError
+    from blsp.training import build_items, choose_task, mix_shares
+
+    assert mix_shares(options(tiny_dirs, tmp_path, mix="summarize=0.2, transcribe=0.1")) == \
+        {"summarize": 0.2, "transcribe": 0.1}
+    assert mix_shares(options(tiny_dirs, tmp_path, mix_transcribe=0.1)) == {"transcribe": 0.1}
+    shares = {"summarize": 0.2, "transcribe": 0.1}  # laid end to end: [0, .2) [.2, .3), the rest continues
+    assert [choose_task(d, shares) for d in (0.0, 0.19, 0.2, 0.29, 0.31, 0.99)] == \
+        ["summarize", "summarize", "transcribe", "transcribe", None, None]
+    for bad in ("summarize", "summarize=2", "a=0.6,b=0.6", "a=0.1,a=0.2"):
+        with pytest.raises(BlspError, match="--mix"):
+            options(tiny_dirs, tmp_path, mix=bad)
+
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    for i, rec in enumerate(records):
+        rec["responses"] = {"summarize": {"instruction": "Summarize the text.", "text": f"summary {i}",
+                                          "truncated": i == 2}}
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    items = build_items(proc, utts, options(tiny_dirs, tmp_path, mix="summarize=1"))
+    for i, (item, u) in enumerate(zip(items, utts)):
+        assert item.target == proc.prompt.target_ids(f"summary {i}", i == 2)  # truncated: no end-of-turn
+        assert item.prompt == proc.speech_prompt("Summarize the text.")
+        assert item.teacher_prompt == proc.transcript_prompt("Summarize the text.", u.text)
+
+    del records[1]["responses"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([data])
+    with pytest.raises(InputError, match="no step-1 answer for task 'summarize'") as err:
+        build_items(proc, utts, options(tiny_dirs, tmp_path, mix="summarize=1"))
+    assert f"{data}:2:" in str(err.value)
