@@ -37,11 +37,20 @@ def cmd_continue(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainOptions, run_train
+def train_options(args: argparse.Namespace):
+    """Every TrainOptions field has the flag of the same name (--max-steps -> max_steps); the flags
+    a recipe sets default to None: "the recipe's"."""
+    from .training import RECIPE_OPTIONS, TrainOptions
 
-    # Every TrainOptions field has the flag of the same name (--max-steps -> max_steps).
-    options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)})
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions)}
+    return TrainOptions.from_recipe(args.recipe, **{k: v for k, v in given.items()
+                                                    if not (k in RECIPE_OPTIONS and v is None)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import run_train
+
+    options = train_options(args)
     result = run_train(args.data, args.output_dir, options, resume=args.resume, skip_bad=args.skip_bad)
     report_skipped(result["skipped_bad"])
     print(f"step 2: trained {result['steps']} step(s); adapter saved in {result['output_dir']}")
@@ -137,6 +146,18 @@ def option_flags(options: dict) -> list[str]:
     return out
 
 
+def recipe_defaults(train: argparse.ArgumentParser) -> None:
+    """The flags a recipe sets default to None ("the recipe's"); their help says each recipe's value."""
+    from .training import RECIPE_OPTIONS, RECIPES, TrainOptions
+
+    for action in train._actions:
+        if action.dest in RECIPE_OPTIONS:
+            values = ", ".join(f"{name} {spec.get(action.dest, TrainOptions.__dataclass_fields__[action.dest].default)}"
+                               for name, spec in RECIPES.items())
+            action.help = f"{action.help or ''} [recipe: {values}]".strip()
+            action.default = None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .corpus import add_data_parser
     from .evaluation import add_eval_parser
@@ -168,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="whisper-base")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--recipe", default="fast", choices=["fast", "paper"],
+                   help="the defaults of the flags marked [recipe]: fast (default) is the step-2 ablation's "
+                        "winner on held-out speech (docs/ablation.md), paper the original's")
     p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
     p.add_argument("--adapter-downsample", type=int, default=8, metavar="N",
                    help="encoder frames (50 Hz) per speech vector: 8 is the paper's 6.25 Hz; conv needs a power of 2")
@@ -226,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training more than the adapter")
     g.add_argument("--lora-rank", type=int, default=0, metavar="R",
                    help="LoRA of rank R on the LLM's projections (peft), trained with the adapter and saved in its "
-                        "checkpoint; 0 (default): the LLM stays frozen, as in the paper")
+                        "checkpoint; 0: the LLM stays frozen, as in the paper")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's scale is alpha / rank")
     g.add_argument("--lora-where", default="speech", choices=["speech", "all"],
                    help="speech: LoRA acts at speech positions only, so text-only prompts get the frozen LLM's "
@@ -251,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "start; still deterministic from the step and seed, the same on every rank and on resume")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
+    recipe_defaults(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")

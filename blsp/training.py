@@ -109,6 +109,27 @@ class TrainOptions:
         object.__setattr__(self, "warm_start_data", tuple(str(p) for p in self.warm_start_data))
         check_options(self)  # at construction: before any model is loaded or clip encoded
 
+    @classmethod
+    def from_recipe(cls, recipe: str, **options) -> "TrainOptions":
+        """A recipe's settings (RECIPES), with `options` over them."""
+        if recipe not in RECIPES:
+            raise BlspError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[recipe], **options})
+
+
+# `blsp train --recipe NAME`: the values each recipe gives the options it names (a flag given on the
+# command line wins). `paper`: the original's recipe, the dataclass's own defaults. `fast` (the
+# command line's default): the winner of the step-2 ablation on held-out sentences in an unseen
+# voice (docs/ablation.md, recipes/ablation.yaml): the adapter at 12.5 Hz, a CTC warm start on
+# cached features through the LLM's frozen embeddings, CTC-compressed speech, and rank-8 LoRA on
+# the LLM's attention at speech positions only (text-only prompts keep the frozen LLM's answers).
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "fast": {"adapter_downsample": 4, "warm_start": "ctc", "warm_start_steps": 500, "warm_start_lr": 3e-3,
+             "compress_speech": "ctc", "lora_rank": 8},
+}
+RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
+
 
 LOSSES = ("ce", "kl", "ce+kl")
 COMPRESSIONS = ("none", "ctc")

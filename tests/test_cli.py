@@ -20,6 +20,7 @@ import blsp.packaged
 import blsp.training
 from blsp.cli import build_parser, main
 from blsp.prompts import task_instruction
+from blsp.training import TrainOptions
 
 from conftest import tone, write_corpus
 
@@ -169,7 +170,7 @@ def trained(tiny_dirs, tmp_path_factory):
                      "--llm", tiny_dirs["llm"], *CONTINUE]) == 0
         assert main(["train", "--data", str(behavior), "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"],
                      "--output-dir", str(model_dir), "--max-steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-                     "--feature-cache", str(features)]) == 0
+                     "--feature-cache", str(features), "--recipe", "paper"]) == 0
     assert not (root / "cache").exists()
     return {"manifest": manifest, "behavior": behavior, "model": model_dir, "features": features,
             "ids": ["u0", "u1", "u2", "stereo", "narrow"]}
@@ -206,6 +207,29 @@ def test_train_writes_a_loadable_adapter_and_refuses_to_overwrite(trained, tiny_
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("blsp: error: ") and "already holds checkpoints" in lines[0] and "--resume" in lines[0]
     assert (model_dir / "adapter.safetensors").read_bytes() == before
+
+
+def test_train_defaults_to_the_fast_recipe_and_flags_given_win(trained, tiny_dirs, tmp_path, capsys):
+    from blsp.training import RECIPES
+
+    def parsed(*extra):
+        from blsp.cli import train_options
+
+        return train_options(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *extra]))
+
+    fast, paper = parsed(), parsed("--recipe", "paper")
+    assert {k: getattr(fast, k) for k in RECIPES["fast"]} == RECIPES["fast"]
+    assert paper == TrainOptions()  # the paper's recipe is the dataclass's own defaults
+    assert parsed("--lora-rank", "0").lora_rank == 0  # a flag given wins, even at a default's value
+    assert parsed("--recipe", "paper", "--lora-rank", "4").lora_rank == 4
+
+    out = tmp_path / "fast"  # the default recipe end to end, with a short warm start
+    code, _, err = run(capsys, "train", "--data", trained["behavior"], "--encoder", tiny_dirs["encoder"],
+                       "--llm", tiny_dirs["llm"], "--output-dir", out, "--max-steps", "2", "--batch-size", "2",
+                       "--warm-start-steps", "3", "--feature-cache", trained["features"])
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora"]["rank"] == 8 and config["adapter_downsample"] == 4 and config["speech_compression"] == "ctc"
 
 
 @pytest.mark.parametrize("how", ["task", "instruction"])
