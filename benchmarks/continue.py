@@ -9,6 +9,8 @@ Both run in this process on the same transcripts, LLM and prompt, greedy, same t
   until the batch's longest one ends);
 - ours: batches of `--batch-size` sorted by prompt length, and `greedy_generate`, which drops
   each row and its KV cache as soon as it has stopped.
+With vLLM installed beside a CUDA GPU, `blsp continue --backend vllm` runs on the same prompts too
+(its tokens/s is printed; skipped with a message otherwise).
 Prints the ratio and writes benchmarks/results/continue.json. Both must produce the same text
 (checked: a speed-up that changed the continuations would be a bug, not a win).
 """
@@ -68,6 +70,24 @@ def our_way(continuer: Continuer, prompts: list[list[int]], batch_size: int) -> 
     return out
 
 
+def vllm_row(args, prompts: list[list[int]], tokenizer) -> dict:
+    """`blsp continue --backend vllm` on the same prompts, where vLLM and a CUDA GPU are there."""
+    from blsp.continuation import VllmContinuer, choose_backend
+    from blsp.packaged import resolve
+
+    if choose_backend("auto") != "vllm":
+        print("    vllm: skipped (not installed, or no CUDA GPU: pip install vllm on a GPU machine)", flush=True)
+        return {"skipped": "vLLM not installed or no CUDA GPU"}
+    continuer = VllmContinuer(resolve(args.llm), tokenizer, ContinueOptions(llm=args.llm,
+                                                                         max_new_tokens=args.max_new_tokens))
+    start = time.perf_counter()
+    texts = continuer.continue_batch(prompts)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text, _ in texts)  # re-encoded
+    print(f"    vllm: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s", flush=True)
+    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm", default="smollm2-135m-instruct")
@@ -94,12 +114,14 @@ def main() -> None:
         print(f"{name:>8}: {tokens} tokens in {timings[name]:.1f} s = {tokens / timings[name]:.1f} tokens/s", flush=True)
     same = sum(a == b for a, b in zip(outputs["original"], outputs["ours"]))
     tokens = sum(map(len, outputs["ours"]))
+    vllm = vllm_row(args, prompts, tokenizer)
     result = {
         "benchmark": "continue", "llm": args.llm, "sentences": len(prompts), "max_new_tokens": args.max_new_tokens,
         "generated_tokens": tokens, "seconds": {k: round(v, 2) for k, v in timings.items()},
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in timings.items()},
         "speedup": round(timings["original"] / timings["ours"], 2),
         "identical_continuations": f"{same}/{len(prompts)}",
+        "vllm": vllm,
         "machine": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }

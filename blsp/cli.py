@@ -29,6 +29,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
         top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=not args.no_normalize,
         batch_size=args.batch_size, seed=args.seed,
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
+        backend=args.backend,
     )
     summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad)
     report_skipped(summary.skipped_bad)
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="longer prompts are dropped")
     p.add_argument("--no-normalize", action="store_true", help="feed transcripts as written")
+    p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
+                   help="hf: transformers (batched greedy with early exit); vllm: vLLM (pip install vllm; a CUDA "
+                        "GPU, one process); auto (default): vLLM when installed beside a GPU, else hf")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
     _add_decoding(p, 64)
     p.set_defaults(func=cmd_continue)

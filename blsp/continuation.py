@@ -14,6 +14,7 @@ written. Under torchrun each rank writes its own part file, merged by rank 0 at 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import sys
@@ -47,6 +48,7 @@ class ContinueOptions:
     batch_size: int = 16
     seed: int = 0
     instruction_set: tuple[tuple[str, str], ...] = ()  # (task name, instruction): more answers per transcript
+    backend: str = "auto"  # hf (transformers), vllm, or auto: vLLM when installed with a CUDA GPU
 
     def decoding(self) -> dict:
         """The settings that change the output (batch size does not under greedy decoding)."""
@@ -95,8 +97,33 @@ def read_instruction_set(path: str | Path) -> tuple[tuple[str, str], ...]:
     return tuple(tasks)
 
 
-def settings_fingerprint(options: ContinueOptions, llm_fingerprint: str) -> str:
-    blob = json.dumps({"llm": llm_fingerprint, **options.decoding()}, sort_keys=True)
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def choose_backend(requested: str, distributed: bool = False) -> str:
+    """The generation backend step 1 runs on: vLLM (continuous batching, paged attention) when
+    asked for or, with `auto`, when installed beside a CUDA GPU in a single process; else transformers."""
+    if requested not in BACKENDS:
+        raise BlspError(f"unknown --backend {requested!r}; choose from {', '.join(BACKENDS)}")
+    installed = importlib.util.find_spec("vllm") is not None
+    if requested == "vllm":
+        if not installed:
+            raise BlspError("--backend vllm: vLLM is not installed (`pip install vllm`, on a machine with a CUDA "
+                            "GPU); --backend hf runs step 1 with transformers")
+        if not torch.cuda.is_available():
+            raise BlspError("--backend vllm needs a CUDA GPU; --backend hf runs step 1 with transformers")
+        if distributed:
+            raise BlspError("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): "
+                            "launch without torchrun")
+    if requested == "auto":
+        return "vllm" if installed and torch.cuda.is_available() and not distributed else "hf"
+    return requested
+
+
+def settings_fingerprint(options: ContinueOptions, llm_fingerprint: str, backend: str = "hf") -> str:
+    # vLLM's kernels may pick another token where two are nearly tied: its outputs are their own.
+    extra = {"backend": backend} if backend != "hf" else {}
+    blob = json.dumps({"llm": llm_fingerprint, **options.decoding(), **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -177,6 +204,7 @@ class Continuer:
         self.prompt = ChatPrompt(tokenizer, options.system_prompt)
         self.stop_ids = sorted({self.prompt.end_of_turn_id, tokenizer.eos_token_id} - {None})
         self.pad_id = tokenizer.pad_token_id
+        self.batch_size = options.batch_size  # prompts per generation call
 
     def prompt_ids(self, transcript: str, instruction: str | None = None) -> list[int]:
         message = transcript_message(instruction or self.options.instruction, transcript)
@@ -215,6 +243,31 @@ class Continuer:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append((text, not stops))
         return results
+
+
+class VllmContinuer(Continuer):
+    """Step 1 on vLLM: the same prompts (token ids) and stop tokens, many batches' worth per call
+    so its scheduler keeps the GPU full (continuous batching, prefix caching of the instruction)."""
+
+    CALL_SIZE = 1024  # prompts per call: also how often finished lines are written (resume)
+
+    def __init__(self, path: str, tokenizer, options: ContinueOptions):
+        from vllm import LLM
+
+        super().__init__(None, tokenizer, options)
+        self.batch_size = max(options.batch_size, self.CALL_SIZE)
+        self.engine = LLM(model=path, tokenizer=path, seed=options.seed, enable_prefix_caching=True)
+
+    def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
+        from vllm import SamplingParams
+
+        o = self.options
+        params = SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature if o.do_sample else 0.0,
+                                top_p=o.top_p if o.do_sample else 1.0, stop_token_ids=list(self.stop_ids),
+                                seed=o.seed if o.do_sample else None, skip_special_tokens=True)
+        outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        # finish_reason "length": the token limit ended it, no stop token (what `truncated` records)
+        return [(out.outputs[0].text.strip(), out.outputs[0].finish_reason == "length") for out in outputs]
 
 
 @torch.no_grad()
@@ -264,17 +317,21 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, skip_bad=skip_bad)
-    if model_and_tokenizer is None:
-        model, tokenizer = load_language_model(options.llm)
-        model.to(default_device(info))
+    backend = "hf" if model_and_tokenizer is not None else choose_backend(options.backend, info.enabled)
+    if backend == "vllm":
+        continuer, fingerprint = vllm_continuer(options)
     else:
-        model, tokenizer = model_and_tokenizer
-    fingerprint = settings_fingerprint(options, weights_fingerprint(model))
+        if model_and_tokenizer is None:
+            model, tokenizer = load_language_model(options.llm)
+            model.to(default_device(info))
+        else:
+            model, tokenizer = model_and_tokenizer
+        continuer = Continuer(model, tokenizer, options)
+        fingerprint = settings_fingerprint(options, weights_fingerprint(model))
     if info.is_main:  # gather what a killed run left (its rank parts, a half-written line)
         merge_parts(output)
     barrier()  # every rank must see the same `done`, or their shares would overlap
     done = existing_records(output, fingerprint)
-    continuer = Continuer(model, tokenizer, options)
 
     # One generation per distinct transcript: under greedy decoding the same transcript spoken
     # by several voices gets the same continuation, so a corpus of 3 voices costs 1/3 the time.
@@ -301,7 +358,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     target = part_path(output, info.rank, info.world_size) if info.enabled else output
     torch.manual_seed(options.seed + info.rank)
 
-    bs = options.batch_size
+    bs = continuer.batch_size
     n_utts = sum(len(job.utterances) for job in mine)
     with tqdm(total=n_utts, desc="step 1: continuing", unit="utt", disable=not info.is_main) as bar:
         for start in range(0, len(mine), bs):
@@ -330,6 +387,21 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         written=sum(len(job.utterances) for job in todo), already_done=len(done), dropped_long=dropped,
         skipped_bad=[str(e) for e in read.skipped], output=str(output), fingerprint=fingerprint,
     )
+
+
+def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str]:
+    """The vLLM continuer and the settings' fingerprint (weights read from the checkpoint files)."""
+    from transformers import AutoTokenizer
+
+    from .modeling import checkpoint_fingerprint
+    from .packaged import resolve
+
+    path = resolve(options.llm)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    print(f"step 1: generating with vLLM ({path})", file=sys.stderr)
+    return VllmContinuer(path, tokenizer, options), settings_fingerprint(options, checkpoint_fingerprint(path), "vllm")
 
 
 def merge_parts(output: Path) -> None:

@@ -278,8 +278,25 @@ def weights_fingerprint(module: nn.Module, samples_per_tensor: int = 4096) -> st
     so a 7B LLM is fingerprinted in milliseconds and the same weights loaded in fp32 or bf16
     agree.
     """
+    return tensors_fingerprint(sorted(module.state_dict().items()), samples_per_tensor)
+
+
+def checkpoint_fingerprint(path: str | Path, samples_per_tensor: int = 4096) -> str:
+    """`weights_fingerprint` of a saved model's safetensors files, without building the model
+    (for a backend that loads the weights itself, such as vLLM)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BlspError(f"{path}: no *.safetensors weights to fingerprint")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    names = sorted(((name, h) for h in handles for name in h.keys()), key=lambda pair: pair[0])
+    return tensors_fingerprint(((name, h.get_tensor(name)) for name, h in names), samples_per_tensor)
+
+
+def tensors_fingerprint(named_tensors, samples_per_tensor: int = 4096) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in named_tensors:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).to(torch.bfloat16)

@@ -163,3 +163,84 @@ def test_a_bad_instruction_set_names_its_file_and_line(tmp_path, text, message, 
     with pytest.raises(BlspError, match=message) as err:
         read_instruction_set(path)
     assert f"{path}:{line}:" in str(err.value)
+
+
+def _fake_vllm(tiny_llm_dir):
+    """A stand-in for vLLM's offline API (LLM, SamplingParams, RequestOutput), greedy over the same
+    weights with transformers: checks what our backend sends and how it reads the answers."""
+    import importlib.machinery
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blsp.continuation import greedy_generate
+
+    vllm = types.ModuleType("vllm")
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    vllm.calls = []
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class LLM:
+        def __init__(self, model, tokenizer, seed, enable_prefix_caching):
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            assert params.temperature == 0.0 and params.skip_special_tokens  # greedy, like the hf backend
+            vllm.calls.append(len(prompts))
+            results = []
+            for p in prompts:
+                ids = torch.tensor([p["prompt_token_ids"]])
+                row = greedy_generate(self.model, ids, torch.ones_like(ids), params.max_tokens, params.stop_token_ids)[0]
+                stopped = bool(row) and row[-1] in params.stop_token_ids
+                text = self.tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
+                out = types.SimpleNamespace(text=text, finish_reason="stop" if stopped else "length")
+                results.append(types.SimpleNamespace(outputs=[out]))
+            return results
+
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    return vllm
+
+
+def test_the_vllm_backend_sends_the_same_prompts_and_writes_the_same_lines(tmp_path, tiny_dirs, monkeypatch):
+    import sys
+
+    import torch
+
+    vllm = _fake_vllm(tiny_dirs["llm"])
+    manifest = write_corpus(tmp_path / "data", n=5)
+    common = dict(llm=tiny_dirs["llm"], max_new_tokens=8, batch_size=2)
+    hf = run_continue(manifest, tmp_path / "hf.jsonl", ContinueOptions(**common, backend="hf"))
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # vLLM's own device: never touched here
+    fast = run_continue(manifest, tmp_path / "vllm.jsonl", ContinueOptions(**common, backend="vllm"))
+    assert vllm.calls == [5]  # every prompt in one call: vLLM's scheduler batches them itself
+    pick = lambda path: [(r["id"], r["continuation"], r["truncated"]) for r in lines(path)]
+    assert pick(tmp_path / "vllm.jsonl") == pick(tmp_path / "hf.jsonl")
+    assert fast.fingerprint != hf.fingerprint  # another backend's greedy tokens are its own
+
+
+def test_the_vllm_backend_is_refused_clearly_where_it_cannot_run(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from blsp.continuation import choose_backend
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BlspError, match="vLLM is not installed"):
+        choose_backend("vllm")
+    assert choose_backend("auto") == "hf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BlspError, match="needs a CUDA GPU"):
+        choose_backend("vllm")
+    assert choose_backend("auto") == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto") == "vllm" and choose_backend("auto", distributed=True) == "hf"
+    with pytest.raises(BlspError, match="without torchrun"):
+        choose_backend("vllm", distributed=True)
