@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "answers; all: at every position")
     g.add_argument("--lora-modules", default="attention", metavar="NAMES",
                    help="attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated module names")
+    g.add_argument("--unfreeze-encoder-layers", type=int, default=0, metavar="N",
+                   help="train the Whisper encoder's top N layers (and its final norm) too, saved in the checkpoint; "
+                        "features are cached below them and the N layers run in every step")
     g.add_argument("--lora-lr", type=float, default=None, metavar="LR",
                    help="LoRA's peak learning rate (default: --lr, the adapter's)")
     g = p.add_argument_group(

@@ -62,7 +62,7 @@ class SpeechFeatures:
         self.model = model
         if cache is not None and not isinstance(cache, FeatureCache):
             # No fingerprint, no way to tell one encoder's cached features from another's: encode.
-            fingerprint = model.config.encoder_fingerprint
+            fingerprint = model.config.feature_key  # the frozen part's output (see BlspConfig.feature_key)
             cache = FeatureCache(cache, fingerprint) if fingerprint else None
         self.cache = cache
         if cache is not None:

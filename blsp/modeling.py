@@ -36,6 +36,7 @@ IGNORE_INDEX = -100
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CTC_HEAD_PREFIX = "ctc_head."
 LORA_PREFIX = "lora."
+ENCODER_PREFIX = "audio_tower."  # the encoder's trained top layers, when there are any
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def encoder_output_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
 
 
 def run_whisper_encoder(
-    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor
+    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor, stop: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper's encoder without the 30 s padding HF insists on.
 
@@ -189,6 +190,8 @@ def run_whisper_encoder(
     went into encoding padding). Padded frames are zeroed before each conv and masked as keys in
     attention, so a clip's frames do not depend on what it was batched with.
     `mel`: [B, n_mels, T] (T <= 3000), `mel_lengths`: [B]. Returns ([B, T', d], lengths).
+    `stop`: run only the layers before it and return their hidden state (no final norm): the
+    frozen part of an encoder whose top layers train (`run_whisper_top` runs the rest).
     """
     if mel.shape[-1] > encoder.config.max_source_positions * 2:
         raise ValueError("mel input longer than 30 s: split it first (blsp.audio.split_for_encoder)")
@@ -198,13 +201,25 @@ def run_whisper_encoder(
     x = F.gelu(encoder.conv2(x)).transpose(1, 2)
     lengths = encoder_output_lengths(mel_lengths)
     x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
+    x = run_whisper_layers(encoder, x, lengths, 0, stop)
+    return (x if stop is not None else encoder.layer_norm(x)), lengths
+
+
+def run_whisper_top(encoder: WhisperEncoder, hidden: torch.Tensor, lengths: torch.Tensor,
+                    start: int) -> torch.Tensor:
+    """The encoder's layers from `start` on and its final norm, over the hidden state before them."""
+    return encoder.layer_norm(run_whisper_layers(encoder, hidden, lengths, start, None))
+
+
+def run_whisper_layers(encoder: WhisperEncoder, x: torch.Tensor, lengths: torch.Tensor, start: int,
+                       stop: int | None) -> torch.Tensor:
     keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
     mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
     mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
-    for layer in encoder.layers:
+    for layer in encoder.layers[start:stop]:
         x = layer(x, mask)
         x = x[0] if isinstance(x, tuple) else x
-    return encoder.layer_norm(x), lengths
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +253,7 @@ class BlspConfig(PretrainedConfig):
         ctc_vocab: list[int] | None = None,
         speech_vectors: str = "adapter",
         lora: dict | None = None,
+        encoder_trainable_layers: int = 0,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -261,7 +277,24 @@ class BlspConfig(PretrainedConfig):
         self.speech_vectors = speech_vectors
         # LoRA on the LLM (blsp.lora.LoraSettings as a dict), or None: the LLM frozen, as in the paper.
         self.lora = dict(lora) if lora else None
+        # The encoder's top N layers (and its final norm) train with the adapter; 0: all frozen (the paper).
+        self.encoder_trainable_layers = encoder_trainable_layers
         super().__init__(**kwargs)
+
+    @property
+    def first_trainable_encoder_layer(self) -> int | None:
+        """The encoder layer from which on it trains, or None when it is frozen whole."""
+        n = self.encoder_trainable_layers
+        return self.encoder_config.encoder_layers - n if n else None
+
+    @property
+    def feature_key(self) -> str | None:
+        """What cached features are keyed by: the frozen encoder's fingerprint, and with trained top
+        layers the layer whose input they hold (the frozen part's output)."""
+        first = self.first_trainable_encoder_layer
+        if self.encoder_fingerprint is None or first is None:
+            return self.encoder_fingerprint
+        return f"{self.encoder_fingerprint}-below-layer{first}"
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -411,6 +444,23 @@ class BlspModel(PreTrainedModel):
             part.eval()
         for p in lora_parameters(self.language_model):  # the LLM's only trainable weights
             p.requires_grad_(True)
+        for p in self.trainable_encoder_parameters():
+            p.requires_grad_(True)
+
+    def trainable_encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's top layers and final norm, when they train (`unfreeze_encoder_layers`)."""
+        first = self.config.first_trainable_encoder_layer
+        if first is None:
+            return []
+        return [p for part in (*self.audio_tower.layers[first:], self.audio_tower.layer_norm) for p in part.parameters()]
+
+    def unfreeze_encoder_layers(self, n: int) -> None:
+        """Train the encoder's top `n` layers with the adapter; features are then cached below them."""
+        layers = self.config.encoder_config.encoder_layers
+        if not 0 <= n <= layers:
+            raise BlspError(f"--unfreeze-encoder-layers {n}: the encoder has {layers} layers")
+        self.config.encoder_trainable_layers = n
+        self.freeze_backbones()
 
     def train(self, mode: bool = True) -> "BlspModel":
         # Frozen parts stay in eval mode (no dropout) whatever the trainer asks.
@@ -473,13 +523,28 @@ class BlspModel(PreTrainedModel):
             state.update({f"{CTC_HEAD_PREFIX}{k}": v for k, v in self.ctc_head.state_dict().items()})
         if self.lora_gate is not None:
             state.update({f"{LORA_PREFIX}{k}": v for k, v in lora_state_dict(self.language_model).items()})
+        state.update({f"{ENCODER_PREFIX}{k}": v for k, v in self.trained_encoder_state().items()})
         return state
+
+    def trained_encoder_state(self) -> dict[str, torch.Tensor]:
+        first = self.config.first_trainable_encoder_layer
+        if first is None:
+            return {}
+        return {k: v for k, v in self.audio_tower.state_dict().items()
+                if k.startswith("layer_norm.") or (k.startswith("layers.") and int(k.split(".")[1]) >= first)}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: Path) -> None:
         head = {k[len(CTC_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(CTC_HEAD_PREFIX)}
         lora = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
-        adapter = {k: v for k, v in state.items() if not k.startswith((CTC_HEAD_PREFIX, LORA_PREFIX))}
+        encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        adapter = {k: v for k, v in state.items() if not k.startswith((CTC_HEAD_PREFIX, LORA_PREFIX, ENCODER_PREFIX))}
         problems = []
+        expected = self.trained_encoder_state()
+        if set(encoder) != set(expected):
+            problems.append(f"trained encoder layers: {sorted(set(encoder) ^ set(expected))[:4]} do not match "
+                            f"config.json (encoder_trainable_layers {self.config.encoder_trainable_layers})")
+        elif encoder:
+            self.audio_tower.load_state_dict(encoder, strict=False)
         if self.lora_gate is None and lora:
             problems.append("LoRA weights but no LoRA in config.json")
         elif self.lora_gate is not None:
@@ -499,7 +564,8 @@ class BlspModel(PreTrainedModel):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         head = list(self.ctc_head.parameters()) if self.ctc_head is not None else []
-        return list(self.adapter.parameters()) + head + lora_parameters(self.language_model)
+        return (list(self.adapter.parameters()) + head + lora_parameters(self.language_model)
+                + self.trainable_encoder_parameters())
 
     @classmethod
     def from_components(
@@ -619,15 +685,20 @@ class BlspModel(PreTrainedModel):
     def encode_mel(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen encoder features ([B, T, d_enc], lengths) of padded log-mel [B, n_mels, T]."""
         mel = mel.to(self.audio_tower.conv1.weight.device, self.audio_tower.conv1.weight.dtype)
-        return run_whisper_encoder(self.audio_tower, mel, mel_lengths.to(mel.device))
+        # With trained top layers, what is cached is the frozen part's output (speech_embeddings runs the rest).
+        stop = self.config.first_trainable_encoder_layer
+        return run_whisper_encoder(self.audio_tower, mel, mel_lengths.to(mel.device), stop)
 
     def speech_embeddings(
         self, encoder_features: torch.Tensor, encoder_lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's speech vectors [B, S, d_llm] and their lengths, before any compression."""
         param = next(self.adapter.parameters())
-        x, lengths = self.adapter(encoder_features.to(param.device, param.dtype), encoder_lengths.to(param.device))
-        return x, lengths
+        x, lengths = encoder_features.to(param.device, param.dtype), encoder_lengths.to(param.device)
+        first = self.config.first_trainable_encoder_layer
+        if first is not None:  # features are the hidden state below the trained top layers
+            x = run_whisper_top(self.audio_tower, x, lengths, first)
+        return self.adapter(x, lengths)
 
     def embed_inputs(
         self,

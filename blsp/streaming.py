@@ -43,7 +43,7 @@ from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
 from .training import (BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, behavior_item, choose_task,
-                       mix_shares, sample_order, speech_prompts, truncate_log)
+                       mix_shares, sample_order, speech_prompts, truncate_log, unfreeze_encoder)
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -95,6 +95,7 @@ class StreamingTrainer(Trainer):
                  info: DistInfo | None = None, skip_bad: bool = False):
         check_streaming_options(options)
         self.model, self.options = model, options
+        unfreeze_encoder(model, options)
         self.output_dir = Path(output_dir)
         self.info = info or DistInfo()
         self.skip_bad = skip_bad
@@ -123,6 +124,9 @@ class StreamingTrainer(Trainer):
             raise BlspError(f"{self.index.root}: {len(self.index.shards)} shard(s) for {self.info.world_size} ranks; "
                             "each rank needs at least one (re-shard with a smaller --shard-size)")
         fp = self.index.encoder_fingerprint
+        if fp is not None and self.model.config.encoder_trainable_layers:
+            raise BlspError(f"{self.index.root}: these shards hold the whole encoder's features, but "
+                            "--unfreeze-encoder-layers trains its top layers: write the shards without features")
         if fp is not None and fp != self.model.config.encoder_fingerprint:
             raise BlspError(f"{self.index.root}: the shards hold features of encoder {fp}, but --encoder "
                             f"{self.options.encoder} is {self.model.config.encoder_fingerprint}")

@@ -41,7 +41,7 @@ from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
 from .losses import ForwardKLLoss
-from .lora import LoraSettings, is_lora_name, lora_parameters, parse_modules
+from .lora import LoraSettings, lora_parameters, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
 from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_warm_start, transcript_tokens
 
@@ -95,6 +95,9 @@ class TrainOptions:
     lora_where: str = "speech"  # speech: at speech positions only (text prompts unchanged); all: everywhere
     lora_modules: str = "attention"  # projections: attention, mlp, all, or names (q_proj,v_proj)
     lora_lr: float | None = None  # LoRA's own peak learning rate; None: the adapter's (lr)
+    # The encoder's top N layers train too; features are then cached below them and the N layers
+    # run in every step (the warm start's included).
+    unfreeze_encoder_layers: int = 0
     # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
     fsdp: bool = False
     shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
@@ -256,11 +259,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def module_digest(module: torch.nn.Module) -> str:
-    """Exact digest of every weight byte: proves a frozen part did not change."""
+def module_digest(module: torch.nn.Module, trained: frozenset[str] = frozenset()) -> str:
+    """Exact digest of every weight byte but the `trained` ones (LoRA's, the encoder's top layers):
+    proves a frozen part did not change."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        if is_lora_name(name):  # LoRA's weights are trained; the LLM's own are what must not move
+        if name in trained:
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -277,7 +281,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.info = info or DistInfo()
         self.device = next(model.adapter.parameters()).device
-        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.encoder_fingerprint)
+        unfreeze_encoder(model, options)
+        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key)
         self.skipped = self.prepare_features(utterances, skip_bad)
         self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options)
         if not self.items:
@@ -472,16 +477,24 @@ class Trainer:
             atomic_write_json(self.output_dir / "warm_start_log.json", log)
 
     # -- frozen parts --------------------------------------------------------------------------
+    def trained_names(self, part: torch.nn.Module) -> frozenset[str]:
+        """The names of a backbone's parameters that train (LoRA's, the encoder's top layers)."""
+        trained = {id(p) for p in self.model.trainable_parameters()}
+        return frozenset(n for n, p in part.named_parameters() if id(p) in trained)
+
     def frozen_digests(self) -> dict[str, str]:
-        digest = digest_across_ranks if is_sharded(self.model) else module_digest
-        return {"audio_tower": digest(self.model.audio_tower), "language_model": digest(self.model.language_model)}
+        if is_sharded(self.model):  # nothing of a sharded LLM trains (LoRA is refused with --fsdp)
+            return {name: digest_across_ranks(getattr(self.model, name)) for name in ("audio_tower", "language_model")}
+        return {name: module_digest(part, self.trained_names(part))
+                for name, part in (("audio_tower", self.model.audio_tower), ("language_model", self.model.language_model))}
 
     def check_frozen(self, before: dict[str, str]) -> None:
         for name, digest in self.frozen_digests().items():
             part = getattr(self.model, name)
             if digest != before[name]:
                 raise RuntimeError(f"the frozen {name} changed during training")
-            frozen = (p for n, p in part.named_parameters() if not is_lora_name(n))
+            trained = self.trained_names(part)
+            frozen = (p for n, p in part.named_parameters() if n not in trained)
             if any(p.requires_grad or p.grad is not None for p in frozen):
                 raise RuntimeError(f"a gradient reached the frozen {name}")
 
@@ -584,6 +597,10 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
+    if options.unfreeze_encoder_layers < 0:
+        raise BlspError(f"--unfreeze-encoder-layers {options.unfreeze_encoder_layers}: 0 or more")
+    if options.unfreeze_encoder_layers and options.fsdp:
+        raise BlspError("--unfreeze-encoder-layers with --fsdp is not supported: the sharded model must stay frozen")
     if options.lora_lr is not None and (not options.lora_rank or options.lora_lr <= 0):
         raise BlspError(f"--lora-lr {options.lora_lr}: needs --lora-rank R (R > 0) and a rate above 0")
     if options.lora_rank:
@@ -593,6 +610,16 @@ def check_options(options: TrainOptions) -> None:
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)")
+
+
+def unfreeze_encoder(model: BlspModel, options: TrainOptions) -> None:
+    """--unfreeze-encoder-layers N, before any feature is cached (they are cached below those layers)."""
+    if options.unfreeze_encoder_layers == model.config.encoder_trainable_layers:
+        return
+    if model.config.encoder_trainable_layers:
+        raise CheckpointError(f"the model trains {model.config.encoder_trainable_layers} encoder layer(s); "
+                              f"--unfreeze-encoder-layers {options.unfreeze_encoder_layers} asks otherwise")
+    model.unfreeze_encoder_layers(options.unfreeze_encoder_layers)
 
 
 def parameter_groups(model: BlspModel, options: TrainOptions) -> list[dict]:

@@ -154,7 +154,7 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     if too_short and show_progress:
         print(f"warm start: {too_short} of {len(utterances)} clips have fewer speech vectors than CTC needs "
               "for their transcript; they add nothing to it", file=sys.stderr)
-    params = list(model.adapter.parameters()) + list(head.parameters())
+    params = list(model.adapter.parameters()) + list(head.parameters()) + model.trainable_encoder_parameters()
     pull = options.method == "embed"
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     warmup = max(1, options.steps // 10)

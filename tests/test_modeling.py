@@ -334,3 +334,32 @@ def test_llm_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(tiny
     for g, ref in zip(grads_ckpt, grads):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_an_encoder_split_below_its_trained_top_layer_gives_the_whole_encoders_speech_vectors(tiny_dirs, tmp_path):
+    whole = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], seed=0)
+    split = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], seed=0)
+    split.unfreeze_encoder_layers(1)  # the tiny encoder has 2 layers: the top one trains
+    assert split.config.feature_key == f"{whole.config.encoder_fingerprint}-below-layer1"
+    torch.manual_seed(0)
+    mel, lengths = torch.randn(2, 80, 200), torch.tensor([200, 150])
+    below, n = split.encode_mel(mel, lengths)  # what the cache holds: the frozen layer's output
+    final, _ = whole.encode_mel(mel, lengths)
+    assert not torch.allclose(below, final)
+    speech, _ = split.speech_embeddings(below, n)
+    torch.testing.assert_close(speech, whole.speech_embeddings(final, n)[0])
+
+    speech.pow(2).mean().backward()
+    top, bottom = split.audio_tower.layers[1], split.audio_tower.layers[0]
+    assert all(p.grad is not None for p in [*top.parameters(), *split.audio_tower.layer_norm.parameters()])
+    assert all(p.grad is None and not p.requires_grad for p in bottom.parameters())
+    assert {id(p) for p in split.trainable_encoder_parameters()} <= {id(p) for p in split.trainable_parameters()}
+
+    with torch.no_grad():
+        top.fc1.weight.add_(0.05 * torch.randn_like(top.fc1.weight))
+    split.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")  # the encoder's fingerprint: its frozen weights'
+    assert loaded.config.encoder_trainable_layers == 1
+    torch.testing.assert_close(loaded.audio_tower.layers[1].fc1.weight, top.fc1.weight)
+    torch.testing.assert_close(loaded.speech_embeddings(*loaded.encode_mel(mel, lengths))[0],
+                               split.speech_embeddings(below, n)[0])

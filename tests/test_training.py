@@ -320,3 +320,21 @@ def test_mix_trains_shares_on_step_1s_other_answers_and_names_a_line_without_one
     with pytest.raises(InputError, match="no step-1 answer for task 'summarize'") as err:
         build_items(proc, utts, options(tiny_dirs, tmp_path, mix="summarize=1"))
     assert f"{data}:2:" in str(err.value)
+
+
+def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(tiny_dirs, tmp_path):
+    from blsp.errors import BlspError
+    from blsp.modeling import BlspModel
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    out = tmp_path / "run"
+    run_train([data], out, options(tiny_dirs, tmp_path, max_steps=3, lr=1e-2, unfreeze_encoder_layers=1))
+    weights = load_file(str(out / "adapter.safetensors"))
+    trained = {k: v for k, v in weights.items() if k.startswith("audio_tower.")}
+    assert trained and all(k.startswith(("audio_tower.layers.1.", "audio_tower.layer_norm.")) for k in trained)
+    base = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"]).audio_tower.state_dict()
+    assert any(not torch.equal(v, base[k[len("audio_tower."):]]) for k, v in trained.items())  # they moved
+    cached = [p.name for p in (tmp_path / "features").iterdir()]
+    assert len(cached) == 1 and cached[0].endswith("-below-layer1")
+    with pytest.raises(BlspError, match="--fsdp"):
+        options(tiny_dirs, tmp_path, unfreeze_encoder_layers=1, fsdp=True)
