@@ -29,7 +29,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
         top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=not args.no_normalize,
         batch_size=args.batch_size, seed=args.seed,
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
-        backend=args.backend,
+        backend=args.backend, save_topk=args.save_topk,
     )
     summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad)
     report_skipped(summary.skipped_bad)
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="longer prompts are dropped")
     p.add_argument("--no-normalize", action="store_true", help="feed transcripts as written")
+    p.add_argument("--save-topk", type=int, default=0, metavar="K",
+                   help="also save the LLM's top-K log-probabilities at each continuation token, so `blsp train "
+                        "--loss kl|ce+kl` distils from them without running the teacher (K of 10-50)")
     p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
                    help="hf: transformers (batched greedy with early exit); vllm: vLLM (pip install vllm; a CUDA "
                         "GPU, one process); auto (default): vLLM when installed beside a GPU, else hf")

@@ -6,6 +6,8 @@ LLM, and a `fingerprint` of everything that shaped the continuation: a changed L
 decoding setting never silently reuses stale data. With an instruction set (`--instruction-set`:
 summarise, answer, translate...) each line also holds `responses`: {task: {instruction, text,
 truncated}}, the LLM's answer to each instruction about the transcript, for step 2's `--mix`.
+With `--save-topk K`, `teacher_topk` holds the LLM's top-K next-token log-probabilities at each
+token of the continuation as step 2 tokenises it (the KD teacher, so step 2 skips its forward).
 
 Crash safety: lines are appended and fsynced one batch at a time; a re-run skips ids already
 written. Under torchrun each rank writes its own part file, merged by rank 0 at the end.
@@ -49,12 +51,19 @@ class ContinueOptions:
     seed: int = 0
     instruction_set: tuple[tuple[str, str], ...] = ()  # (task name, instruction): more answers per transcript
     backend: str = "auto"  # hf (transformers), vllm, or auto: vLLM when installed with a CUDA GPU
+    save_topk: int = 0  # K > 0: also save the LLM's top-K log-probs at each continuation token (step 2's KD teacher)
+
+    def __post_init__(self) -> None:
+        if self.save_topk < 0:
+            raise BlspError(f"--save-topk {self.save_topk}: 0 (off) or a number of tokens per position")
 
     def decoding(self) -> dict:
         """The settings that change the output (batch size does not under greedy decoding)."""
         keys = ["instruction", "system_prompt", "max_new_tokens", "do_sample", "max_prompt_tokens", "normalize"]
         if self.instruction_set:
             keys.append("instruction_set")
+        if self.save_topk:
+            keys.append("save_topk")
         if self.do_sample:
             keys += ["temperature", "top_p", "seed"]
         return {k: getattr(self, k) for k in keys}
@@ -166,14 +175,14 @@ def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
-# What one transcript's generations give: (continuation, truncated) and, per task of the
-# instruction set, (answer, truncated).
-Answers = tuple[tuple[str, bool], dict[str, tuple[str, bool]]]
+# What one transcript's generations give: (continuation, truncated), per task of the instruction
+# set (answer, truncated), and the teacher's top-k (or None).
+Answers = tuple[tuple[str, bool], dict[str, tuple[str, bool]], dict | None]
 
 
 def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: Answers, fingerprint: str,
                   instructions: dict[str, str]) -> dict:
-    (continuation, truncated), responses = answers
+    (continuation, truncated), responses, topk = answers
     record = {
         **utt.extra,
         "id": utt.id,
@@ -187,13 +196,20 @@ def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: An
     if responses:
         record["responses"] = {task: {"instruction": instructions[task], "text": text, "truncated": cut}
                                for task, (text, cut) in responses.items()}
+    if topk is not None:
+        record["teacher_topk"] = topk
     return record
 
 
 def record_answers(record: dict) -> Answers:
     """The generations a written record holds (for reuse by other voices of its transcript)."""
     responses = {task: (r["text"], r["truncated"]) for task, r in record.get("responses", {}).items()}
-    return (record["continuation"], record["truncated"]), responses
+    return (record["continuation"], record["truncated"]), responses, record.get("teacher_topk")
+
+
+def prompt_digest(prompt_ids: Sequence[int]) -> str:
+    """Names the exact prompt a saved teacher read (step 2 checks its own teacher prompt against it)."""
+    return hashlib.sha256(json.dumps(list(prompt_ids)).encode()).hexdigest()[:16]
 
 
 class Continuer:
@@ -211,11 +227,39 @@ class Continuer:
         return pieces_to_ids(self.prompt.render(message))
 
     def answer_jobs(self, jobs: Sequence["Job"]) -> list[Answers]:
-        """Each job's continuation, then its answer to every instruction of the set (one batch each)."""
+        """Each job's continuation, its answer to every instruction of the set (one batch each),
+        and with `save_topk` the teacher's top-k over the continuation."""
         main = self.continue_batch([job.prompt_ids for job in jobs])
         per_task = {task: self.continue_batch([self.prompt_ids(job.transcript, instruction) for job in jobs])
                     for task, instruction in self.options.instruction_set}
-        return [(main[i], {task: answers[i] for task, answers in per_task.items()}) for i in range(len(jobs))]
+        topk: list[dict | None] = [None] * len(jobs)
+        if self.options.save_topk:
+            targets = [self.prompt.target_ids(text, truncated) for text, truncated in main]
+            topk = self.teacher_topk([job.prompt_ids for job in jobs], targets, self.options.save_topk)
+        return [(main[i], {task: answers[i] for task, answers in per_task.items()}, topk[i]) for i in range(len(jobs))]
+
+    @torch.no_grad()
+    def teacher_topk(self, prompts: Sequence[list[int]], targets: Sequence[list[int]], k: int,
+                     rows_at_once: int = 4) -> list[dict]:
+        """The LLM's top-k next-token log-probabilities at each target token, reading prompt +
+        target: what step 2's KD teacher computes, saved so it need not. A few rows at a time, so
+        the [rows, length, vocabulary] logits stay small."""
+        out = []
+        for start in range(0, len(prompts), rows_at_once):
+            chunk = list(zip(prompts[start : start + rows_at_once], targets[start : start + rows_at_once]))
+            width = max(len(p) + len(t) for p, t in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, (p, t) in enumerate(chunk):  # right padding: positions count from 0 in every row
+                ids[row, : len(p) + len(t)] = torch.tensor(p + t)
+                mask[row, : len(p) + len(t)] = 1
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+            for row, (p, t) in enumerate(chunk):
+                scored = torch.log_softmax(logits[row, len(p) - 1 : len(p) + len(t) - 1].float(), dim=-1)
+                values, indices = scored.topk(min(k, scored.shape[-1]), dim=-1)
+                out.append({"k": k, "prompt": prompt_digest(p), "target_ids": list(t), "ids": indices.tolist(),
+                            "logprobs": [[round(v, 4) for v in row_values] for row_values in values.tolist()]})
+        return out
 
     @torch.no_grad()
     def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
@@ -318,6 +362,8 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, skip_bad=skip_bad)
     backend = "hf" if model_and_tokenizer is not None else choose_backend(options.backend, info.enabled)
+    if backend == "vllm" and options.save_topk:
+        raise BlspError("--save-topk runs the LLM as the KD teacher over each continuation: use --backend hf")
     if backend == "vllm":
         continuer, fingerprint = vllm_continuer(options)
     else:

@@ -33,6 +33,36 @@ class ForwardKLLoss(nn.Module):
         return total * t * t
 
 
+class TopKKLLoss(nn.Module):
+    """`ForwardKLLoss` against a teacher known only by its top-k tokens per position (saved by
+    `blsp continue --save-topk K`, so step 2 skips the teacher's forward pass).
+
+    The teacher's k log-probabilities are renormalised over its k tokens (at temperature T); the
+    student's full-vocabulary log-probabilities are read at those tokens. With k = the whole
+    vocabulary this is exactly ForwardKLLoss; with k of 10-50 the teacher's tail (a few percent
+    of its mass) is left out, as in top-k distillation of LLMs.
+    """
+
+    def __init__(self, temperature: float = 1.0, chunk: int = 256):
+        super().__init__()
+        self.temperature, self.chunk = temperature, chunk
+
+    def forward(self, student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                teacher_logprobs: torch.Tensor) -> torch.Tensor:
+        if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != student_logits.shape[0]:
+            raise ValueError(f"student {tuple(student_logits.shape)}, teacher ids {tuple(teacher_ids.shape)} and "
+                             f"log-probs {tuple(teacher_logprobs.shape)} do not line up")
+        t = self.temperature
+        teacher = F.log_softmax(teacher_logprobs.float() / t, dim=-1)  # renormalised over its top k
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, student_logits.shape[0], self.chunk):
+            end = start + self.chunk
+            student = F.log_softmax(student_logits[start:end].float() / t, dim=-1).gather(-1, teacher_ids[start:end])
+            p = teacher[start:end]
+            total = total + (p.exp() * (p - student)).sum()
+        return total * t * t
+
+
 class EmbeddingCTCHead(nn.Module):
     """Reads the adapter's output as tokens through the LLM's own frozen input embeddings.
 

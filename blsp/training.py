@@ -40,7 +40,7 @@ from .modeling import ADAPTER_WEIGHTS, SPEECH_VECTORS, BlspModel, shared_prefix
 from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
-from .losses import ForwardKLLoss
+from .losses import ForwardKLLoss, TopKKLLoss
 from .lora import LoraSettings, lora_parameters, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
 from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_warm_start, transcript_tokens
@@ -146,6 +146,7 @@ class BehaviorItem:
     prompt: list
     teacher_prompt: list
     target: list[int]
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None  # step 1's saved (ids, log-probs) [n, K]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class Trainer:
         if options.lora_rank and model.lora_gate is None:
             model.enable_lora(lora_settings(options))
         self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
+        self.topk_kl = TopKKLLoss(options.kl_temperature)
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.lr,
                                            weight_decay=options.weight_decay)
@@ -360,12 +362,7 @@ class Trainer:
         loss = out.loss_sum if "ce" in self.options.loss.split("+") else out.loss_sum * 0
         parts = {"loss": float(out.loss_sum.detach())}
         if self.kl is not None:
-            teacher = {k: v.to(self.device) for k, v in
-                       proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
-            with torch.no_grad(), self.autocast, self.model.lora_off():  # the frozen LLM reads the transcript
-                teacher_logits = self.model(**teacher, return_target_logits=True,
-                                            shared_prefix=self.shared_prefix(teacher)).target_logits
-            kl = self.kl(out.target_logits, teacher_logits)
+            kl = self.distillation(items, out.target_logits)
             loss = loss + self.options.kl_weight * kl
             parts["kl"] = float(kl.detach())
         head = self.model.ctc_head
@@ -376,6 +373,21 @@ class Trainer:
             loss = loss + self.options.ctc_weight * ctc
             parts["ctc"] = float(ctc.detach())
         return loss, parts
+
+    def distillation(self, items: list[BehaviorItem], student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) over the items' target tokens: from the top-k step 1 saved when
+        every item has it (no teacher forward), else the frozen LLM reading the transcript now."""
+        if all(it.teacher_topk is not None for it in items):
+            ids = torch.cat([it.teacher_topk[0] for it in items]).to(self.device)
+            logprobs = torch.cat([it.teacher_topk[1] for it in items]).to(self.device)
+            return self.topk_kl(student_logits, ids, logprobs)
+        proc = self.model.processor
+        teacher = {k: v.to(self.device) for k, v in
+                   proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
+        with torch.no_grad(), self.autocast, self.model.lora_off():  # the frozen LLM reads the transcript
+            teacher_logits = self.model(**teacher, return_target_logits=True,
+                                        shared_prefix=self.shared_prefix(teacher)).target_logits
+        return self.kl(student_logits, teacher_logits)
 
     def shared_prefix(self, batch: dict) -> list[int]:
         # Under FSDP every LLM forward all-gathers on all ranks together; the prefix cache runs
@@ -676,7 +688,37 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
         target = target[: options.max_target_tokens]
     if instruction not in prompts:
         prompts[instruction] = proc.speech_prompt(instruction)
-    return BehaviorItem(utt, prompts[instruction], proc.transcript_prompt(instruction, transcript), target)
+    teacher_prompt = proc.transcript_prompt(instruction, transcript)
+    saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.loss else None
+    topk = saved_topk(utt, saved, teacher_prompt, target) if saved is not None else None
+    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk)
+
+
+def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1's saved teacher (`--save-topk`) as (ids, log-probs) [n, K] for the target's tokens,
+    checked to be the teacher step 2 would run: the same prompt and the same target tokens."""
+    from .continuation import prompt_digest
+    from .prompts import pieces_to_ids
+
+    def bad(why: str) -> InputError:
+        return InputError(f"teacher_topk: {why}", utt.source, utt.line)
+
+    if not isinstance(saved, dict) or not all(k in saved for k in ("prompt", "target_ids", "ids", "logprobs")):
+        raise bad("expected {prompt, target_ids, ids, logprobs} as written by `blsp continue --save-topk K`")
+    if saved["prompt"] != prompt_digest(pieces_to_ids(teacher_prompt)):
+        raise bad("saved for another prompt than step 2's teacher reads (another system prompt, instruction or "
+                  "LLM?): run step 1 with step 2's settings, or train with --loss ce")
+    n = len(target)
+    if list(saved["target_ids"][:n]) != list(target) or len(saved["ids"]) < n:
+        raise bad("saved for other continuation tokens than step 2 trains on (another tokenizer?)")
+    try:
+        ids = torch.tensor(saved["ids"][:n], dtype=torch.long)
+        logprobs = torch.tensor(saved["logprobs"][:n], dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise bad(f"ids and logprobs must be equal-length lists of numbers per token ({err})") from None
+    if ids.shape != logprobs.shape or ids.dim() != 2:
+        raise bad(f"ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be [tokens, K]")
+    return ids, logprobs
 
 
 def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> list[BehaviorItem]:

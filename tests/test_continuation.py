@@ -244,3 +244,27 @@ def test_the_vllm_backend_is_refused_clearly_where_it_cannot_run(monkeypatch):
     assert choose_backend("auto") == "vllm" and choose_backend("auto", distributed=True) == "hf"
     with pytest.raises(BlspError, match="without torchrun"):
         choose_backend("vllm", distributed=True)
+
+
+def test_save_topk_writes_the_teachers_top_k_at_each_continuation_token(tmp_path, llm):
+    import torch
+
+    from blsp.continuation import prompt_digest
+
+    model, _ = llm
+    manifest = write_corpus(tmp_path / "data", n=3)
+    opts = ContinueOptions(max_new_tokens=6, batch_size=2, save_topk=5)
+    run_continue(manifest, tmp_path / "b.jsonl", opts, model_and_tokenizer=llm)
+    continuer = Continuer(*llm, opts)
+    for rec in lines(tmp_path / "b.jsonl"):
+        saved = rec["teacher_topk"]
+        prompt = continuer.prompt_ids(rec["prompt_transcript"])
+        target = continuer.prompt.target_ids(rec["continuation"], rec["truncated"])
+        assert saved["prompt"] == prompt_digest(prompt) and saved["target_ids"] == target and saved["k"] == 5
+        with torch.no_grad():  # one row alone, no padding: the teacher's own distribution
+            logits = model(input_ids=torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(5, dim=-1)
+        assert saved["ids"] == ids.tolist()
+        torch.testing.assert_close(torch.tensor(saved["logprobs"]), values, atol=2e-4, rtol=0)
+    with pytest.raises(BlspError, match="--save-topk"):
+        ContinueOptions(save_topk=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blsp.losses import EmbeddingCTCHead, ForwardKLLoss
+from blsp.losses import EmbeddingCTCHead, ForwardKLLoss, TopKKLLoss
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -60,3 +60,15 @@ def test_ctc_head_scores_speech_that_sits_on_the_word_embeddings_best():
 def test_ctc_head_targets_skip_tokens_outside_its_vocabulary():
     head = EmbeddingCTCHead(torch.randn(30, 4), vocab=[3, 7, 9])
     assert head.targets([7, 5, 9]) == [2, 3]  # 5 is not in the head's vocabulary
+
+
+def test_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_the_renormalised_one_below():
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    for t in (1.0, 2.0):
+        logprobs, ids = F.log_softmax(teacher, dim=-1).topk(10, dim=-1)  # every token: exactly the KL
+        torch.testing.assert_close(TopKKLLoss(t, chunk=4)(student, ids, logprobs), ForwardKLLoss(t)(student, teacher))
+    logprobs, ids = F.log_softmax(teacher, dim=-1).topk(3, dim=-1)
+    p = logprobs.softmax(-1)  # the teacher renormalised over its top 3; the student read at those tokens
+    q = F.log_softmax(student, dim=-1).gather(-1, ids)
+    torch.testing.assert_close(TopKKLLoss()(student, ids, logprobs), (p * (p.log() - q)).sum())

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste, read_behavior_data,
-                           run_train)
+from blsp.training import (BehaviorItem, TrainOptions, Trainer, build_items, global_batch_indices, micro_batches,
+                           padding_waste, read_behavior_data, run_train)
 from blsp.distributed import DistInfo
 
 from conftest import write_corpus
@@ -338,3 +338,34 @@ def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(t
     assert len(cached) == 1 and cached[0].endswith("-below-layer1")
     with pytest.raises(BlspError, match="--fsdp"):
         options(tiny_dirs, tmp_path, unfreeze_encoder_layers=1, fsdp=True)
+
+
+def test_kl_from_step_1s_saved_top_k_equals_running_the_teacher(tiny_dirs, tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blsp.continuation import ContinueOptions, run_continue
+    from blsp.errors import InputError
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_dirs["llm"]).eval(), AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+    vocab = llm[0].config.vocab_size  # K = the whole vocabulary: the saved teacher is the teacher, to rounding
+    data = write_corpus(tmp_path / "data", n=3)
+    behavior = tmp_path / "b.jsonl"
+    run_continue(data, behavior, ContinueOptions(max_new_tokens=5, save_topk=vocab), model_and_tokenizer=llm)
+    utts, _ = read_behavior_data([behavior])
+    opts = options(tiny_dirs, tmp_path, loss="kl", max_target_tokens=4)
+    trainer = Trainer(tiny_model, utts, opts, tmp_path / "run")
+    assert all(it.teacher_topk is not None and it.teacher_topk[0].shape[0] == len(it.target) for it in trainer.items)
+    batch = tiny_model.processor.collate([trainer.example(it) for it in trainer.items])
+    with torch.no_grad():
+        student = tiny_model(**batch, return_target_logits=True).target_logits
+    saved = trainer.distillation(trainer.items, student)
+    fresh = [BehaviorItem(it.utterance, it.prompt, it.teacher_prompt, it.target) for it in trainer.items]
+    torch.testing.assert_close(saved, trainer.distillation(fresh, student), atol=1e-3, rtol=1e-3)
+
+    records = [json.loads(l) for l in behavior.read_text().splitlines()]
+    records[1]["teacher_topk"]["prompt"] = "0" * 16  # step 1 ran with another system prompt, say
+    behavior.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([behavior])
+    with pytest.raises(InputError, match="another prompt") as err:
+        build_items(tiny_model.processor, utts, opts)
+    assert f"{behavior}:2:" in str(err.value)
