@@ -219,9 +219,9 @@ def waste_report(trainer: Trainer, speech_frames: list[int]) -> dict:
     t, n = trainer, len(trainer.items)
     steps = max(1, n // t.global_batch)
     out = {}
-    for name, lengths in (("bucketed", t.lengths), ("random", None)):
+    for name, lengths, frames in (("bucketed", t.lengths, t.frames), ("random", None, None)):
         mbs = [mb for s in range(steps)
-               for mb in micro_batches(global_batch_indices(s, n, t.global_batch, t.options.seed, lengths),
+               for mb in micro_batches(global_batch_indices(s, n, t.global_batch, t.options.seed, lengths, frames),
                                        t.options.batch_size, DistInfo())]
         out[name] = {"llm_positions_pct": round(100 * padding_waste(mbs, t.lengths), 1),
                      "speech_frames_pct": round(100 * padding_waste(mbs, speech_frames), 1)}
@@ -235,11 +235,11 @@ def skewed_waste(batch_size: int, prompt: int, seed: int, n: int = 4096) -> dict
     target of 20-60 tokens."""
     rng = np.random.default_rng(seed)
     seconds = np.clip(rng.lognormal(np.log(8), 0.6, n), 1, 35)
-    frames = [int(s * 50) for s in seconds]
+    frames = tuple(int(s * 50) for s in seconds)
     positions = tuple(prompt + f // 8 + int(rng.integers(20, 61)) for f in frames)
     out = {}
-    for name, lengths in (("bucketed", positions), ("random", None)):
-        mbs = [global_batch_indices(s, n, batch_size, seed, lengths) for s in range(n // batch_size)]
+    for name, lengths, by_frames in (("bucketed", positions, frames), ("random", None, None)):
+        mbs = [global_batch_indices(s, n, batch_size, seed, lengths, by_frames) for s in range(n // batch_size)]
         out[name] = {"llm_positions_pct": round(100 * padding_waste(mbs, positions), 1),
                      "speech_frames_pct": round(100 * padding_waste(mbs, frames), 1)}
     return out

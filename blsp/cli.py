@@ -133,8 +133,8 @@ def option_flags(options: dict) -> list[str]:
 
     from .training import TrainOptions
 
-    # Switches that are on by default have a --no-X flag (argparse.BooleanOptionalAction).
-    on_by_default = {f.name for f in fields(TrainOptions) if f.default is True}
+    # Switches that are on (or unset) by default have a --no-X flag (argparse.BooleanOptionalAction).
+    on_by_default = {f.name for f in fields(TrainOptions) if "bool" in str(f.type) and f.default is not False}
     out = []
     for key, value in options.items():
         flag = f"--{key.replace('_', '-')}"
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch sequences of similar length together (less padding), in step 2 and in the warm "
                         "start; still deterministic from the step and seed, the same on every rank and on resume")
+    g.add_argument("--warm-start-bucket-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="the warm start's batches alone (default: as --bucket-by-length)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
     recipe_defaults(p)

@@ -354,6 +354,7 @@ def test_option_flags_turn_recipe_options_into_command_flags():
 
     # A switch that is on by default is turned off by its --no- flag, not by leaving it out.
     assert option_flags({"bucket_by_length": False, "drop_copies": False}) == ["--no-bucket-by-length"]
+    assert option_flags({"warm_start_bucket_by_length": False}) == ["--no-warm-start-bucket-by-length"]
     assert build_parser().parse_args(["train", "--data", "d", "--output-dir", "o",
                                       *option_flags({"bucket_by_length": False})]).bucket_by_length is False
 

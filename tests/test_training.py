@@ -57,6 +57,20 @@ def test_length_buckets_are_deterministic_cover_each_epoch_once_and_cut_padding(
     assert waste["plain"] > 0.3 and waste["bucketed"] < waste["plain"] / 3, waste
 
 
+def test_bucketing_by_speech_frames_too_cuts_their_padding_and_keeps_the_llms_low():
+    """Sequences whose length is mostly the continuation's: speech frames vary independently."""
+    n, g = 960, 8
+    gen = torch.Generator().manual_seed(4)
+    frames = tuple(int(f) for f in torch.randint(100, 300, (n,), generator=gen))
+    lengths = tuple(60 + f // 8 + int(t) for f, t in zip(frames, torch.randint(5, 60, (n,), generator=gen)))
+    steps = n // g
+    by_length = [global_batch_indices(s, n, g, seed=0, lengths=lengths) for s in range(steps)]
+    by_both = [global_batch_indices(s, n, g, seed=0, lengths=lengths, frames=frames) for s in range(steps)]
+    assert sorted(i for b in by_both for i in b) == list(range(n))  # still each item once an epoch
+    assert padding_waste(by_both, frames) < 0.10 < padding_waste(by_length, frames)
+    assert padding_waste(by_both, lengths) < 0.05
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_dirs, tmp_path):
     data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
     run_train([data], tmp_path / "plain", options(tiny_dirs, tmp_path, max_steps=2))
