@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warm-start-data", nargs="+", default=(), metavar="MANIFEST",
                    help="more utterances (audio + transcript; no step 1 needed) for the warm start only")
     g.add_argument("--embed-weight", type=float, default=1.0, help="weight of the pull of --warm-start embed")
+    g.add_argument("--warm-start-time-masks", type=int, default=0, metavar="N",
+                   help="SpecAugment in the warm start: N time spans of up to 0.2 s zeroed in each clip's features")
+    g.add_argument("--warm-start-feature-masks", type=int, default=0, metavar="N",
+                   help="SpecAugment in the warm start: N bands of up to 1/16 of the feature channels zeroed")
     g.add_argument("--compress-speech", default="none", choices=["none", "ctc"],
                    help="ctc: the LLM reads one speech vector per token the CTC head hears (blank frames "
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")

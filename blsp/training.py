@@ -104,6 +104,8 @@ class TrainOptions:
     # Speed and memory (benchmarks/train_step.py measures both).
     bucket_by_length: bool = True  # each global batch holds sequences of similar length: less padding
     warm_start_bucket_by_length: bool | None = None  # the warm start's batches; None: as bucket_by_length
+    warm_start_time_masks: int = 0  # SpecAugment on the warm start's features (blsp.warmstart.spec_augment)
+    warm_start_feature_masks: int = 0
     gradient_checkpointing: bool = False  # recompute the frozen LLM's layers in backward: less memory
 
     # Settings that may change between a run and its resumption.
@@ -497,9 +499,11 @@ class Trainer:
     def warm_start(self) -> None:
         """The CTC warm start on cached features (see blsp.warmstart); its log beside the run's."""
         o = self.options
-        options = WarmStartOptions(o.warm_start, o.warm_start_steps, o.warm_start_lr, o.warm_start_batch_size, o.seed,
-                                   o.embed_weight,
-                                   o.bucket_by_length if o.warm_start_bucket_by_length is None else o.warm_start_bucket_by_length)
+        bucket = o.bucket_by_length if o.warm_start_bucket_by_length is None else o.warm_start_bucket_by_length
+        options = WarmStartOptions(method=o.warm_start, steps=o.warm_start_steps, lr=o.warm_start_lr,
+                                   batch_size=o.warm_start_batch_size, seed=o.seed, embed_weight=o.embed_weight,
+                                   bucket_by_length=bucket, time_masks=o.warm_start_time_masks,
+                                   feature_masks=o.warm_start_feature_masks)
         utterances = [it.utterance for it in self.items] + self.warm_start_extra
         log = ctc_warm_start(self.model, utterances, self.cache, options,
                              show_progress=self.info.is_main)
@@ -627,6 +631,8 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
+    if options.warm_start_time_masks < 0 or options.warm_start_feature_masks < 0:
+        raise BlspError("--warm-start-time-masks / --warm-start-feature-masks: 0 (off) or more masks per clip")
     if options.unfreeze_encoder_layers < 0:
         raise BlspError(f"--unfreeze-encoder-layers {options.unfreeze_encoder_layers}: 0 or more")
     if options.unfreeze_encoder_layers and options.fsdp:

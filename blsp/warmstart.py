@@ -42,6 +42,12 @@ class WarmStartOptions:
     # Batches of clips of similar length: random batches of the demo's clips are half padding
     # (49.6% of the frames the adapter runs over), bucketed ones 6%.
     bucket_by_length: bool = True
+    # SpecAugment on the cached features (Park et al., 2019): per clip, `time_masks` spans of up
+    # to 10 frames (0.2 s) and `feature_masks` bands of up to 1/16 of the channels set to zero.
+    # Why: the warm start memorises its few thousand clips (CTC loss 0.03 after 9 epochs, 54% WER
+    # on held-out sentences); masking is the classic cure for small-data CTC. 0: off.
+    time_masks: int = 0
+    feature_masks: int = 0
 
 
 def transcript_tokens(tokenizer, utt: Utterance) -> list[int]:
@@ -130,6 +136,29 @@ def embedding_pull(x: torch.Tensor, head: EmbeddingCTCHead, paths: list[list[int
     return (x[rows, cols] - target).pow(2).sum(-1).mean() / scale
 
 
+MASK_FRAMES = 10  # longest time mask (encoder frames, 50 a second)
+MASK_CHANNELS_SHARE = 1 / 16  # widest feature mask, as a share of the channels
+
+
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, time_masks: int, feature_masks: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """`feats` [B, T, C] with random time spans and channel bands zeroed in each clip's own frames
+    (a copy; seeded by `generator`, so the warm start stays a function of its seed and step)."""
+    out = feats.clone()
+    n_channels = feats.shape[-1]
+    widest = max(1, int(n_channels * MASK_CHANNELS_SHARE))
+    for b, n in enumerate(lengths.tolist()):
+        for _ in range(time_masks):
+            width = int(torch.randint(0, MASK_FRAMES + 1, (), generator=generator))
+            start = int(torch.randint(0, max(1, n - width), (), generator=generator))
+            out[b, start : start + width] = 0
+        for _ in range(feature_masks):
+            width = int(torch.randint(0, widest + 1, (), generator=generator))
+            start = int(torch.randint(0, n_channels - width + 1, (), generator=generator))
+            out[b, :, start : start + width] = 0
+    return out
+
+
 def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, options: WarmStartOptions,
                    show_progress: bool = True) -> list[dict]:
     """Train the adapter (and a CTC head) for `options.steps`; returns the step log.
@@ -166,6 +195,9 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     for step in bar:
         idx = global_batch_indices(step, len(utterances), options.batch_size, options.seed, bucket_lengths)
         feats, lengths = pad_features([cache.load(utterances[i].audio) for i in idx])
+        if options.time_masks or options.feature_masks:
+            masks = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+            feats = spec_augment(feats, lengths, options.time_masks, options.feature_masks, masks)
         x, out_lengths = model.speech_embeddings(feats.to(device), lengths.to(device))
         batch_targets = [targets[i] for i in idx]
         ctc = head.loss(x, out_lengths, batch_targets)

@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"])
     p.add_argument("--test-limit", type=int, default=None, help="only the first N test clips (a quick check)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: time masks per clip")
+    p.add_argument("--feature-masks", type=int, default=0, help="SpecAugment: feature masks per clip")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -78,7 +80,8 @@ def main() -> None:
 
     start = time.perf_counter()
     log = ctc_warm_start(model, train, cache, WarmStartOptions(args.method, args.steps, args.lr, args.batch_size,
-                                                               args.seed))
+                                                               args.seed, time_masks=args.time_masks,
+                                                               feature_masks=args.feature_masks))
     seconds = time.perf_counter() - start
     hyps = ctc_transcripts(model, test, cache)
     refs = [u.extra.get("prompt_transcript") or u.text for u in test]

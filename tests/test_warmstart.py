@@ -64,3 +64,21 @@ def test_embedding_pull_is_zero_on_the_aligned_tokens_embeddings_and_ignores_bla
     x[0, 4] = emb[13] + 1.0
     expected = 8.0 / 4 / float(emb[[4, 9, 13]].pow(2).sum(-1).mean())  # one of 4 aligned frames off by 1 in 8 dims
     assert float(embedding_pull(x, head, paths)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_spec_augment_zeroes_spans_and_bands_inside_each_clip_and_is_seeded():
+    from blsp.warmstart import MASK_FRAMES, spec_augment
+
+    feats = torch.randn(2, 50, 32) + 5  # no zero before masking
+    lengths = torch.tensor([50, 30])
+    out = spec_augment(feats, lengths, 2, 0, torch.Generator().manual_seed(0))
+    again = spec_augment(feats, lengths, 2, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and not torch.equal(out, feats)  # seeded, and it masks
+    zeroed = (out == 0).all(-1)  # whole frames
+    assert zeroed.sum(1).le(2 * MASK_FRAMES).all() and not zeroed[1, 30:].any()  # within the clip's frames
+    kept = ~zeroed
+    assert torch.equal(out[kept], feats[kept])
+    bands = spec_augment(feats, lengths, 0, 3, torch.Generator().manual_seed(1))
+    channels = (bands[0] == 0).all(0)  # whole channels of clip 0
+    assert 0 < channels.sum() <= 3 * 2 and torch.equal(bands[0][:, ~channels], feats[0][:, ~channels])
+    assert torch.equal(spec_augment(feats, lengths, 0, 0, torch.Generator()), feats)
