@@ -202,9 +202,9 @@ def test_the_warm_start_batches_clips_of_similar_length_unless_told_not_to(tiny_
     seen = []
     real = blsp.training.global_batch_indices
 
-    def spy(step, n, batch, seed, lengths=None):
+    def spy(step, n, batch, seed, lengths=None, frames=None):
         seen.append(lengths)
-        return real(step, n, batch, seed, lengths)
+        return real(step, n, batch, seed, lengths, frames)
 
     monkeypatch.setattr(blsp.training, "global_batch_indices", spy)
     opts = options(tiny_dirs, tmp_path, max_steps=1, warm_start="ctc", warm_start_steps=3, warm_start_batch_size=2,
