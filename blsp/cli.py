@@ -177,14 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "LLM's answer to every one (`responses`), for `blsp train --mix TASK=SHARE`")
     p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-prompt-tokens", type=int, default=192, help="longer prompts are dropped")
+    p.add_argument("--max-prompt-tokens", type=int, default=192,
+                   help="utterances whose prompt is longer are dropped; with --instruction-set, whose prompt "
+                        "under any of its instructions is (each line answers them all)")
     p.add_argument("--no-normalize", action="store_true", help="feed transcripts as written")
     p.add_argument("--save-topk", type=int, default=0, metavar="K",
                    help="also save the LLM's top-K log-probabilities at each continuation token, so `blsp train "
                         "--loss kl|ce+kl` distils from them without running the teacher (K of 10-50)")
     p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
                    help="hf: transformers (batched greedy with early exit); vllm: vLLM (pip install vllm; a CUDA "
-                        "GPU, one process); auto (default): vLLM when installed beside a GPU, else hf")
+                        "GPU, one process); auto (default): vLLM when installed beside a GPU, else hf (hf too with "
+                        "--save-topk, or where the LLM has no local safetensors weights)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
     _add_decoding(p, 64)
     p.set_defaults(func=cmd_continue)
@@ -275,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA's peak learning rate (default: --lr, the adapter's)")
     g = p.add_argument_group(
         "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
-                 "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp` on each "
-                 "machine (README \"Scale\")")
+                 "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp "
+                 "--recipe paper` on each machine (README \"Scale\"); the fast recipe's LoRA cannot run under --fsdp, "
+                 "nor its warm start on --data DIR of shards: add --recipe paper there")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
                         "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")
@@ -338,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cpu import flush_denormals
+
+    flush_denormals()  # before torch starts its threads, so that they all inherit it
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

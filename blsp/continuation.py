@@ -7,7 +7,8 @@ decoding setting never silently reuses stale data. With an instruction set (`--i
 summarise, answer, translate...) each line also holds `responses`: {task: {instruction, text,
 truncated}}, the LLM's answer to each instruction about the transcript, for step 2's `--mix`.
 With `--save-topk K`, `teacher_topk` holds the LLM's top-K next-token log-probabilities at each
-token of the continuation as step 2 tokenises it (the KD teacher, so step 2 skips its forward).
+token of the continuation as step 2 tokenises it (the KD teacher, so step 2 skips its forward),
+with the LLM's weights fingerprint (step 2 checks it is its own LLM).
 
 Crash safety: lines are appended and fsynced one batch at a time; a re-run skips ids already
 written. Under torchrun each rank writes its own part file, merged by rank 0 at the end.
@@ -109,13 +110,16 @@ def read_instruction_set(path: str | Path) -> tuple[tuple[str, str], ...]:
 BACKENDS = ("auto", "hf", "vllm")
 
 
-def choose_backend(requested: str, distributed: bool = False) -> str:
+def choose_backend(requested: str, distributed: bool = False, save_topk: int = 0) -> str:
     """The generation backend step 1 runs on: vLLM (continuous batching, paged attention) when
-    asked for or, with `auto`, when installed beside a CUDA GPU in a single process; else transformers."""
+    asked for or, with `auto`, when installed beside a CUDA GPU in a single process and no top-k
+    is to be saved (the teacher's forward runs on transformers); else transformers."""
     if requested not in BACKENDS:
         raise BlspError(f"unknown --backend {requested!r}; choose from {', '.join(BACKENDS)}")
     installed = importlib.util.find_spec("vllm") is not None
     if requested == "vllm":
+        if save_topk:
+            raise BlspError("--save-topk runs the LLM as the KD teacher over each continuation: use --backend hf")
         if not installed:
             raise BlspError("--backend vllm: vLLM is not installed (`pip install vllm`, on a machine with a CUDA "
                             "GPU); --backend hf runs step 1 with transformers")
@@ -125,7 +129,7 @@ def choose_backend(requested: str, distributed: bool = False) -> str:
             raise BlspError("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): "
                             "launch without torchrun")
     if requested == "auto":
-        return "vllm" if installed and torch.cuda.is_available() and not distributed else "hf"
+        return "vllm" if installed and torch.cuda.is_available() and not distributed and not save_topk else "hf"
     return requested
 
 
@@ -180,11 +184,17 @@ def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
 Answers = tuple[tuple[str, bool], dict[str, tuple[str, bool]], dict | None]
 
 
+# What step 1 writes into a line. An input manifest may itself be an older behaviour file: its
+# values of these are never carried over (a `responses` or `teacher_topk` this run does not write
+# would otherwise pass as this run's).
+STEP1_FIELDS = ("prompt_transcript", "continuation", "truncated", "fingerprint", "responses", "teacher_topk")
+
+
 def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: Answers, fingerprint: str,
                   instructions: dict[str, str]) -> dict:
     (continuation, truncated), responses, topk = answers
     record = {
-        **utt.extra,
+        **{k: v for k, v in utt.extra.items() if k not in STEP1_FIELDS},
         "id": utt.id,
         "audio": utt.audio.relative_to(output_dir),
         "text": utt.text,
@@ -215,8 +225,9 @@ def prompt_digest(prompt_ids: Sequence[int]) -> str:
 class Continuer:
     """Greedy (or sampled) batched continuation with a frozen LLM."""
 
-    def __init__(self, model, tokenizer, options: ContinueOptions):
+    def __init__(self, model, tokenizer, options: ContinueOptions, llm_fingerprint: str | None = None):
         self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.llm_fingerprint = llm_fingerprint  # recorded with a saved top-k: step 2 checks its LLM is this one
         self.prompt = ChatPrompt(tokenizer, options.system_prompt)
         self.stop_ids = sorted({self.prompt.end_of_turn_id, tokenizer.eos_token_id} - {None})
         self.pad_id = tokenizer.pad_token_id
@@ -229,8 +240,10 @@ class Continuer:
     def answer_jobs(self, jobs: Sequence["Job"]) -> list[Answers]:
         """Each job's continuation, its answer to every instruction of the set (one batch each),
         and with `save_topk` the teacher's top-k over the continuation."""
-        main = self.continue_batch([job.prompt_ids for job in jobs])
-        per_task = {task: self.continue_batch([self.prompt_ids(job.transcript, instruction) for job in jobs])
+        keys = [job.utterances[0].id for job in jobs]  # sampled: one utterance per job
+        main = self.continue_batch([job.prompt_ids for job in jobs], keys)
+        per_task = {task: self.continue_batch([self.prompt_ids(job.transcript, instruction) for job in jobs],
+                                              [f"{key}/{task}" for key in keys])
                     for task, instruction in self.options.instruction_set}
         topk: list[dict | None] = [None] * len(jobs)
         if self.options.save_topk:
@@ -257,13 +270,16 @@ class Continuer:
             for row, (p, t) in enumerate(chunk):
                 scored = torch.log_softmax(logits[row, len(p) - 1 : len(p) + len(t) - 1].float(), dim=-1)
                 values, indices = scored.topk(min(k, scored.shape[-1]), dim=-1)
-                out.append({"k": k, "prompt": prompt_digest(p), "target_ids": list(t), "ids": indices.tolist(),
+                out.append({"k": k, "llm": self.llm_fingerprint, "prompt": prompt_digest(p), "target_ids": list(t),
+                            "ids": indices.tolist(),
                             "logprobs": [[round(v, 4) for v in row_values] for row_values in values.tolist()]})
         return out
 
     @torch.no_grad()
-    def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
-        """(continuation, truncated) per prompt; left padding so every row ends at the same place."""
+    def continue_batch(self, prompts: Sequence[list[int]], keys: Sequence[str] | None = None) -> list[tuple[str, bool]]:
+        """(continuation, truncated) per prompt; left padding so every row ends at the same place.
+        `keys` name the prompts' requests (vLLM seeds each sampled one by its key); here sampling
+        draws from torch's stream, seeded once per run."""
         width = max(map(len, prompts))
         device = self.model.device
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -302,16 +318,28 @@ class VllmContinuer(Continuer):
         self.batch_size = max(options.batch_size, self.CALL_SIZE)
         self.engine = LLM(model=path, tokenizer=path, seed=options.seed, enable_prefix_caching=True)
 
-    def continue_batch(self, prompts: Sequence[list[int]]) -> list[tuple[str, bool]]:
+    def continue_batch(self, prompts: Sequence[list[int]], keys: Sequence[str] | None = None) -> list[tuple[str, bool]]:
         from vllm import SamplingParams
 
         o = self.options
-        params = SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature if o.do_sample else 0.0,
-                                top_p=o.top_p if o.do_sample else 1.0, stop_token_ids=list(self.stop_ids),
-                                seed=o.seed if o.do_sample else None, skip_special_tokens=True)
+        common = dict(max_tokens=o.max_new_tokens, stop_token_ids=list(self.stop_ids), skip_special_tokens=True)
+        if not o.do_sample:
+            params = SamplingParams(temperature=0.0, top_p=1.0, seed=None, **common)
+        else:
+            # One seed per request, from the run's seed and the utterance: one seed for all would
+            # give the same transcript spoken in several voices the same sample every time.
+            keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
+            params = [SamplingParams(temperature=o.temperature, top_p=o.top_p, seed=request_seed(o.seed, key), **common)
+                      for key in keys]
         outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         # finish_reason "length": the token limit ended it, no stop token (what `truncated` records)
         return [(out.outputs[0].text.strip(), out.outputs[0].finish_reason == "length") for out in outputs]
+
+
+def request_seed(seed: int, key: str) -> int:
+    """A sampled request's seed: a function of the run's seed and the request's key alone, so a
+    re-run (or a resumed one) draws the same sample for the same utterance."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "little")
 
 
 @torch.no_grad()
@@ -361,19 +389,20 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, skip_bad=skip_bad)
-    backend = "hf" if model_and_tokenizer is not None else choose_backend(options.backend, info.enabled)
-    if backend == "vllm" and options.save_topk:
-        raise BlspError("--save-topk runs the LLM as the KD teacher over each continuation: use --backend hf")
-    if backend == "vllm":
-        continuer, fingerprint = vllm_continuer(options)
+    backend = "hf" if model_and_tokenizer is not None else choose_backend(options.backend, info.enabled,
+                                                                          options.save_topk)
+    on_vllm = vllm_continuer(options) if backend == "vllm" else None
+    if on_vllm is not None:
+        continuer, fingerprint = on_vllm
     else:
         if model_and_tokenizer is None:
             model, tokenizer = load_language_model(options.llm)
             model.to(default_device(info))
         else:
             model, tokenizer = model_and_tokenizer
-        continuer = Continuer(model, tokenizer, options)
-        fingerprint = settings_fingerprint(options, weights_fingerprint(model))
+        llm_fingerprint = weights_fingerprint(model)
+        continuer = Continuer(model, tokenizer, options, llm_fingerprint)
+        fingerprint = settings_fingerprint(options, llm_fingerprint)
     if info.is_main:  # gather what a killed run left (its rank parts, a half-written line)
         merge_parts(output)
     barrier()  # every rank must see the same `done`, or their shares would overlap
@@ -427,27 +456,42 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
             merge_parts(output)
         barrier()
     if dropped and info.is_main:
-        print(f"step 1: dropped {len(dropped)} utterance(s) whose prompt has >= "
-              f"{options.max_prompt_tokens} tokens", file=sys.stderr)
+        which = "prompt under some instruction (of the continuation's and --instruction-set's)" \
+            if instructions else "prompt"
+        print(f"step 1: dropped {len(dropped)} utterance(s) whose {which} has >= "
+              f"{options.max_prompt_tokens} tokens (--max-prompt-tokens)", file=sys.stderr)
     return ContinueSummary(
         written=sum(len(job.utterances) for job in todo), already_done=len(done), dropped_long=dropped,
         skipped_bad=[str(e) for e in read.skipped], output=str(output), fingerprint=fingerprint,
     )
 
 
-def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str]:
-    """The vLLM continuer and the settings' fingerprint (weights read from the checkpoint files)."""
+def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str] | None:
+    """The vLLM continuer and the settings' fingerprint (weights read from the checkpoint files).
+
+    The fingerprint needs local safetensors files; where there are none (a hub id, .bin weights)
+    `--backend auto` falls back to transformers (None), which fingerprints the loaded model.
+    """
     from transformers import AutoTokenizer
 
     from .modeling import checkpoint_fingerprint
     from .packaged import resolve
 
     path = resolve(options.llm)
+    try:
+        weights = checkpoint_fingerprint(path)  # before vLLM spends minutes loading the weights
+    except (BlspError, OSError) as err:
+        if options.backend != "auto":
+            raise BlspError(f"--backend vllm: cannot fingerprint the LLM's weights ({err}); --backend hf "
+                            "runs step 1 with transformers") from None
+        print(f"step 1: --backend auto: generating with transformers, not vLLM, which needs the weights' "
+              f"safetensors to fingerprint them ({err})", file=sys.stderr)
+        return None
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     print(f"step 1: generating with vLLM ({path})", file=sys.stderr)
-    return VllmContinuer(path, tokenizer, options), settings_fingerprint(options, checkpoint_fingerprint(path), "vllm")
+    return VllmContinuer(path, tokenizer, options), settings_fingerprint(options, weights, "vllm")
 
 
 def merge_parts(output: Path) -> None:

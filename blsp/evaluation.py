@@ -64,6 +64,8 @@ class SpeechFeatures:
             # No fingerprint, no way to tell one encoder's cached features from another's: encode.
             fingerprint = model.config.feature_key  # the frozen part's output (see BlspConfig.feature_key)
             cache = FeatureCache(cache, fingerprint) if fingerprint else None
+        elif cache is not None:
+            cache.check_model(model)  # a cache opened by the caller: keyed as the model reads?
         self.cache = cache
         if cache is not None:
             cache.fill(model, utterances)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .audio import AudioRef, log_mel_spectrogram, split_for_encoder
 from .data import Utterance, load_utterances_audio
-from .errors import InputError
+from .errors import BlspError, InputError
 from .io import atomic_write_bytes
 
 
@@ -59,11 +59,21 @@ def audio_key(ref: AudioRef) -> str:
 
 
 class FeatureCache:
-    """On-disk cache of encoder features for one encoder (by fingerprint)."""
+    """On-disk cache of encoder features for one encoder (by fingerprint), or with trained top
+    layers for its frozen part (by `BlspConfig.feature_key`)."""
 
     def __init__(self, root: str | os.PathLike, encoder_fingerprint: str):
+        self.key = encoder_fingerprint
         self.dir = Path(root) / encoder_fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def check_model(self, model) -> None:
+        """Refuse a cache of features other than those `model` reads: another encoder's, or the
+        whole encoder's where the model trains its top layers (it reads features below them)."""
+        if self.key != model.config.feature_key:
+            raise BlspError(f"{self.dir}: the feature cache holds features {self.key}, but the model reads "
+                            f"{model.config.feature_key} (another encoder, or trained top layers): open the cache "
+                            "with the model's config.feature_key")
 
     def path(self, ref: AudioRef) -> Path:
         key = audio_key(ref)

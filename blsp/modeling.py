@@ -626,8 +626,10 @@ class BlspModel(PreTrainedModel):
         self.config.save_pretrained(tmp)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.trainable_state_dict().items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if final.exists() and not (final / ADAPTER_WEIGHTS).exists():
-            # A directory holding other things (a training run): write the files in place.
+        written = {f.name for f in tmp.iterdir()}
+        if final.exists() and any(f.name not in written for f in final.iterdir()):
+            # A directory holding other things (a training run's checkpoints and logs, even when an
+            # earlier save put weights there): replace only our files, each in one atomic rename.
             for f in tmp.iterdir():
                 f.replace(final / f.name)
             tmp.rmdir()

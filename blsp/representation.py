@@ -177,23 +177,23 @@ def similarity_report(speech: torch.Tensor, text: torch.Tensor, partners: Sequen
 
 @contextmanager
 def swapped_adapter(model: BlspModel, path: str | Path) -> Iterator[dict]:
-    """`model` with the trainable speech side of checkpoint `path` (its adapter, and its CTC head
-    when it compresses speech) in place of its own, for the duration; yields the checkpoint's
-    identity. Refused when it was trained against other backbones."""
+    """`model` with the trainable speech side of checkpoint `path` (its adapter, its CTC head when
+    it compresses speech, its LoRA and trained encoder layers) in place of its own, for the
+    duration; yields the checkpoint's identity. Refused when it was trained against other
+    backbones, or trains other parts of them (another number of encoder layers, other LoRA)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     cfg = BlspConfig.from_pretrained(path)
-    for what, theirs, ours in (("encoder", cfg.encoder_fingerprint, model.config.encoder_fingerprint),
-                               ("LLM", cfg.llm_fingerprint, model.config.llm_fingerprint)):
-        if theirs and ours and theirs != ours:
-            raise CheckpointError(f"{path}: the contrast adapter was trained against another {what} "
-                                  f"({theirs}, this model's is {ours}); compare adapters of the same backbones")
+    check_same_backbones(model, cfg, path)
     embeddings = model.language_model.get_input_embeddings().weight
     adapter = build_adapter(cfg, embeddings.shape[1])
     head = EmbeddingCTCHead(embeddings, cfg.ctc_vocab) if cfg.speech_compression == "ctc" else None
     param = next(model.adapter.parameters())
     own = (model.adapter, model.ctc_head)
+    # The contrast's LoRA and encoder layers load into the model's own modules (shared with it):
+    # a copy of their weights puts them back afterwards.
+    own_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
     model.adapter = adapter.to(param.device, param.dtype).eval()
     model.ctc_head = head.to(param.device).eval() if head is not None else None
     try:
@@ -202,6 +202,25 @@ def swapped_adapter(model: BlspModel, path: str | Path) -> Iterator[dict]:
                "adapter_type": cfg.adapter_type, "speech_compression": cfg.speech_compression}
     finally:
         model.adapter, model.ctc_head = own
+        model.load_trainable_state_dict(own_state, Path("(the model's own weights)"))
+
+
+def check_same_backbones(model: BlspModel, cfg: BlspConfig, path: Path) -> None:
+    """A contrast checkpoint must read the same encoder and LLM, and train the same parts of them:
+    its encoder layers and LoRA load into the model's own modules (and the cached features are
+    taken below the trained layers)."""
+    for what, theirs, ours in (("encoder", cfg.encoder_fingerprint, model.config.encoder_fingerprint),
+                               ("LLM", cfg.llm_fingerprint, model.config.llm_fingerprint)):
+        if theirs and ours and theirs != ours:
+            raise CheckpointError(f"{path}: the contrast adapter was trained against another {what} "
+                                  f"({theirs}, this model's is {ours}); compare adapters of the same backbones")
+    if cfg.encoder_trainable_layers != model.config.encoder_trainable_layers:
+        raise CheckpointError(f"{path}: the contrast trains {cfg.encoder_trainable_layers} encoder layer(s), this "
+                              f"model {model.config.encoder_trainable_layers}; compare models that train the same "
+                              "encoder layers (--unfreeze-encoder-layers)")
+    if (cfg.lora or None) != (model.config.lora or None):
+        raise CheckpointError(f"{path}: the contrast's LoRA ({cfg.lora}) is not this model's ({model.config.lora}); "
+                              "compare models with the same --lora-* settings")
 
 
 def representation_report(model: BlspModel, utterances, transcripts: Sequence[str], feats,

@@ -171,7 +171,8 @@ class StreamingTrainer(Trainer):
         if not cont.strip() or (self.options.drop_copies and is_copy_continuation(utt)):
             return None
         task = choose_task(random.Random(f"{self.options.seed}/{utt.id}").random(), self.shares)
-        return behavior_item(self.model.processor, utt, self.options, task, self.prompts)
+        return behavior_item(self.model.processor, utt, self.options, task, self.prompts,
+                             self.model.config.llm_fingerprint)
 
     def load_step(self, raw: list[ShardItem]) -> list[BehaviorItem]:
         """The step's training items with their features (read, or encoded from the audio now)."""
@@ -252,6 +253,7 @@ class StreamingTrainer(Trainer):
 def check_streaming_options(options: TrainOptions) -> None:
     if options.warm_start != "none" or options.compress_speech != "none":
         raise BlspError("--warm-start and --compress-speech need every clip's features before step 2; with "
-                        "--data DIR of shards use neither (or train on JSONL manifests)")
+                        "--data DIR of shards use neither (or train on JSONL manifests)"
+                        + options.recipe_note("warm_start", "compress_speech"))
     if options.shuffle_buffer < 1:
         raise BlspError("--shuffle-buffer must be at least 1")

@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -107,12 +107,19 @@ class TrainOptions:
     warm_start_time_masks: int = 0  # SpecAugment on the warm start's features (blsp.warmstart.spec_augment)
     warm_start_feature_masks: int = 0
     gradient_checkpointing: bool = False  # recompute the frozen LLM's layers in backward: less memory
+    # Not a setting (no field: never saved or compared): (recipe, the options whose values it gave
+    # because the caller gave none), so that an error about such a value blames the recipe, not a
+    # flag the user never typed. Set by `from_recipe`.
+    recipe_origin: InitVar[tuple[str, tuple[str, ...]] | None] = None
 
-    # Settings that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "fsdp")  # fsdp: same math
+    # Settings that may change between a run and its resumption. fsdp: the same math. The warm
+    # start's own switches: a resumed run (from a checkpoint after step 0) does not re-run it.
+    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "fsdp", "warm_start_time_masks",
+                         "warm_start_feature_masks", "warm_start_bucket_by_length")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, recipe_origin: tuple[str, tuple[str, ...]] | None) -> None:
         object.__setattr__(self, "warm_start_data", tuple(str(p) for p in self.warm_start_data))
+        object.__setattr__(self, "origin", recipe_origin)
         check_options(self)  # at construction: before any model is loaded or clip encoded
 
     @classmethod
@@ -120,7 +127,20 @@ class TrainOptions:
         """A recipe's settings (RECIPES), with `options` over them."""
         if recipe not in RECIPES:
             raise BlspError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[recipe], **options})
+        by_recipe = tuple(name for name in RECIPES[recipe] if name not in options)
+        return cls(**{**RECIPES[recipe], **options}, recipe_origin=(recipe, by_recipe))
+
+    def recipe_note(self, *names: str) -> str:
+        """For an error about options `names`: which of their values the recipe set (the user
+        typed no such flag) and how to avoid them; '' when the user set them all."""
+        recipe, by_recipe = self.origin or ("", ())
+        blamed = [name for name in names if name in by_recipe]
+        if not blamed:
+            return ""
+        alternative = next(r for r in RECIPES if not any(name in RECIPES[r] for name in blamed))
+        flags = lambda values: " ".join(f"--{name.replace('_', '-')} {values[name]}" for name in blamed)
+        return (f" ({flags(asdict(self))} set by --recipe {recipe}, not by a flag: pass --recipe {alternative}, "
+                f"or {flags(DEFAULTS)})")
 
 
 # `blsp train --recipe NAME`: the values each recipe gives the options it names (a flag given on the
@@ -135,6 +155,7 @@ RECIPES: dict[str, dict] = {
              "compress_speech": "ctc", "lora_rank": 8},
 }
 RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
+DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's values (recipe `paper`)
 
 
 LOSSES = ("ce", "kl", "ce+kl")
@@ -299,9 +320,11 @@ class Trainer:
         self.info = info or DistInfo()
         self.device = next(model.adapter.parameters()).device
         unfreeze_encoder(model, options)
+        check_behavior_data(utterances, options)  # before every clip is encoded
         self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key)
         self.skipped = self.prepare_features(utterances, skip_bad)
-        self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options)
+        self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options,
+                                 model.config.llm_fingerprint)
         if not self.items:
             raise BlspError("no utterance with readable audio to train on")
         self.transcript_tokens = [transcript_tokens(model.processor.tokenizer, it.utterance) for it in self.items]
@@ -393,19 +416,43 @@ class Trainer:
         return loss, parts
 
     def distillation(self, items: list[BehaviorItem], student_logits: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) over the items' target tokens: from the top-k step 1 saved when
-        every item has it (no teacher forward), else the frozen LLM reading the transcript now."""
-        if all(it.teacher_topk is not None for it in items):
-            ids = torch.cat([it.teacher_topk[0] for it in items]).to(self.device)
-            logprobs = torch.cat([it.teacher_topk[1] for it in items]).to(self.device)
-            return self.topk_kl(student_logits, ids, logprobs)
+        """KL(teacher || student) over the items' target tokens, item by item: from the top-k step 1
+        saved where an item has it, else from the frozen LLM reading the transcript now (run on
+        those items alone). Both losses are sums over positions, so their sum is the loss over
+        all rows at once: a micro-batch mixing the two (`--mix` draws items without a saved
+        top-k) costs the teacher forward of its unsaved rows only."""
+        rows = student_logits.split([len(it.target) for it in items])
+        saved = [i for i, it in enumerate(items) if it.teacher_topk is not None]
+        live = [i for i, it in enumerate(items) if it.teacher_topk is None]
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        if saved:
+            ids = torch.cat([items[i].teacher_topk[0] for i in saved]).to(self.device)
+            logprobs = torch.cat([items[i].teacher_topk[1] for i in saved]).to(self.device)
+            total = total + self.topk_kl(torch.cat([rows[i] for i in saved]), ids, logprobs)
+        if self.runs_teacher(bool(live)):
+            # A rank with no unsaved item still runs the forward when another rank does (a
+            # sharded LLM's forward is collective); it reads its first item and ignores it.
+            teacher_logits = self.teacher_logits([items[i] for i in live] or items[:1])
+            if live:
+                total = total + self.kl(torch.cat([rows[i] for i in live]), teacher_logits)
+        return total
+
+    def runs_teacher(self, needed: bool) -> bool:
+        """Whether this micro-batch runs the live teacher. Every forward of a sharded LLM is a
+        collective: there all ranks run it when any one needs it (an all-reduce of the flag),
+        or those that skip it would leave the others waiting forever."""
+        if not is_sharded(self.model):
+            return needed
+        return bool(all_reduce_sum(torch.tensor([float(needed)])).item() > 0)
+
+    def teacher_logits(self, items: list[BehaviorItem]) -> torch.Tensor:
+        """The frozen LLM's logits at the items' target tokens, reading their transcripts."""
         proc = self.model.processor
         teacher = {k: v.to(self.device) for k, v in
                    proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
-        with torch.no_grad(), self.autocast, self.model.lora_off():  # the frozen LLM reads the transcript
-            teacher_logits = self.model(**teacher, return_target_logits=True,
-                                        shared_prefix=self.shared_prefix(teacher)).target_logits
-        return self.kl(student_logits, teacher_logits)
+        with torch.no_grad(), self.autocast, self.model.lora_off():
+            return self.model(**teacher, return_target_logits=True,
+                              shared_prefix=self.shared_prefix(teacher)).target_logits
 
     def shared_prefix(self, batch: dict) -> list[int]:
         # Under FSDP every LLM forward all-gathers on all ranks together; the prefix cache runs
@@ -561,14 +608,7 @@ class Trainer:
             return
         latest = dirs[-1]
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-        changed = {
-            f.name: (state["options"].get(f.name), getattr(self.options, f.name))
-            for f in fields(self.options)
-            if f.name not in TrainOptions.RESUMABLE_CHANGES and state["options"].get(f.name) != getattr(self.options, f.name)
-        }
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise CheckpointError(f"{latest}: cannot resume with other training settings ({detail})")
+        check_resumable(latest, state["options"], self.options)
         from safetensors.torch import load_file
 
         self.model.load_trainable_state_dict(load_file(str(latest / ADAPTER_WEIGHTS)), latest / ADAPTER_WEIGHTS)
@@ -578,6 +618,33 @@ class Trainer:
         self.step = state["step"]
         if self.info.is_main:
             print(f"resume: from {latest} (step {self.step} of {self.total_steps})", file=sys.stderr)
+
+
+def check_resumable(checkpoint: Path, saved: dict, options: TrainOptions) -> None:
+    """Refuse to resume a checkpoint under other settings (but RESUMABLE_CHANGES). An option the
+    checkpoint lacks was added since it was written: it had that option's default."""
+    current = asdict(options)
+    before = {name: saved.get(name, DEFAULTS[name]) for name in current}
+    changed = [name for name in current
+               if name not in TrainOptions.RESUMABLE_CHANGES and before[name] != current[name]]
+    if not changed:
+        return
+    detail = ", ".join(f"{name}: {before[name]!r} -> {current[name]!r}" for name in changed)
+    raise CheckpointError(f"{checkpoint}: cannot resume with other training settings ({detail})"
+                          + recipe_hint(before, changed))
+
+
+def recipe_hint(before: dict, changed: Sequence[str]) -> str:
+    """For changed options that a recipe sets: the recipe whose values the run started with (the
+    command line's default recipe may not be the one it was started under)."""
+    by_recipe = [name for name in changed if name in RECIPE_OPTIONS]
+    if not by_recipe:
+        return ""
+    flags = ", ".join(f"--{name.replace('_', '-')}" for name in by_recipe)
+    started = [r for r, values in RECIPES.items()
+               if all(before[name] == values.get(name, DEFAULTS[name]) for name in RECIPE_OPTIONS)]
+    how = f"pass --recipe {started[0]}, whose values it started with" if started else "give them the run's values"
+    return f"; --recipe sets {flags}: {how}"
 
 
 def mix_shares(options: TrainOptions) -> dict[str, float]:
@@ -594,6 +661,9 @@ def mix_shares(options: TrainOptions) -> dict[str, float]:
                             "(e.g. transcribe=0.1,summarize=0.2)")
         if task.strip() in shares:
             raise BlspError(f"--mix {options.mix!r}: task {task.strip()!r} given twice")
+        if task.strip() == "continuation":
+            raise BlspError(f"--mix {options.mix!r}: the continuation is what every utterance not drawn for "
+                            "another task trains on; give only the other tasks' shares")
         shares[task.strip()] = value
     if options.mix_transcribe:
         if "transcribe" in shares:
@@ -642,10 +712,11 @@ def check_options(options: TrainOptions) -> None:
     if options.lora_rank:
         lora_settings(options)  # its own checks (where, rank, module names)
         if options.fsdp:
-            raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen")
+            raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen"
+                            + options.recipe_note("lora_rank"))
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
-                        "--warm-start-steps N (N > 0)")
+                        "--warm-start-steps N (N > 0)" + options.recipe_note("compress_speech"))
 
 
 def unfreeze_encoder(model: BlspModel, options: TrainOptions) -> None:
@@ -685,23 +756,77 @@ def speech_prompts(proc, options: TrainOptions) -> dict[str, list]:
     return {i: proc.speech_prompt(i) for i in (options.instruction, task_instruction("transcribe"))}
 
 
+def step1_answer(utt: Utterance, task: str) -> dict | None:
+    """The line's step-1 answer {instruction, text, truncated} to a task of the instruction set, if any."""
+    responses = utt.extra.get("responses")
+    response = responses.get(task) if isinstance(responses, dict) else None
+    if isinstance(response, dict) and isinstance(response.get("text"), str) \
+            and isinstance(response.get("instruction"), str):
+        return response
+    return None
+
+
 def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
     """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
     if task == "transcribe":
         return task_instruction("transcribe"), utt.text, False
-    response = utt.extra.get("responses", {}).get(task) if isinstance(utt.extra.get("responses"), dict) else None
-    if not isinstance(response, dict) or not isinstance(response.get("text"), str) \
-            or not isinstance(response.get("instruction"), str):
+    response = step1_answer(utt, task)
+    if response is None:
         raise InputError(f"--mix {task}=...: this line has no step-1 answer for task {task!r} (run `blsp continue "
                          f"--instruction-set FILE` with a task of that name)", utt.source, utt.line)
     return response["instruction"], response["text"], bool(response.get("truncated"))
 
 
+def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) -> None:
+    """What the lines alone can show to be wrong, checked before minutes go into loading the
+    models and encoding every clip: a `--mix` task some line has no answer to (any line may be
+    drawn for it), and saved top-k of differing K (the KL loss stacks them)."""
+    for task in mix_shares(options):
+        if task != "transcribe":
+            check_mixed_task(utterances, task)
+    if "kl" in options.loss:
+        check_topk_width(utterances)
+
+
+def check_mixed_task(utterances: Sequence[Utterance], task: str) -> None:
+    missing = [u for u in utterances if step1_answer(u, task) is None]
+    if len(missing) == len(utterances):  # most likely a misspelt task: say which there are
+        known = sorted({t for u in utterances if isinstance(u.extra.get("responses"), dict)
+                        for t in u.extra["responses"]})
+        files = ", ".join(sorted({u.source for u in utterances}))
+        raise BlspError(f"--mix {task}=...: no line of {files} has a step-1 answer for task {task!r} "
+                        f"({'its tasks: ' + ', '.join(known) if known else 'step 1 ran without --instruction-set'})")
+    if missing:
+        task_target(missing[0], task)  # raises, naming the line
+
+
+def topk_width(saved) -> int | None:
+    """K of a line's saved top-k (its rows' width); None where there is none to read (a
+    malformed one is reported by `saved_topk`)."""
+    ids = saved.get("ids") if isinstance(saved, dict) else None
+    return len(ids[0]) if isinstance(ids, list) and ids and isinstance(ids[0], list) else None
+
+
+def check_topk_width(utterances: Sequence[Utterance]) -> None:
+    first: tuple[int, Utterance] | None = None
+    for utt in utterances:
+        k = topk_width(utt.extra.get("teacher_topk"))
+        if k is None:
+            continue
+        if first is None:
+            first = (k, utt)
+        elif k != first[0]:
+            raise InputError(f"teacher_topk: K {k} here, but K {first[0]} at {first[1].source}:{first[1].line} "
+                             "(lines of two step-1 runs?): distil from one --save-topk K, or train with --loss ce",
+                             utt.source, utt.line)
+
+
 def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
-                  prompts: dict[str, list]) -> BehaviorItem:
+                  prompts: dict[str, list], llm_fingerprint: str | None = None) -> BehaviorItem:
     """One training sequence: the utterance's continuation under the continuation instruction, or
     with a mixed-in `task` that task's target under its instruction (`transcribe`: the transcript);
-    the teacher reads the transcript under the same instruction."""
+    the teacher reads the transcript under the same instruction. `llm_fingerprint`: the model's
+    LLM, which a saved top-k must come from (None: not checked)."""
     transcript = utt.extra.get("prompt_transcript") or utt.text
     if task is None:
         instruction, text, truncated = options.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
@@ -714,13 +839,15 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
         prompts[instruction] = proc.speech_prompt(instruction)
     teacher_prompt = proc.transcript_prompt(instruction, transcript)
     saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.loss else None
-    topk = saved_topk(utt, saved, teacher_prompt, target) if saved is not None else None
+    topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
     return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk)
 
 
-def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int],
+               llm_fingerprint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1's saved teacher (`--save-topk`) as (ids, log-probs) [n, K] for the target's tokens,
-    checked to be the teacher step 2 would run: the same prompt and the same target tokens."""
+    checked to be the teacher step 2 would run: the same LLM weights (`llm_fingerprint`, the
+    model's), the same prompt and the same target tokens."""
     from .continuation import prompt_digest
     from .prompts import pieces_to_ids
 
@@ -729,6 +856,11 @@ def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int]) -
 
     if not isinstance(saved, dict) or not all(k in saved for k in ("prompt", "target_ids", "ids", "logprobs")):
         raise bad("expected {prompt, target_ids, ids, logprobs} as written by `blsp continue --save-topk K`")
+    if llm_fingerprint is not None and saved.get("llm") != llm_fingerprint:
+        # Another LLM (a fine-tune, say) can share the tokenizer and template, so the prompt's
+        # digest alone cannot tell; its top-k would teach another model's answers.
+        raise bad(f"saved by LLM {saved.get('llm') or '(not recorded: an older `blsp continue`)'}, but the "
+                  f"model's is {llm_fingerprint}: run step 1 with step 2's --llm, or train with --loss ce")
     if saved["prompt"] != prompt_digest(pieces_to_ids(teacher_prompt)):
         raise bad("saved for another prompt than step 2's teacher reads (another system prompt, instruction or "
                   "LLM?): run step 1 with step 2's settings, or train with --loss ce")
@@ -745,7 +877,8 @@ def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int]) -
     return ids, logprobs
 
 
-def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> list[BehaviorItem]:
+def build_items(proc, utterances: list[Utterance], options: TrainOptions,
+                llm_fingerprint: str | None = None) -> list[BehaviorItem]:
     """Training sequences: continuation targets, and with `--mix` seeded shares of the utterances
     trained instead on another task: `transcribe` (the paper's variant; it keeps the exact words in
     view) or an instruction of step 1's instruction set (summarise, answer, ...)."""
@@ -757,7 +890,8 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions) -> lis
         print(f"step 2: left out {len(utterances) - len(kept)} of {len(utterances)} continuations that repeat "
               "the transcript (--drop-copies)", file=sys.stderr)
         utterances = kept
-    return [behavior_item(proc, u, options, choose_task(rng.random(), shares), prompts) for u in utterances]
+    return [behavior_item(proc, u, options, choose_task(rng.random(), shares), prompts, llm_fingerprint)
+            for u in utterances]
 
 
 def all_reduce_scalar(value: float) -> float:
@@ -804,6 +938,9 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
 def run_train(data: Sequence[str | Path], output_dir: str | Path, options: TrainOptions,
               resume: bool = False, skip_bad: bool = False, model: BlspModel | None = None) -> dict:
     """`blsp train`: load the backbones, build a fresh adapter (or resume one), train, save."""
+    from .cpu import flush_denormals
+
+    flush_denormals()  # a no-op after `blsp`'s own call; for callers of this function
     from .shards import is_shard_corpus
 
     info = init_distributed()
@@ -814,6 +951,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
         check_streaming_options(options)  # before minutes go into loading the models
     else:
         utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
+        check_behavior_data(utterances, options)  # before minutes go into loading the models
     if model is None:
         model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
                                           adapter_downsample=options.adapter_downsample,

@@ -149,8 +149,10 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, time_masks: int, fe
     widest = max(1, int(n_channels * MASK_CHANNELS_SHARE))
     for b, n in enumerate(lengths.tolist()):
         for _ in range(time_masks):
-            width = int(torch.randint(0, MASK_FRAMES + 1, (), generator=generator))
-            start = int(torch.randint(0, max(1, n - width), (), generator=generator))
+            width = min(n, int(torch.randint(0, MASK_FRAMES + 1, (), generator=generator)))
+            # randint's upper bound is exclusive: starts 0 .. n - width, so the span may end on
+            # the clip's last frame
+            start = int(torch.randint(0, n - width + 1, (), generator=generator))
             out[b, start : start + width] = 0
         for _ in range(feature_masks):
             width = int(torch.randint(0, widest + 1, (), generator=generator))
@@ -171,6 +173,7 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
 
     if options.method not in ("ctc", "embed"):
         raise ValueError(f"unknown warm start {options.method!r}; choose from {', '.join(METHODS)}")
+    cache.check_model(model)
     tokens = [transcript_tokens(model.processor.tokenizer, u) for u in utterances]
     device = next(model.adapter.parameters()).device
     head = model.ctc_head

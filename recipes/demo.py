@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from blsp.cli import main as blsp, option_flags as flags
@@ -60,16 +61,26 @@ def main() -> None:
     resume = ["--resume"] if (adapter / "checkpoints").exists() else []
     run("step 2", ["train", "--data", str(behavior / "train.jsonl"), "--encoder", models["encoder"],
                    "--llm", models["llm"], "--output-dir", str(adapter), *train_flags, *resume], timings)
-    tasks = recipe["eval"]["tasks"]
-    run("evaluation (trained)", ["eval", "--model", str(adapter), "--data", str(behavior / "test.jsonl"),
-                                 "--tasks", tasks, "--output-dir", str(out / "eval")], timings)
-    # The untrained adapter closes about none of the gap; a share of the clips shows that for less time.
-    limit = recipe["eval"].get("untrained_limit")
-    run("evaluation (untrained adapter)", ["eval", "--model", str(adapter), "--untrained", "--data",
-                                           str(behavior / "test.jsonl"), "--tasks", "alignment",
-                                           *(["--limit", str(limit)] if limit else []),
-                                           "--output-dir", str(out / "eval_untrained")], timings)
+    evaluate(out, str(adapter), str(behavior / "test.jsonl"), recipe["eval"], timings)
     report(out, recipe, timings)
+
+
+def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> None:
+    """The three evaluations the report reads, each a `blsp eval` into its own directory."""
+    def limit(key: str) -> list[str]:
+        return ["--limit", str(ev[key])] if ev.get(key) else []
+
+    run("evaluation (trained)", ["eval", "--model", adapter, "--data", test, "--tasks", ev["tasks"],
+                                 "--output-dir", str(out / EVALS["trained"])], timings)
+    # Whisper decodes a padded 30 s window per clip (~1.8 s on 2 cores), so the cascade, and the
+    # zero-shot transcription it is compared with, run on the first clips only (both voices).
+    run("evaluation (transcription, cascade)", ["eval", "--model", adapter, "--data", test, "--tasks",
+                                                "transcribe,cascade,alignment", *limit("cascade_limit"),
+                                                "--output-dir", str(out / EVALS["cascade"])], timings)
+    # The untrained adapter closes about none of the gap; a share of the clips shows that for less time.
+    run("evaluation (untrained adapter)", ["eval", "--model", adapter, "--untrained", "--data", test, "--tasks",
+                                           "alignment", *limit("untrained_limit"),
+                                           "--output-dir", str(out / EVALS["untrained"])], timings)
 
 
 def warm_start_corpus(recipe: dict, data: Path, dest: Path, timings: dict) -> Path:
@@ -95,13 +106,111 @@ def warm_start_corpus(recipe: dict, data: Path, dest: Path, timings: dict) -> Pa
     return dest / "train.jsonl"
 
 
+EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrained"}  # -> output dirs
+
+
 def report(out: Path, recipe: dict, timings: dict) -> None:
-    trained = json.loads((out / "eval" / "results.json").read_text())
-    untrained = json.loads((out / "eval_untrained" / "results.json").read_text())
-    summary = {"recipe": recipe, "timings_s": timings, "trained": trained, "untrained": untrained}
+    """Gather the evaluations into OUT/report.json, print the short report, plot OUT/report.png."""
+    results = {name: json.loads((out / d / "results.json").read_text()) for name, d in EVALS.items()}
+    summary = {"recipe": recipe, "timings_s": timings, **results}
     atomic_write_json(out / "report.json", summary)
-    print(f"\n=== report ({out / 'report.json'}; plots in {out / 'eval'} and {out / 'adapter' / 'train_loss.png'})")
-    print(json.dumps({"timings_s": timings}, indent=1))
+    plot_report(summary, out / "adapter" / "train_log.jsonl", out / "report.png")
+    print(f"\n=== report ({out / 'report.json'}, {out / 'report.png'}; per-evaluation plots in "
+          f"{', '.join(str(out / d) for d in EVALS.values())})")
+    print(format_report(summary))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _alignment_row(label: str, al: dict) -> str:
+    lo, hi = al["gap_closed_ci95"]
+    loss = al["loss"]
+    return (f"  {label:<34} {al['n_utterances']:>5} {loss['instruction']:>8.3f} {loss['speech']:>8.3f} "
+            f"{loss['transcript']:>10.3f}   {_pct(al['gap_closed']):>6} ({_pct(lo)}..{_pct(hi)})"
+            f"   {al['kl_text_speech']:.3f}")
+
+
+def format_report(summary: dict) -> str:
+    trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
+    al, al_c = trained["alignment"], cascade["alignment"]
+    lines = ["behaviour alignment on held-out sentences: loss of the transcript's continuation (nats/token)",
+             f"  {'':<34} {'clips':>5} {'instr.':>8} {'speech':>8} {'transcript':>10}   gap closed (95% CI)   KL(text||speech)",
+             _alignment_row("untrained adapter", untrained["alignment"]),
+             _alignment_row("trained adapter", al)]
+    for value, g in al.get("groups", {}).get("voice_seen", {}).items():
+        which = "a voice heard in training" if value == "true" else "a voice never heard in training"
+        lines.append(f"    {which:<32} {g['n_utterances']:>5}   gap closed {_pct(g['gap_closed'])}")
+    lines += [f"  on the first {al_c['n_utterances']} clips: speech closes {_pct(al_c['gap_closed'])}, "
+              f"the cascade (Whisper's transcript -> the same LLM) {_pct(al_c.get('gap_closed_cascade'))}"]
+    tr = cascade["transcription"]
+    lines += [f"zero-shot transcription on the same {tr['n_utterances']} clips (jiwer; Whisper's English normaliser)",
+              f"  BLSP (speech -> LLM, 'transcribe' instruction)  WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
+              f"  {tr['cascade']['asr'] + ' (the cascade ASR)':<47} WER {_pct(tr['cascade']['wer'])}  CER {_pct(tr['cascade']['cer'])}"]
+    for ex in trained.get("examples", [])[:3]:
+        lines += [f"example {ex['id']}", f"  transcript:               {ex['transcript']}",
+                  f"  LLM continues the text:   {ex['text_continuation']}",
+                  f"  LLM continues the speech: {ex['speech_continuation']}"]
+    total = sum(summary["timings_s"].values())
+    lines.append("minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in summary["timings_s"].items())
+                 + f"; all stages {total / 60:.1f}")
+    return "\n".join(lines)
+
+
+def plot_report(summary: dict, train_log: Path, png: Path) -> None:
+    """Gap closed (untrained, trained by voice, cascade), the step-2 loss curve, WER: one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    al, al_c = summary["trained"]["alignment"], summary["cascade"]["alignment"]
+    bars = [("untrained", summary["untrained"]["alignment"]["gap_closed"], "#999999"),
+            ("trained", al["gap_closed"], "#d9534f")]
+    for value, g in sorted(al.get("groups", {}).get("voice_seen", {}).items()):
+        bars.append(("trained,\nseen voice" if value == "true" else "trained,\nunseen voice", g["gap_closed"], "#e8a09e"))
+    n = al_c["n_utterances"]  # the cascade beside the speech on the same first clips
+    bars += [(f"trained,\nfirst {n}", al_c["gap_closed"], "#d9534f"),
+             (f"cascade,\nfirst {n}", al_c.get("gap_closed_cascade"), "#f0ad4e")]
+    bars = [b for b in bars if b[1] is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    drawn = ax.bar([b[0] for b in bars], [100 * b[1] for b in bars], color=[b[2] for b in bars])
+    for bar, (_, v, _) in zip(drawn, bars):
+        ax.text(bar.get_x() + bar.get_width() / 2, 100 * v, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=9)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("gap closed (%)")
+    ax.set_title("the speech's share of the gap, instruction only -> transcript", fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+
+    ax = axes[1]
+    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()] if train_log.is_file() else []
+    if records:
+        steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
+        ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
+        window = max(1, len(losses) // 20)  # a step's batch is small: the trend beside the noise
+        if window > 1:
+            ax.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), lw=1.8,
+                    label=f"mean of {window} steps")
+            ax.legend()
+    ax.set_xlabel("step-2 step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("step 2 training loss", fontsize=10)
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    tr = summary["cascade"]["transcription"]
+    asr = Path(tr["cascade"]["asr"]).name  # a packaged name, or the directory's
+    wers = [("BLSP\n(speech -> LLM)", tr["blsp"]["wer"], "#d9534f"), (f"{asr}\n(cascade ASR)", tr["cascade"]["wer"], "#f0ad4e")]
+    drawn = ax.bar([w[0] for w in wers], [100 * w[1] for w in wers], color=[w[2] for w in wers])
+    for bar, (_, v, _) in zip(drawn, wers):
+        ax.text(bar.get_x() + bar.get_width() / 2, 100 * v, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("WER (%)")
+    ax.set_title(f"zero-shot transcription, {tr['n_utterances']} held-out clips", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main() -> None:
     refs = {u.id: u.extra.get("prompt_transcript") or u.text for u in test}
     vocabulary = [w for u in read_manifest(args.train).utterances
                   for w in (u.extra.get("prompt_transcript") or u.text).split()]
-    cache = FeatureCache(CACHE_DIR / "features", model.config.encoder_fingerprint)
+    cache = FeatureCache(CACHE_DIR / "features", model.config.feature_key)
     rows = []
     for rate in args.rates:
         rng = random.Random(args.seed)

@@ -71,7 +71,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = BlspModel.from_components(adapter_type=args.adapter, adapter_downsample=args.adapter_downsample,
                                       seed=args.seed)
-    cache = FeatureCache(CACHE_DIR / "features", model.config.encoder_fingerprint)
+    cache = FeatureCache(CACHE_DIR / "features", model.config.feature_key)
     train = [u for path in [args.train, *args.extra] for u in read_manifest(path).utterances]
     test = read_manifest(args.test).utterances[: args.test_limit]
     cache.fill(model, train + test)

@@ -100,6 +100,26 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     return {"encoder": str(root / "whisper"), "llm": str(root / "llm")}
 
 
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory):
+    """A tiny random Whisper that, unlike conftest's, has a Whisper tokenizer: the cascade runs."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    root = tmp_path_factory.mktemp("whisper-tok")
+    whisper_tokenizer_json(root / "tokenizer.json")
+    fast = WhisperTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<|endoftext|>")
+    eot = fast.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=len(fast), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                        max_source_positions=1500, max_target_positions=16, pad_token_id=eot, bos_token_id=eot,
+                        eos_token_id=eot, decoder_start_token_id=fast.convert_tokens_to_ids("<|startoftranscript|>"),
+                        begin_suppress_tokens=None, suppress_tokens=None)
+    WhisperForConditionalGeneration(cfg).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return str(root / "model")
+
+
 @pytest.fixture
 def tiny_model(tiny_dirs):
     from blsp.modeling import BlspModel

@@ -360,3 +360,24 @@ def test_option_flags_turn_recipe_options_into_command_flags():
 
     assert option_flags({"max_steps": 200, "drop_copies": True, "resume": False, "system_prompt": "", "x": None}) == [
         "--max-steps", "200", "--drop-copies", "--system-prompt", ""]
+
+
+def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(tmp_path, capsys):
+    from blsp.shards import ShardWriteOptions, write_shards
+
+    data = write_corpus(tmp_path / "data", n=2, with_continuation=True)
+    code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--fsdp")
+    assert code == 2
+    assert error_lines(err) == ["blsp: error: --lora-rank with --fsdp is not supported: the sharded LLM must stay "
+                                "frozen (--lora-rank 8 set by --recipe fast, not by a flag: pass --recipe paper, or "
+                                "--lora-rank 0)"]
+    write_shards([data], tmp_path / "shards", ShardWriteOptions(shard_size=1))
+    code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "run")
+    assert code == 2
+    (line,) = error_lines(err)
+    assert line.startswith("blsp: error: --warm-start and --compress-speech need every clip's features")
+    assert line.endswith("(--warm-start ctc --compress-speech ctc set by --recipe fast, not by a flag: pass "
+                         "--recipe paper, or --warm-start none --compress-speech none)")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--fsdp --recipe paper" in " ".join(capsys.readouterr().out.split())  # the help's scale example

@@ -109,7 +109,7 @@ def test_a_transcript_spoken_by_several_voices_is_continued_once(tmp_path, llm, 
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     generated = []
     real = Continuer.continue_batch
-    monkeypatch.setattr(Continuer, "continue_batch", lambda self, p: generated.extend(p) or real(self, p))
+    monkeypatch.setattr(Continuer, "continue_batch", lambda self, p, *keys: generated.extend(p) or real(self, p, *keys))
     out = tmp_path / "behavior.jsonl"
     summary = run_continue(manifest, out, ContinueOptions(max_new_tokens=5), model_and_tokenizer=llm)
     assert len(generated) == 3 and summary.written == 6
@@ -250,6 +250,7 @@ def test_save_topk_writes_the_teachers_top_k_at_each_continuation_token(tmp_path
     import torch
 
     from blsp.continuation import prompt_digest
+    from blsp.modeling import weights_fingerprint
 
     model, _ = llm
     manifest = write_corpus(tmp_path / "data", n=3)
@@ -261,6 +262,7 @@ def test_save_topk_writes_the_teachers_top_k_at_each_continuation_token(tmp_path
         prompt = continuer.prompt_ids(rec["prompt_transcript"])
         target = continuer.prompt.target_ids(rec["continuation"], rec["truncated"])
         assert saved["prompt"] == prompt_digest(prompt) and saved["target_ids"] == target and saved["k"] == 5
+        assert saved["llm"] == weights_fingerprint(model)  # step 2 checks the teacher was its LLM
         with torch.no_grad():  # one row alone, no padding: the teacher's own distribution
             logits = model(input_ids=torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
         values, ids = torch.log_softmax(logits.float(), dim=-1).topk(5, dim=-1)
@@ -268,3 +270,98 @@ def test_save_topk_writes_the_teachers_top_k_at_each_continuation_token(tmp_path
         torch.testing.assert_close(torch.tensor(saved["logprobs"]), values, atol=2e-4, rtol=0)
     with pytest.raises(BlspError, match="--save-topk"):
         ContinueOptions(save_topk=-1)
+
+
+def test_auto_backend_runs_on_transformers_where_vllm_cannot_do_the_job(tmp_path, tiny_dirs, monkeypatch, capsys):
+    """--save-topk needs the teacher's forward (transformers), and vLLM's outputs are fingerprinted
+    by the checkpoint's safetensors files: `auto` picks hf for either, only `vllm` asked for refuses."""
+    import sys
+
+    import torch
+
+    import blsp.continuation
+    import blsp.modeling
+    from blsp.continuation import choose_backend
+
+    vllm = _fake_vllm(tiny_dirs["llm"])
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto") == "vllm" and choose_backend("auto", save_topk=5) == "hf"
+    with pytest.raises(BlspError, match="--save-topk .* use --backend hf"):
+        choose_backend("vllm", save_topk=5)
+
+    def no_safetensors(path, *args):
+        raise BlspError(f"{path}: no *.safetensors weights to fingerprint")
+
+    monkeypatch.setattr(blsp.modeling, "checkpoint_fingerprint", no_safetensors)  # a hub id, .bin weights
+    monkeypatch.setattr(blsp.continuation, "default_device", lambda info: torch.device("cpu"))  # no GPU here
+    manifest = write_corpus(tmp_path / "data", n=2)
+    common = dict(llm=tiny_dirs["llm"], max_new_tokens=4)
+    auto = run_continue(manifest, tmp_path / "auto.jsonl", ContinueOptions(**common, backend="auto"))
+    assert vllm.calls == [] and auto.written == 2
+    err = capsys.readouterr().err
+    assert "step 1: --backend auto: generating with transformers, not vLLM" in err and "no *.safetensors" in err
+    hf = run_continue(manifest, tmp_path / "hf.jsonl", ContinueOptions(**common, backend="hf"))
+    assert auto.fingerprint == hf.fingerprint
+    with pytest.raises(BlspError, match="--backend vllm: cannot fingerprint"):
+        run_continue(manifest, tmp_path / "vllm.jsonl", ContinueOptions(**common, backend="vllm"))
+
+
+def test_sampling_on_vllm_seeds_each_utterance_apart(tmp_path, tiny_dirs, monkeypatch):
+    """One transcript in several voices is sampled once per utterance: each request gets its own
+    seed (one seed for all would give them all the same sample), the same on a re-run."""
+    import sys
+    import types
+
+    import torch
+
+    vllm = _fake_vllm(tiny_dirs["llm"])
+    sent = []
+
+    def generate(self, prompts, params, use_tqdm=True):
+        sent.append(params)
+        out = types.SimpleNamespace(text="a sample", finish_reason="stop")
+        return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setattr(vllm.LLM, "generate", generate)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    manifest = write_corpus(tmp_path / "data", n=2)
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    rows += [{**r, "id": r["id"] + "_voice2"} for r in rows]  # the same transcripts, other utterances
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = ContinueOptions(llm=tiny_dirs["llm"], max_new_tokens=4, do_sample=True, seed=3, backend="vllm")
+    run_continue(manifest, tmp_path / "a.jsonl", opts)
+    run_continue(manifest, tmp_path / "b.jsonl", opts)
+    first, again = ([p.seed for p in params] for params in sent)
+    assert len(first) == 4 and len(set(first)) == 4 and sorted(first) == sorted(again)
+    assert all(p.temperature == 1.0 for p in sent[0])
+
+
+def test_an_old_behaviour_file_as_input_leaves_no_stale_answers(tmp_path, llm):
+    """Step 1's own fields of an input line (it may be an older behaviour file) are not carried
+    into the output where this run does not write them; the manifest's own fields are."""
+    manifest = write_corpus(tmp_path / "data", n=2)
+    rows = [{**json.loads(l), "speaker": "slt", "responses": {"summarize": {"text": "old"}},
+             "teacher_topk": {"k": 5}, "continuation": "old", "fingerprint": "old"}
+            for l in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "behavior.jsonl"
+    run_continue(manifest, out, ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    for rec in lines(out):
+        assert "responses" not in rec and "teacher_topk" not in rec
+        assert rec["speaker"] == "slt" and rec["continuation"] != "old" and rec["fingerprint"] != "old"
+
+
+def test_the_drop_message_says_any_instructions_prompt_counts(tmp_path, llm, capsys):
+    """With an instruction set an utterance goes when its prompt under any instruction is too long."""
+    manifest = write_corpus(tmp_path / "data", n=1)
+    continuer = Continuer(*llm, ContinueOptions())
+    text = json.loads(manifest.read_text())["text"]
+    limit = len(continuer.prompt_ids(text)) + 1  # the continuation's prompt fits
+    long = "Answer with care " * 5 + "the question the following text raises."
+    opts = ContinueOptions(max_new_tokens=4, max_prompt_tokens=limit, instruction_set=(("ask", long),))
+    summary = run_continue(manifest, tmp_path / "b.jsonl", opts, model_and_tokenizer=llm)
+    assert summary.dropped_long == ["u0"]
+    assert "whose prompt under some instruction (of the continuation's and --instruction-set's) has >= " \
+        f"{limit} tokens (--max-prompt-tokens)" in capsys.readouterr().err

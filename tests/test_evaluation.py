@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import whisper_tokenizer_json, write_corpus
+from conftest import write_corpus
 
 from blsp.cli import main
 from blsp.data import load_utterance_audio, normalize_transcript
@@ -48,30 +48,6 @@ def behavior_data(root: Path, n: int = 4) -> Path:
     rows[2]["continuation"] = rows[2]["text"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper_dir(tmp_path_factory):
-    """A tiny random Whisper that, unlike conftest's, has a Whisper tokenizer: the cascade runs."""
-    from transformers import (
-        WhisperConfig,
-        WhisperForConditionalGeneration,
-        WhisperTokenizerFast,
-    )
-
-    root = tmp_path_factory.mktemp("whisper-tok")
-    whisper_tokenizer_json(root / "tokenizer.json")
-    fast = WhisperTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="<|endoftext|>")
-    eot = fast.convert_tokens_to_ids("<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = WhisperConfig(vocab_size=len(fast), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
-                        max_source_positions=1500, max_target_positions=16, pad_token_id=eot, bos_token_id=eot,
-                        eos_token_id=eot, decoder_start_token_id=fast.convert_tokens_to_ids("<|startoftranscript|>"),
-                        begin_suppress_tokens=None, suppress_tokens=None)
-    WhisperForConditionalGeneration(cfg).save_pretrained(root / "model")
-    fast.save_pretrained(root / "model")
-    return str(root / "model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +163,23 @@ def test_alignment_through_the_feature_cache_and_with_a_cascade(tiny_model, tmp_
     assert cached["loss"]["speech"] == pytest.approx(direct["loss"]["speech"], rel=1e-2)
     assert cached["loss"]["cascade"] == pytest.approx(cached["loss"]["transcript"], rel=1e-5)
     assert cached["gap_closed_cascade"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_feature_cache_of_other_features_than_the_model_reads_is_refused(tiny_model, tmp_path):
+    """With trained top encoder layers the model reads features cut below them (config.feature_key);
+    a cache opened by the encoder's fingerprint holds the whole encoder's: refused, not read."""
+    from blsp.errors import BlspError
+    from blsp.evaluation import SpeechFeatures
+    from blsp.features import FeatureCache
+
+    utts, _ = read_behavior_data([behavior_data(tmp_path / "data", n=3)])
+    tiny_model.unfreeze_encoder_layers(1)
+    whole = FeatureCache(tmp_path / "features", tiny_model.config.encoder_fingerprint)
+    with pytest.raises(BlspError, match="the feature cache holds features .* but the model reads .*-below-layer1"):
+        SpeechFeatures(tiny_model, utts, whole)
+    assert not list((tmp_path / "features").rglob("*.npy"))  # nothing encoded into it
+    below = FeatureCache(tmp_path / "features", tiny_model.config.feature_key)
+    assert len(SpeechFeatures(tiny_model, utts, below)(utts)) == 3
 
 
 def test_examples_and_transcription_report(tiny_model, tiny_whisper_dir, tmp_path):

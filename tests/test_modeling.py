@@ -166,6 +166,23 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     torch.testing.assert_close(loaded(**batch).loss, tiny_model(**batch).loss)
 
 
+def test_saving_again_into_a_training_run_keeps_its_checkpoints_and_logs(tiny_model, tmp_path):
+    """A resumed run saves its weights where an earlier save already put some: the run's other
+    files (checkpoints, logs) must survive, and the new weights replace the old."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text('{"step": 1}\n')
+    tiny_model.save_pretrained(run)
+    with torch.no_grad():
+        tiny_model.adapter.norm.weight.add_(1.0)
+    tiny_model.save_pretrained(run)
+    assert sorted(f.name for f in run.iterdir()) == ["adapter.safetensors", "checkpoints", "config.json",
+                                                     "train_log.jsonl"]
+    assert (run / "checkpoints" / "step-2").is_dir() and (run / "train_log.jsonl").read_text() == '{"step": 1}\n'
+    loaded = BlspModel.from_pretrained(run)
+    torch.testing.assert_close(loaded.adapter.norm.weight, tiny_model.adapter.norm.weight)
+
+
 def test_loading_against_another_llm_fails_loudly(tiny_model, tiny_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 

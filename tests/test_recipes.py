@@ -1,4 +1,4 @@
-"""The recipe runners outside the package: the ablation's test selection and its table."""
+"""The recipe runners outside the package: the demo end to end, the ablation's test selection and table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A visit to a strange place will bring fresh work.",
+             "She found that he had lied to her again.", "The ship rolled on the heavy seas all night.",
+             "Anything worth doing is worth doing slowly and well.", "The home team easily demolished the visitors.",
+             "Every cloud has a silver lining somewhere up high."]
 
 
 def load_recipe_module(name: str):
@@ -53,3 +61,50 @@ def test_ablation_table_reports_every_finished_row_as_markdown_json_and_png(tmp_
     assert "| **a**: first | 25.0 (23.0–27.0) |" in md and "| **b**: second | 40.0" in md
     assert json.loads((tmp_path / "docs" / "ablation.json").read_text())["rows"][1]["flags"] == ["--drop-copies"]
     assert (tmp_path / "docs" / "ablation.png").stat().st_size > 5000
+
+
+def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny_whisper_dir, private_cache,
+                                                        monkeypatch, capsys):
+    """recipes/demo.py end to end on tiny models and four spoken sentences: corpus, step 1, step 2,
+    the three evaluations, then report.json, report.png and the printed report; run again, every
+    stage resumes and the numbers stay."""
+    import shutil
+    import sys
+
+    import yaml
+
+    if shutil.which("flite") is None:
+        pytest.fail("flite is not installed: run `make system-deps` (apt-get install flite)")
+    demo = load_recipe_module("demo")
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    data_recipe = tmp_path / "data.yaml"
+    data_recipe.write_text(yaml.safe_dump({
+        "train_sentences": 4, "dev_sentences": 1, "test_sentences": 2, "voices": ["kal"], "test_voices": ["slt"],
+        "voices_per_sentence": 1, "dev_voices_per_sentence": 1, "test_seen_voices": 1, "min_words": 4}))
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "data": {"recipe": str(data_recipe), "text": str(text)},
+        "models": {"encoder": tiny_whisper_dir, "llm": tiny_dirs["llm"]},
+        "continue": {"batch_size": 4, "max_new_tokens": 6},
+        "train": {"recipe": "paper", "max_steps": 2, "batch_size": 2, "save_every": 1},
+        "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3}}))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
+
+    demo.main()
+    first = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    assert first["trained"]["alignment"]["n_utterances"] == 4  # 2 test sentences x (unseen + seen voice)
+    assert first["untrained"]["alignment"]["n_utterances"] == 3
+    assert first["cascade"]["transcription"]["n_utterances"] == 2 and "cascade" in first["cascade"]["transcription"]
+    assert "gap_closed_cascade" in first["cascade"]["alignment"]
+    assert set(first["timings_s"]) >= {"speech corpus", "step 2", "evaluation (transcription, cascade)"}
+    assert "a voice never heard in training" in printed and "zero-shot transcription on the same 2 clips" in printed
+    assert (out / "report.png").stat().st_size > 20_000
+
+    demo.main()  # every stage finds its work done
+    again = json.loads((out / "report.json").read_text())
+    assert "0 clips made" in capsys.readouterr().out
+    assert again["trained"]["alignment"]["loss"] == first["trained"]["alignment"]["loss"]

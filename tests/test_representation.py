@@ -149,3 +149,37 @@ def _example(model, feats):
     from blsp.processing import Example
 
     return Example(model.processor.speech_prompt(CONTINUATION_INSTRUCTION), [feats])
+
+
+def test_the_swap_puts_back_the_models_own_lora_and_encoder_layers(tiny_model, tmp_path):
+    """The contrast's LoRA and trained encoder layers load into the model's own modules for the
+    swap; afterwards every weight of the model is its own again."""
+    from blsp.lora import LoraSettings
+
+    def training_more(model, seed):
+        model.unfreeze_encoder_layers(1)
+        model.enable_lora(LoraSettings(rank=2))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # as if trained: every trainable weight moved
+            for p in model.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        return model
+
+    build = lambda seed: type(tiny_model).from_components(tiny_model.config.encoder_name, tiny_model.config.llm_name,
+                                                          seed=seed)
+    model, other = training_more(tiny_model, 0), training_more(build(7), 1)
+    other.save_pretrained(tmp_path / "other")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    theirs = other.trainable_state_dict()
+    with swapped_adapter(model, tmp_path / "other"):
+        inside = model.trainable_state_dict()
+        assert any(k.startswith("audio_tower.") for k in theirs) and any("lora" in k for k in theirs)
+        assert inside.keys() == theirs.keys() and all(torch.equal(inside[k], theirs[k]) for k in theirs)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+    build(3).save_pretrained(tmp_path / "plain")  # trains no encoder layer, has no LoRA
+    with pytest.raises(CheckpointError, match="the contrast trains 0 encoder layer"):
+        with swapped_adapter(model, tmp_path / "plain"):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_corpus import records, tone
-from test_evaluation import behavior_data, tiny_whisper_dir  # noqa: F401  (a fixture)
+from test_evaluation import behavior_data
 
 from blsp.cli import main
 from blsp.suites import load_suite, load_task_data

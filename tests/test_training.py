@@ -383,3 +383,171 @@ def test_kl_from_step_1s_saved_top_k_equals_running_the_teacher(tiny_dirs, tmp_p
     with pytest.raises(InputError, match="another prompt") as err:
         build_items(tiny_model.processor, utts, opts)
     assert f"{behavior}:2:" in str(err.value)
+
+
+def _saved_topk_trainer(tiny_dirs, tmp_path, tiny_model, n=4):
+    """A trainer over step-1 data whose every line holds the teacher's top-k at K = the whole
+    vocabulary (the saved teacher is then the teacher, to rounding), and the student's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blsp.continuation import ContinueOptions, run_continue
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_dirs["llm"]).eval(), AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+    data = write_corpus(tmp_path / "data", n=n)
+    behavior = tmp_path / "b.jsonl"
+    run_continue(data, behavior, ContinueOptions(max_new_tokens=5, save_topk=llm[0].config.vocab_size),
+                 model_and_tokenizer=llm)
+    utts, _ = read_behavior_data([behavior])
+    trainer = Trainer(tiny_model, utts, options(tiny_dirs, tmp_path, loss="kl", max_target_tokens=4), tmp_path / "run")
+    batch = tiny_model.processor.collate([trainer.example(it) for it in trainer.items])
+    with torch.no_grad():
+        student = tiny_model(**batch, return_target_logits=True).target_logits
+    return trainer, student, behavior
+
+
+def test_kl_mixes_saved_top_k_and_the_live_teacher_item_by_item(tiny_dirs, tmp_path, tiny_model, monkeypatch):
+    """A micro-batch in which some items have no saved top-k (--mix draws such items) runs the
+    teacher on those items alone and gives the loss of the live teacher on every item."""
+    trainer, student, _ = _saved_topk_trainer(tiny_dirs, tmp_path, tiny_model)
+    items = trainer.items
+    fresh = [BehaviorItem(it.utterance, it.prompt, it.teacher_prompt, it.target) for it in items]
+    mixed = [items[0], fresh[1], items[2], fresh[3]]
+    forwards = []
+    real = Trainer.teacher_logits
+    monkeypatch.setattr(Trainer, "teacher_logits", lambda self, its: forwards.append(len(its)) or real(self, its))
+    all_live = trainer.distillation(fresh, student)
+    assert forwards == [4]
+    torch.testing.assert_close(trainer.distillation(mixed, student), all_live, atol=1e-3, rtol=1e-3)
+    assert forwards == [4, 2]  # the teacher read only the two items without a saved top-k
+    assert float(all_live) > 0
+    trainer.distillation(items, student)
+    assert forwards == [4, 2]  # all saved: no teacher forward
+
+    # Under a sharded LLM (every forward a collective) a rank whose items are all saved still runs
+    # the teacher when another rank needs it, and ignores its logits.
+    import blsp.training
+
+    monkeypatch.setattr(blsp.training, "is_sharded", lambda model: True)
+    monkeypatch.setattr(blsp.training, "all_reduce_sum", lambda flag: flag + 1)  # another rank needs it
+    saved_only = trainer.distillation(items, student)
+    assert forwards == [4, 2, 1]
+    torch.testing.assert_close(saved_only, all_live, atol=1e-3, rtol=1e-3)
+    monkeypatch.setattr(blsp.training, "all_reduce_sum", lambda flag: flag)  # no rank needs it
+    trainer.distillation(items, student)
+    assert forwards == [4, 2, 1]
+
+
+def test_top_k_saved_by_another_llm_is_refused_with_its_line(tiny_dirs, tmp_path, tiny_model):
+    from blsp.errors import InputError
+
+    trainer, _, behavior = _saved_topk_trainer(tiny_dirs, tmp_path, tiny_model, n=2)
+    records = [json.loads(l) for l in behavior.read_text().splitlines()]
+    assert all(r["teacher_topk"]["llm"] == tiny_model.config.llm_fingerprint for r in records)
+    records[1]["teacher_topk"]["llm"] = "0" * 16  # a fine-tune with the same tokenizer, say
+    behavior.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([behavior])
+    with pytest.raises(InputError, match="saved by LLM 0000000000000000") as err:
+        build_items(tiny_model.processor, utts, trainer.options, tiny_model.config.llm_fingerprint)
+    assert f"{behavior}:2:" in str(err.value)
+    del records[1]["teacher_topk"]["llm"]  # written before the LLM was recorded: cannot tell
+    behavior.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([behavior])
+    with pytest.raises(InputError, match="not recorded"):
+        build_items(tiny_model.processor, utts, trainer.options, tiny_model.config.llm_fingerprint)
+
+
+def test_errors_about_a_value_the_recipe_set_say_so(tiny_dirs, tmp_path):
+    from blsp.errors import BlspError
+    from blsp.streaming import check_streaming_options
+    from blsp.training import TrainOptions
+
+    with pytest.raises(BlspError, match="--lora-rank with --fsdp") as err:
+        TrainOptions.from_recipe("fast", fsdp=True)
+    assert "(--lora-rank 8 set by --recipe fast, not by a flag: pass --recipe paper, or --lora-rank 0)" in str(err.value)
+    with pytest.raises(BlspError) as err:  # the user typed --lora-rank: nothing to blame on the recipe
+        TrainOptions.from_recipe("fast", fsdp=True, lora_rank=8)
+    assert "recipe" not in str(err.value)
+    with pytest.raises(BlspError) as err:
+        check_streaming_options(TrainOptions.from_recipe("fast"))
+    assert str(err.value).endswith("(--warm-start ctc --compress-speech ctc set by --recipe fast, not by a flag: "
+                                   "pass --recipe paper, or --warm-start none --compress-speech none)")
+    with pytest.raises(BlspError) as err:  # a warm start given, compression the recipe's
+        check_streaming_options(TrainOptions.from_recipe("fast", warm_start="ctc"))
+    assert "(--compress-speech ctc set by --recipe fast" in str(err.value)
+    check_streaming_options(TrainOptions.from_recipe("paper"))
+
+
+def test_a_checkpoint_written_before_newer_options_resumes(tiny_dirs, tmp_path):
+    """Options added since a checkpoint was written had their defaults there; the warm start's own
+    switches may change (it does not run again)."""
+    import shutil
+
+    from blsp.training import STATE_FILE
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    opts = options(tiny_dirs, tmp_path, max_steps=4)
+    run_train([data], tmp_path / "full", opts)
+    run_train([data], tmp_path / "old", opts)
+    checkpoints = tmp_path / "old" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-4")
+    state = torch.load(checkpoints / "step-2" / STATE_FILE, weights_only=False)
+    for key in ("mix", "warm_start_time_masks", "warm_start_feature_masks", "warm_start_bucket_by_length",
+                "max_target_tokens", "lora_lr"):
+        del state["options"][key]  # an older version wrote none of these
+    torch.save(state, checkpoints / "step-2" / STATE_FILE)
+    run_train([data], tmp_path / "old", options(tiny_dirs, tmp_path, max_steps=4, warm_start_time_masks=2),
+              resume=True)
+    full, resumed = adapter_of(tmp_path / "full"), adapter_of(tmp_path / "old")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_refused_resume_names_the_recipe_the_run_started_with(tmp_path):
+    from dataclasses import asdict
+
+    from blsp.errors import CheckpointError
+    from blsp.training import TrainOptions, check_resumable
+
+    paper = TrainOptions.from_recipe("paper")
+    check_resumable(tmp_path, {"lr": paper.lr}, paper)  # every other option at its default
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(tmp_path, asdict(paper), TrainOptions.from_recipe("fast"))
+    assert "adapter_downsample: 8 -> 4" in str(err.value)
+    assert "--recipe sets --adapter-downsample, --warm-start" in str(err.value)
+    assert str(err.value).endswith("pass --recipe paper, whose values it started with")
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(tmp_path, asdict(paper), TrainOptions.from_recipe("paper", lr=1.0))
+    assert "recipe" not in str(err.value)
+
+
+def test_mix_tasks_and_top_k_width_are_checked_before_any_clip_is_encoded(tiny_dirs, tmp_path, monkeypatch):
+    import blsp.training
+    from blsp.errors import BlspError, InputError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the data should have been refused before loading the models")
+
+    monkeypatch.setattr(blsp.training.BlspModel, "from_components", no_model)
+    with pytest.raises(BlspError, match="--mix 'continuation=0.1'"):
+        options(tiny_dirs, tmp_path, mix="continuation=0.1")
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    for rec in records:
+        rec["responses"] = {"summarize": {"instruction": "Summarize the text.", "text": "s", "truncated": False}}
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(BlspError, match=r"no line of .* has a step-1 answer for task 'sumarize' \(its tasks: summarize\)"):
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="sumarize=0.1"))
+    del records[2]["responses"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match="no step-1 answer") as err:  # any line may be drawn for the task
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="summarize=0.1"))
+    assert f"{data}:3:" in str(err.value)
+
+    for i, rec in enumerate(records):  # lines of two step-1 runs, with --save-topk 2 and 3
+        k = 2 if i < 2 else 3
+        rec["teacher_topk"] = {"k": k, "prompt": "p", "target_ids": [1], "ids": [list(range(k))],
+                               "logprobs": [[-1.0] * k]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=f"K 3 here, but K 2 at {data}:1") as err:
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, loss="ce+kl"))
+    assert str(err.value).startswith(f"{data}:3:")

@@ -82,3 +82,16 @@ def test_spec_augment_zeroes_spans_and_bands_inside_each_clip_and_is_seeded():
     channels = (bands[0] == 0).all(0)  # whole channels of clip 0
     assert 0 < channels.sum() <= 3 * 2 and torch.equal(bands[0][:, ~channels], feats[0][:, ~channels])
     assert torch.equal(spec_augment(feats, lengths, 0, 0, torch.Generator()), feats)
+
+
+def test_spec_augment_time_masks_reach_every_frame_the_last_included():
+    """A time span may start anywhere it fits, so the clip's last frame can be masked too (and a
+    span longer than a short clip covers the clip, never its padding)."""
+    from blsp.warmstart import spec_augment
+
+    feats = torch.randn(2, 12, 4) + 5
+    lengths = torch.tensor([12, 3])
+    gen = torch.Generator().manual_seed(0)
+    masked = torch.stack([(spec_augment(feats, lengths, 1, 0, gen) == 0).all(-1) for _ in range(300)])
+    assert masked[:, 0, 11].any() and masked[:, 1, 2].any()  # each clip's last frame
+    assert masked[:, 0].any(0).all() and not masked[:, 1, 3:].any()
