@@ -7,7 +7,8 @@
 
 Each row runs `blsp train` and `blsp eval` in a subprocess (so its peak memory is its own) and
 resumes: a finished row is skipped, a killed one continues from its last checkpoint. The table
-goes to docs/ablation.{md,json,png} with the date and the machine.
+goes to docs/ablation.{md,json,png}, each row with the date and the machine it ran on; rows run
+on another machine (their runs/ablation/ROW is not here) are kept from the previous table.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run_row(row: dict, recipe: dict, test: Path, out: Path) -> None:
         blsp("train", "--data", recipe["train_data"], "--output-dir", str(run), *option_flags(train), *resume, log=log)
     blsp("eval", "--model", str(run), "--data", str(test), "--tasks", recipe["eval_tasks"],
          "--output-dir", str(run / "eval"), log=log)
+    atomic_write_json(run / "measured_on.json", {"date": datetime.date.today().isoformat(), "machine": machine()})
 
 
 def row_result(row: dict, run: Path) -> dict | None:
@@ -76,6 +78,9 @@ def row_result(row: dict, run: Path) -> dict | None:
     if not (results.exists() and summary.exists()):
         return None
     r, s = json.loads(results.read_text()), json.loads(summary.read_text())
+    measured = run / "measured_on.json"  # rows finished before it was written: this machine, today
+    where = json.loads(measured.read_text()) if measured.exists() else {
+        "date": datetime.date.today().isoformat(), "machine": machine()}
     a = r["alignment"]
     warm, train = s.get("warm_start_s", last_elapsed(run / "warm_start_log.json")), s.get("train_s")
     if train is None:  # a summary from before the trainer timed itself: the step log's clock
@@ -94,7 +99,17 @@ def row_result(row: dict, run: Path) -> dict | None:
         "minutes": round((warm + train) / 60, 1) if train is not None else None,
         "peak_rss_gb": round(s["peak_rss_mb"] / 1024, 2) if "peak_rss_mb" in s else None,
         "n_test_utterances": a["n_utterances"],
+        **where,
     }
+
+
+def previous_rows(docs: Path) -> dict[str, dict]:
+    """The last table's rows by name, each with its date and machine (older tables had one for all)."""
+    path = docs.with_suffix(".json")
+    if not path.exists():
+        return {}
+    meta = json.loads(path.read_text())
+    return {r["name"]: {"date": meta.get("date"), "machine": meta.get("machine"), **r} for r in meta.get("rows", [])}
 
 
 def last_elapsed(log: Path) -> float:
@@ -116,13 +131,22 @@ def machine() -> str:
     return f"{cpus} CPU cores ({model or platform.processor()}), {platform.system()}, torch CPU"
 
 
+def cpu_label(machine: str | None) -> str:
+    """"2 CPU cores (AMD EPYC 7B13), Linux, torch CPU" -> "AMD EPYC 7B13"; None -> "?"."""
+    if not machine:
+        return "?"
+    name = machine[machine.find("(") + 1 : machine.rfind(")")] if "(" in machine else machine
+    return name.replace("(R)", "").replace("(TM)", "")  # "Intel(R) Xeon(R) Processor" -> "Intel Xeon Processor"
+
+
 def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "note": recipe.get("note"),
+    meta = {"date": datetime.date.today().isoformat(), "machines": sorted({r["machine"] for r in rows if r.get("machine")}),
+            "note": recipe.get("note"),
             "train_data": recipe["train_data"],
             "test_data": recipe["test_data"], "test_where": recipe["test_where"], "rows": rows}
     docs.parent.mkdir(parents=True, exist_ok=True)
@@ -131,19 +155,19 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
     def pct(x):
         return "" if x is None else f"{100 * x:.1f}"
 
-    md = [f"# Step-2 ablation ({meta['date']}, {meta['machine']})", "",
+    md = [f"# Step-2 ablation (table made {meta['date']}; rows on {'; '.join(meta['machines'])})", "",
           f"Train: `{recipe['train_data']}`; test: `{recipe['test_data']}` where {recipe['test_where']} "
           f"({rows[0]['n_test_utterances'] if rows else 0} held-out sentences, a voice no row trained on). "
           "Made by `recipes/ablation.py` from `recipes/ablation.yaml`; numbers in `ablation.json`.", "",
           *([recipe["note"].strip(), ""] if recipe.get("note") else []),
-          "| setting | gap closed % (95% CI) | speech loss | KL text‖speech | transcription WER % | warm-start steps | step-2 steps | minutes | peak RSS GB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| setting | gap closed % (95% CI) | speech loss | KL text‖speech | transcription WER % | warm-start steps | step-2 steps | minutes | peak RSS GB | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = r["gap_closed_ci95"]
         ci_text = f" ({pct(ci[0])}–{pct(ci[1])})" if ci else ""
         md.append(f"| **{r['name']}**: {r['what']} | {pct(r['gap_closed'])}{ci_text} | {r['loss']['speech']:.3f} | "
                   f"{r['kl_text_speech']:.3f} | {pct(r['transcription_wer'])} | {r['warm_start_steps']} | {r['steps']} | "
-                  f"{r['minutes']} | {r['peak_rss_gb'] or '—'} |")
+                  f"{r['minutes']} | {r['peak_rss_gb'] or '—'} | {r.get('date')}, {cpu_label(r.get('machine'))} |")
     if rows:
         md += ["", f"Floor (instruction only) {rows[0]['loss']['instruction']:.3f}, ceiling (transcript) "
                    f"{rows[0]['loss']['transcript']:.3f} nats per continuation token; gap closed = "
@@ -187,7 +211,8 @@ def main() -> None:
         for row in rows:
             if not args.rows or row["name"] in args.rows:
                 run_row(row, recipe, test, out)
-    done = [res for row in rows if (res := row_result(row, out / row["name"])) is not None]
+    before = previous_rows(ROOT / recipe["docs"])
+    done = [res for row in rows if (res := row_result(row, out / row["name"]) or before.get(row["name"]))]
     write_table(done, recipe, ROOT / recipe["docs"])
 
 

@@ -108,3 +108,35 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     again = json.loads((out / "report.json").read_text())
     assert "0 clips made" in capsys.readouterr().out
     assert again["trained"]["alignment"]["loss"] == first["trained"]["alignment"]["loss"]
+
+
+def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tmp_path, monkeypatch):
+    import sys
+
+    import yaml
+
+    ablation = load_recipe_module("ablation")
+    elsewhere = tmp_path / "elsewhere" / "old"
+    elsewhere.parent.mkdir()
+    fake_row(elsewhere, 0.20, 240, 360)
+    old = {k: v for k, v in ablation.row_result({"name": "old", "what": "ran elsewhere", "train": {}}, elsewhere).items()
+           if k not in ("date", "machine")}
+    docs = tmp_path / "docs" / "ablation"
+    docs.parent.mkdir()  # the table as an earlier session left it: one date and machine for all rows
+    docs.with_suffix(".json").write_text(json.dumps({"date": "2026-11-22", "machine": "2 CPU cores (AMD EPYC), Linux",
+                                                     "rows": [old]}))
+    fake_row(tmp_path / "runs" / "new", 0.30, 100, 200)
+    recipe = tmp_path / "ablation.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "train_data": "train.jsonl", "test_data": "test.jsonl", "test_where": {"voice_seen": False},
+        "output": str(tmp_path / "runs"), "docs": str(docs),
+        "rows": [{"name": "old", "what": "ran elsewhere", "train": {}}, {"name": "new", "what": "ran here", "train": {}},
+                 {"name": "never", "what": "not run anywhere", "train": {}}]}))
+    monkeypatch.setattr(sys, "argv", ["ablation.py", "--recipe", str(recipe), "--table-only"])
+    ablation.main()
+    rows = json.loads(docs.with_suffix(".json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["old", "new"]
+    assert (rows[0]["date"], rows[0]["machine"]) == ("2026-11-22", "2 CPU cores (AMD EPYC), Linux")
+    assert rows[1]["machine"] == ablation.machine() and rows[0]["gap_closed"] == 0.20
+    md = docs.with_suffix(".md").read_text()
+    assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
