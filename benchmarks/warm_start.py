@@ -86,7 +86,7 @@ def main() -> None:
                       "threads": r["threads"], "flush_supported": r["flushed"] if name == "flushed" else None}
                for name, r in runs.items()}
     ratio = {k: summary["default"][k] / summary["flushed"][k] for k in ("mean_step_s", "last_third_step_s")}
-    print(f"warm start, {args.steps} steps of 32 clips ({data}), {platform.processor() or platform.machine()}:")
+    print(f"warm start, {args.steps} steps of 32 clips ({data}), {cpu_name()}:")
     for name, s in summary.items():
         print(f"  {name:8}  {s['mean_step_s']:.3f} s/step over the run, {s['last_third_step_s']:.3f} in its last third")
     print(f"  flushed is {ratio['mean_step_s']:.2f}x as fast over the run, {ratio['last_third_step_s']:.2f}x in the last third")
