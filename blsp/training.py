@@ -909,23 +909,31 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+def draw_loss_curve(ax, log_path: Path) -> bool:
+    """The step log's loss per step and its moving mean on `ax`; False when there is no log."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     if not records:
-        return
+        return False
     steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
     window = max(1, len(losses) // 20)  # a step's batch is small: show the trend beside the noise
     if window > 1:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"mean of {window} steps")
         ax.legend()
+    return True
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if not draw_loss_curve(ax, log_path):
+        plt.close(fig)
+        return
     ax.set_xlabel("step")
     ax.set_ylabel("loss on continuation (nats/token)")
     ax.set_title("step 2 training loss")

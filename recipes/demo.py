@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from blsp.cli import main as blsp, option_flags as flags
+from blsp.evaluation import _pct
 from blsp.io import atomic_write_json
+from blsp.training import draw_loss_curve
 
 
 HERE = Path(__file__).parent
@@ -120,10 +121,6 @@ def report(out: Path, recipe: dict, timings: dict) -> None:
     print(format_report(summary))
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _alignment_row(label: str, al: dict) -> str:
     lo, hi = al["gap_closed_ci95"]
     loss = al["loss"]
@@ -185,15 +182,7 @@ def plot_report(summary: dict, train_log: Path, png: Path) -> None:
     ax.tick_params(axis="x", labelsize=8)
 
     ax = axes[1]
-    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()] if train_log.is_file() else []
-    if records:
-        steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
-        ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
-        window = max(1, len(losses) // 20)  # a step's batch is small: the trend beside the noise
-        if window > 1:
-            ax.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), lw=1.8,
-                    label=f"mean of {window} steps")
-            ax.legend()
+    draw_loss_curve(ax, train_log)
     ax.set_xlabel("step-2 step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("step 2 training loss", fontsize=10)
