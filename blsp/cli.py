@@ -31,7 +31,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
         backend=args.backend, save_topk=args.save_topk,
     )
-    summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad)
+    summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad, limit=args.limit)
     report_skipped(summary.skipped_bad)
     print(f"step 1: wrote {summary.written} continuation(s) to {summary.output} "
           f"({summary.already_done} already there, {len(summary.dropped_long)} dropped as too long)")
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: transformers (batched greedy with early exit); vllm: vLLM (pip install vllm; a CUDA "
                         "GPU, one process); auto (default): vLLM when installed beside a GPU, else hf (hf too with "
                         "--save-topk, or where the LLM has no local safetensors weights)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the manifest's first N utterances (e.g. behaviour data for step 2's steps, while "
+                        "the warm start hears the whole manifest through `blsp train --warm-start-data`)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
     _add_decoding(p, 64)
     p.set_defaults(func=cmd_continue)

@@ -383,8 +383,12 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def run_continue(manifest: str | Path, output: str | Path, options: ContinueOptions,
-                 skip_bad: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None) -> ContinueSummary:
-    """Step 1 over a manifest, resumable and sharded across torchrun ranks."""
+                 skip_bad: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None,
+                 limit: int | None = None) -> ContinueSummary:
+    """Step 1 over a manifest (its first `limit` utterances if given), resumable and sharded
+    across torchrun ranks."""
+    if limit is not None and limit < 1:
+        raise BlspError(f"--limit {limit}: give a number of utterances, at least 1")
     info = init_distributed()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +419,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     instructions = dict(options.instruction_set)
     jobs: dict[str, Job] = {}
     dropped = []
-    for utt in read.utterances:
+    for utt in read.utterances[:limit]:
         if utt.id in done:
             continue
         transcript = normalize_transcript(utt.text) if options.normalize else utt.text.strip()

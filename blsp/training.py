@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -206,6 +207,12 @@ def sample_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
+def _clip(utt: Utterance) -> tuple:
+    """What makes two utterances the same clip: the same samples of the same file."""
+    ref = utt.audio
+    return os.path.realpath(ref.path), ref.start, ref.num_samples
+
+
 def global_batch_indices(step: int, n: int, global_batch: int, seed: int,
                          lengths: tuple[int, ...] | None = None, frames: tuple[int, ...] | None = None) -> list[int]:
     """The dataset indices of optimizer step `step` (0-based): a window over seeded epochs.
@@ -371,11 +378,17 @@ class Trainer:
         """--warm-start-data: utterances with transcripts only, for the warm start (and the CTC
         head's vocabulary). Step 1 costs an LLM generation per sentence; these cost none, so
         the warm start can hear far more words than step 2 has continuations for."""
+        # A clip both in --data and here (the demo passes its whole train manifest, of which step 1
+        # continued a part) is heard once, not twice as often as the rest.
+        heard = {_clip(it.utterance) for it in self.items}
         extra: list[Utterance] = []
         for path in self.options.warm_start_data:
             result = read_manifest(path, skip_bad=skip_bad)
             self.skipped += result.skipped
-            extra += result.utterances
+            for u in result.utterances:
+                if _clip(u) not in heard:
+                    heard.add(_clip(u))
+                    extra.append(u)
         if extra:
             self.skipped += self.prepare_features(extra, skip_bad)
         return [u for u in extra if self.cache.has(u.audio)]
@@ -536,6 +549,7 @@ class Trainer:
         if self.info.is_main:
             self.model.save_pretrained(self.output_dir)
             summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
+                       "warm_start_clips": self.n_examples + len(self.warm_start_extra) if self.options.warm_start != "none" else 0,
                        "options": asdict(self.options), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
@@ -714,6 +728,9 @@ def check_options(options: TrainOptions) -> None:
         if options.fsdp:
             raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen"
                             + options.recipe_note("lora_rank"))
+    if options.warm_start_data and (options.warm_start == "none" or options.warm_start_steps <= 0):
+        raise BlspError("--warm-start-data is heard by the warm start only: add --warm-start ctc|embed "
+                        "--warm-start-steps N (N > 0), or leave it out")
     if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)" + options.recipe_note("compress_speech"))

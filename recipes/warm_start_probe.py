@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from blsp.cpu import flush_denormals
 from blsp.data import read_manifest
 from blsp.evaluation import alignment_report
 from blsp.features import FeatureCache
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--feature-masks", type=int, default=0, help="SpecAugment: feature masks per clip")
     args = p.parse_args()
 
+    flush_denormals()  # before torch's first parallel op: see blsp/cpu.py
     torch.manual_seed(args.seed)
     model = BlspModel.from_components(adapter_type=args.adapter, adapter_downsample=args.adapter_downsample,
                                       seed=args.seed)

@@ -76,6 +76,18 @@ def test_continue_writes_every_line_with_fingerprint_and_resumes(tmp_path, llm):
     assert sorted(resumed, key=lambda r: r["id"]) == sorted(full, key=lambda r: r["id"])
 
 
+def test_limit_continues_the_manifests_first_utterances_and_a_larger_one_resumes(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=6)
+    opts = ContinueOptions(max_new_tokens=4, batch_size=4)
+    out = tmp_path / "behavior.jsonl"
+    assert run_continue(manifest, out, opts, model_and_tokenizer=llm, limit=3).written == 3
+    assert sorted(r["id"] for r in lines(out)) == ["u0", "u1", "u2"]
+    summary = run_continue(manifest, out, opts, model_and_tokenizer=llm, limit=5)
+    assert (summary.already_done, summary.written) == (3, 2)
+    with pytest.raises(BlspError, match="--limit 0"):
+        run_continue(manifest, out, opts, model_and_tokenizer=llm, limit=0)
+
+
 def test_other_settings_into_the_same_output_are_refused(tmp_path, llm):
     manifest = write_corpus(tmp_path / "data", n=2)
     out = tmp_path / "behavior.jsonl"

@@ -46,6 +46,25 @@ def test_ctc_head_equals_torch_ctc_on_explicit_logits():
     torch.testing.assert_close(head.loss(x, lengths, targets), expected)
 
 
+def test_ctc_head_logits_and_gradients_are_scale_times_the_product_with_blank_and_rows_plus_bias():
+    # forward() is arranged for speed; this is the definition it must keep, gradients included
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(40, 6, generator=g)
+    head = EmbeddingCTCHead(emb, vocab=[2, 5, 11])
+    with torch.no_grad():
+        head.blank.copy_(torch.randn(6, generator=g)), head.scale.fill_(2.5), head.bias.copy_(torch.randn(4, generator=g))
+    x = torch.randn(3, 5, 6, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    blank, scale, bias = (p.detach().clone().requires_grad_() for p in (head.blank, head.scale, head.bias))
+    expected = scale * (x_ref @ torch.cat([blank[None], emb[[2, 5, 11]]]).T) + bias
+    torch.testing.assert_close(head(x), expected)
+    weights = torch.randn(3, 5, 4, generator=g)
+    (head(x) * weights).sum().backward(), (expected * weights).sum().backward()
+    for got, want in ((x.grad, x_ref.grad), (head.blank.grad, blank.grad), (head.scale.grad, scale.grad),
+                      (head.bias.grad, bias.grad)):
+        torch.testing.assert_close(got, want)
+
+
 def test_ctc_head_scores_speech_that_sits_on_the_word_embeddings_best():
     g = torch.Generator().manual_seed(4)
     emb = torch.randn(30, 16, generator=g) * 3

@@ -289,6 +289,25 @@ def test_conv_adapter_downsamples_by_its_factor(downsample):
     assert out.shape[1] == int(lengths) == 160 // downsample
 
 
+@pytest.mark.parametrize("frames", [1, 7, 40])
+def test_the_cpu_convolution_as_a_matrix_product_equals_conv1d_with_its_gradients(frames):
+    from blsp.modeling import _conv_as_matmul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 10, 5, stride=2, padding=2)
+    x = torch.randn(3, frames, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    got, want = _conv_as_matmul(conv, x), conv(x_ref.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(want)
+    (got * weights).sum().backward()
+    grads = [conv.weight.grad.clone(), conv.bias.grad.clone()]
+    conv.zero_grad()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(grads, [conv.weight.grad, conv.bias.grad])
+
+
 def test_conv_adapter_refuses_a_factor_that_is_not_a_power_of_two():
     with pytest.raises(BlspError, match="power of 2"):
         ConvAdapter(16, 24, downsample=6)

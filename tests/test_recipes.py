@@ -87,8 +87,10 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
         "name": "tiny",
         "data": {"recipe": str(data_recipe), "text": str(text)},
         "models": {"encoder": tiny_whisper_dir, "llm": tiny_dirs["llm"]},
-        "continue": {"batch_size": 4, "max_new_tokens": 6},
-        "train": {"recipe": "paper", "max_steps": 2, "batch_size": 2, "save_every": 1},
+        # step 1 on 3 of the 4 train clips; the warm start hears all 4
+        "continue": {"batch_size": 4, "max_new_tokens": 6, "train_utterances": 3},
+        "train": {"recipe": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
+                  "max_steps": 2, "batch_size": 2, "save_every": 1},
         "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3}}))
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
@@ -103,6 +105,8 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     assert set(first["timings_s"]) >= {"speech corpus", "step 2", "evaluation (transcription, cascade)"}
     assert "a voice never heard in training" in printed and "zero-shot transcription on the same 2 clips" in printed
     assert (out / "report.png").stat().st_size > 20_000
+    assert len((out / "behavior" / "train.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "adapter" / "train_summary.json").read_text())["warm_start_clips"] == 4
 
     demo.main()  # every stage finds its work done
     again = json.loads((out / "report.json").read_text())

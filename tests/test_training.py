@@ -249,6 +249,22 @@ def test_warm_start_data_joins_the_warm_start_and_the_ctc_vocabulary(tiny_dirs, 
     assert extra_tokens <= vocab
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["examples"] == 2 and summary["options"]["warm_start_data"] == [str(extra)]
+    assert summary["warm_start_clips"] == 2 + 5
+
+
+def test_a_clip_in_both_the_behavior_data_and_the_warm_start_data_is_heard_once(tiny_dirs, tmp_path):
+    # The demo continues the first part of its train manifest and hands the warm start the whole
+    # manifest: the continued clips must not count twice in the warm start's batches.
+    corpus = write_corpus(tmp_path / "data", n=5, seconds=3.0)
+    continued = [dict(json.loads(line), continuation="and so on.", truncated=False)
+                 for line in corpus.read_text().splitlines()[:2]]
+    behavior = corpus.parent / "behavior.jsonl"  # beside the manifest: same relative audio paths
+    behavior.write_text("".join(json.dumps(r) + "\n" for r in continued))
+    opts = options(tiny_dirs, tmp_path, max_steps=1, warm_start="ctc", warm_start_steps=1, warm_start_batch_size=4,
+                   compress_speech="ctc", warm_start_data=[str(corpus)])
+    run_train([behavior], tmp_path / "run", opts)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["examples"] == 2 and summary["warm_start_clips"] == 5
 
 
 def test_compression_without_a_warm_start_is_refused_before_training(tiny_dirs, tmp_path):
@@ -257,6 +273,16 @@ def test_compression_without_a_warm_start_is_refused_before_training(tiny_dirs, 
     data = write_corpus(tmp_path / "data", n=2, with_continuation=True)
     with pytest.raises(BlspError, match="--warm-start"):
         run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, compress_speech="ctc"))
+
+
+def test_warm_start_data_without_a_warm_start_is_refused_before_any_clip_is_encoded(tmp_path):
+    from blsp.errors import BlspError
+    from blsp.training import TrainOptions
+
+    with pytest.raises(BlspError, match="--warm-start-data is heard by the warm start only"):
+        TrainOptions(warm_start_data=[str(tmp_path / "more.jsonl")])
+    with pytest.raises(BlspError, match="--warm-start-data"):
+        TrainOptions.from_recipe("fast", warm_start_steps=0, compress_speech="none", warm_start_data=["more.jsonl"])
 
 
 def test_drop_copies_leaves_out_continuations_that_repeat_the_transcript(tiny_dirs, tmp_path, tiny_model):
