@@ -2,6 +2,7 @@
 """The BLSP demo: speech corpus -> step 1 -> step 2 -> evaluation on held-out speech.
 
     python recipes/demo.py                  # recipes/demo.yaml
+    python recipes/demo.py --size medium    # recipes/demo-medium.yaml: more sentences, ~25 minutes
     python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
     python recipes/demo.py --recipe my.yaml
 
@@ -26,7 +27,7 @@ from blsp.training import draw_loss_curve
 
 
 HERE = Path(__file__).parent
-SIZES = {"default": HERE / "demo.yaml", "full": HERE / "demo-full.yaml"}
+SIZES = {"default": HERE / "demo.yaml", "medium": HERE / "demo-medium.yaml", "full": HERE / "demo-full.yaml"}
 
 
 def run(stage: str, args: list[str], timings: dict) -> None:

@@ -144,3 +144,24 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     assert rows[1]["machine"] == ablation.machine() and rows[0]["gap_closed"] == 0.20
     md = docs.with_suffix(".md").read_text()
     assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
+
+
+@pytest.mark.parametrize("size", ["default", "medium", "full"])
+def test_every_demo_size_parses_into_the_commands_it_runs(size):
+    """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
+    import yaml
+
+    from blsp.cli import build_parser, option_flags, train_options
+
+    demo = load_recipe_module("demo")
+    recipe = yaml.safe_load(demo.SIZES[size].read_text())
+    parser = build_parser()
+    data = {k: v for k, v in recipe["data"].items() if k != "recipe"}
+    cont = {k: v for k, v in recipe["continue"].items() if k != "train_utterances"}
+    parser.parse_args(["data", "synth", "--output", "x", *option_flags(data)])
+    parser.parse_args(["continue", "--manifest", "m", "--output", "o", *option_flags(cont)])
+    train = parser.parse_args(["train", "--data", "d", "--output-dir", "o", *option_flags(recipe["train"]),
+                               *(["--warm-start-data", "m"] if "train_utterances" in recipe["continue"] else [])])
+    train_options(train)  # the options' own checks, as `blsp train` runs them
+    assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit"}
+    assert (demo.HERE.parent / recipe["data"]["recipe"]).exists()
