@@ -23,6 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# benchmarks/presets.py, beside this script; it imports torch, which is harmless here: the
+# floating-point mode has to be set before torch's first op, not before its import.
+from presets import cpu_name
+
 HERE = Path(__file__).parent
 DEMO_TRAIN = Path("runs/demo/behavior/train.jsonl")
 
@@ -95,16 +99,6 @@ def main() -> None:
     atomic_write_json(args.output, {"data": data, "steps": args.steps, "machine": platform.platform(),
                                     "cpu": cpu_name(), "summary": summary, "ratio_default_over_flushed": ratio,
                                     "step_s": {k: r["step_s"] for k, r in runs.items()}})
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -386,8 +386,9 @@ class Trainer:
             result = read_manifest(path, skip_bad=skip_bad)
             self.skipped += result.skipped
             for u in result.utterances:
-                if _clip(u) not in heard:
-                    heard.add(_clip(u))
+                clip = _clip(u)
+                if clip not in heard:
+                    heard.add(clip)
                     extra.append(u)
         if extra:
             self.skipped += self.prepare_features(extra, skip_bad)
@@ -549,13 +550,17 @@ class Trainer:
         if self.info.is_main:
             self.model.save_pretrained(self.output_dir)
             summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
-                       "warm_start_clips": self.n_examples + len(self.warm_start_extra) if self.options.warm_start != "none" else 0,
+                       "warm_start_clips": len(self.warm_start_utterances()) if self.options.warm_start != "none" else 0,
                        "options": asdict(self.options), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
             plot_loss(log_path, self.output_dir / "train_loss.png")
         barrier()
         return {"steps": self.step, "output_dir": str(self.output_dir)}
+
+    def warm_start_utterances(self) -> list[Utterance]:
+        """What the warm start hears: every training item's clip, then --warm-start-data's others."""
+        return [it.utterance for it in self.items] + self.warm_start_extra
 
     def warm_start(self) -> None:
         """The CTC warm start on cached features (see blsp.warmstart); its log beside the run's."""
@@ -565,8 +570,7 @@ class Trainer:
                                    batch_size=o.warm_start_batch_size, seed=o.seed, embed_weight=o.embed_weight,
                                    bucket_by_length=bucket, time_masks=o.warm_start_time_masks,
                                    feature_masks=o.warm_start_feature_masks)
-        utterances = [it.utterance for it in self.items] + self.warm_start_extra
-        log = ctc_warm_start(self.model, utterances, self.cache, options,
+        log = ctc_warm_start(self.model, self.warm_start_utterances(), self.cache, options,
                              show_progress=self.info.is_main)
         if self.info.is_main:
             atomic_write_json(self.output_dir / "warm_start_log.json", log)
@@ -728,10 +732,11 @@ def check_options(options: TrainOptions) -> None:
         if options.fsdp:
             raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen"
                             + options.recipe_note("lora_rank"))
-    if options.warm_start_data and (options.warm_start == "none" or options.warm_start_steps <= 0):
+    no_warm_start = options.warm_start == "none" or options.warm_start_steps <= 0
+    if options.warm_start_data and no_warm_start:
         raise BlspError("--warm-start-data is heard by the warm start only: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0), or leave it out")
-    if options.compress_speech == "ctc" and (options.warm_start == "none" or options.warm_start_steps <= 0):
+    if options.compress_speech == "ctc" and no_warm_start:
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)" + options.recipe_note("compress_speech"))
 
