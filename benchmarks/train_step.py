@@ -25,6 +25,7 @@ benchmarks/results/train_step-<preset>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from blsp.audio import HOP_LENGTH, N_SAMPLES, AudioRef, log_mel_spectrogram
 from blsp.data import Utterance
 from blsp.distributed import DistInfo
 from blsp.features import encode_waveforms
-from blsp.modeling import SPEECH_TOKEN_ID, encoder_output_lengths, shared_prefix
+from blsp.modeling import SPEECH_TOKEN_ID, ConvAdapter, encoder_output_lengths, shared_prefix
 from blsp.processing import Example
 from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste,
                            peak_rss_mb)
@@ -49,7 +50,9 @@ from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_ba
 # ----------------------------------------------------------------------------------------------
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        # Not empty_cache(): that hands every cached block back, and each variant's next step
+        # would time cudaMalloc calls a training run never makes. The peak of allocated memory
+        # does not depend on what the allocator keeps cached.
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:  # hand freed heap pages back first, else the RSS left by the previous variant hides this one's peak
@@ -98,6 +101,26 @@ def timed(variants: dict, steps: int, warmup: int, batch_size: int, device: torc
             for name in variants}
 
 
+def profile_steps(trainer: Trainer, steps: range, device: torch.device, top: int = 25) -> list[dict]:
+    """torch.profiler over `steps` of ours: the ops that took the most CPU time of their own (on
+    a GPU the step is bound by the CPU launching work), with their device time beside; printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    trainer.train_step(steps[0])  # the new steps' shapes meet the allocator once before the profile
+    with profile(activities=activities) as prof:
+        for step in steps:
+            trainer.train_step(step)
+        presets.sync(device)
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
+    rows = sorted(table, key=lambda e: -e.self_cpu_time_total)[:top]
+    per_step = 1000 / len(steps)  # microseconds summed over the steps -> milliseconds a step
+    return [{"op": e.key, "calls_per_step": round(e.count / len(steps), 1),
+             "self_cpu_ms_per_step": round(e.self_cpu_time_total / per_step, 3),
+             "device_ms_per_step": round(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / per_step, 3)} for e in rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # The data: clips, transcripts, continuations, features in our cache
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +159,8 @@ def fill_cache(model, utterances: list[Utterance], clips: list[np.ndarray], cach
 class OriginalStep:
     """One training step as the original BLSP code ran it (see the module docstring)."""
 
-    def __init__(self, trainer: Trainer, clips: list[np.ndarray], batch_size: int, seed: int):
-        self.trainer, self.model, self.batch_size, self.seed = trainer, trainer.model, batch_size, seed
+    def __init__(self, trainer: Trainer, model, clips: list[np.ndarray], batch_size: int, seed: int):
+        self.trainer, self.model, self.batch_size, self.seed = trainer, model, batch_size, seed
         self.device = trainer.device
         n_mels = self.model.config.encoder_config.num_mel_bins
         by_id = {int(it.utterance.id): k for k, it in enumerate(trainer.items)}
@@ -259,6 +282,15 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="also time ours with the frozen LLM's layers checkpointed, and its memory")
     parser.add_argument("--unbucketed", action="store_true", help="also time ours with random batches")
+    parser.add_argument("--other-conv", action="store_true",
+                        help="also time ours with the adapter's other convolution (ConvAdapter.conv_impl: unfold + "
+                             "matmul, or the backend's conv1d)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timing, profile this many more steps of ours (torch.profiler) and write "
+                             "the ops that took the most CPU and device time")
+    parser.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the frozen LLM's weights for ours and the floor (`blsp train --llm-dtype`); auto: bf16 on "
+                             "a GPU, where the step runs in bf16")
     parser.add_argument("--no-original", action="store_true", help="skip the original's way (slow on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
@@ -280,9 +312,16 @@ def main() -> None:
     utterances = make_utterances(tmp / "data", clips, args.seed)
     encode_s = fill_cache(model, utterances, clips, tmp / "features", device)
 
+    # The original ran fp32 weights; on a GPU our trainer keeps the frozen LLM in bf16 (--llm-dtype
+    # auto), so the original's way gets its own copy of the same weights, made before that.
+    original_model = None
+    if not args.no_original:
+        bf16_llm = args.llm_dtype == "bf16" or (args.llm_dtype == "auto" and device.type == "cuda")
+        original_model = copy.deepcopy(model) if bf16_llm else model
+
     def trainer_for(**kw) -> Trainer:
         options = TrainOptions(batch_size=batch_size, max_steps=args.warmup + steps, warmup_steps=0, seed=args.seed,
-                               feature_cache=str(tmp / "features"), **kw)
+                               feature_cache=str(tmp / "features"), llm_dtype=args.llm_dtype, **kw)
         return Trainer(model, utterances, options, tmp / "run", DistInfo())
 
     trainer = trainer_for()
@@ -307,17 +346,37 @@ def main() -> None:
                 model.set_llm_checkpointing(False)
 
         variants["ours_checkpointed"] = checkpointed
+    if args.other_conv:
+        conv = trainer_for()
+        other = "conv1d" if ConvAdapter.conv_impl == "matmul" else "matmul"
+
+        def other_conv(step: int) -> None:  # a class-wide switch, on for this variant's steps only
+            mine, ConvAdapter.conv_impl = ConvAdapter.conv_impl, other
+            try:
+                conv.train_step(step)
+            finally:
+                ConvAdapter.conv_impl = mine
+
+        variants[f"ours_conv_{other}"] = other_conv
     for name, use_prefix in (("floor", False), ("floor_prefix_cached", True)):
         variants[name] = FloorStep(trainer, use_prefix)
         variants[name].prepare(range(args.warmup + steps))
+    after = {}
     if not args.no_original:
-        variants["original"] = OriginalStep(trainer, clips, batch_size, args.seed)
-    print(f"timing {', '.join(variants)}: {args.warmup} untimed + {steps} timed steps each, interleaved", flush=True)
+        original = OriginalStep(trainer, original_model, clips, batch_size, args.seed)
+        # On a GPU the original's way is timed on its own, after the others: interleaved, the
+        # variant after its 48 GB fp32 step ran 25-35 ms slower whichever it was (H100, 2026-11-27).
+        (after if device.type == "cuda" else variants)["original"] = original
+    print(f"timing {', '.join(variants)}: {args.warmup} untimed + {steps} timed steps each, interleaved"
+          + (f"; then {', '.join(after)}" if after else ""), flush=True)
     results = timed(variants, steps, args.warmup, batch_size, device)
+    results.update(timed(after, steps, args.warmup, batch_size, device) if after else {})
     for name, r in results.items():
         print(f"{name:>22}: {r['samples_per_s']:8.3f} samples/s  ({r['seconds_per_step']:.3f} s/step, "
               f"peak {r['peak_memory_mb']:.0f} MB)", flush=True)
 
+    profile = profile_steps(trainer, range(args.warmup + steps, args.warmup + steps + args.profile), device) \
+        if args.profile else None
     ours = results["ours"]["samples_per_s"]
     ratios = {
         "ours_over_original": round(ours / results["original"]["samples_per_s"], 2) if "original" in results else None,
@@ -339,8 +398,9 @@ def main() -> None:
         "device": str(device), "machine": presets.machine(device), "date": time.strftime("%Y-%m-%d"),
         "batch_size": batch_size, "clip_seconds": f"{args.clip_seconds} +- {0.2 * args.clip_seconds:.1f}",
         "steps": steps, "warmup": args.warmup, "precision_ours": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "llm_weights_ours": str(next(model.language_model.parameters()).dtype).removeprefix("torch."),
         "results": results, "ratios": ratios, "padding_waste": waste, "padding_waste_1_to_35s_clips": waste_skewed,
-        "encode_once_s_per_clip": round(per_clip, 4),
+        "encode_once_s_per_clip": round(per_clip, 4), "profile": profile,
         "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process (VmHWM)",
     }
     print(f"ours / original: {ratios['ours_over_original']}x samples/s "

@@ -221,10 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--llm-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the frozen LLM's weights in memory; auto: bf16 when the step runs in bf16 (half the memory, "
+                        "no per-step weight casts), else as loaded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features")
+    p.add_argument("--feature-memory-mb", type=float, default=1024,
+                   help="keep up to this many MB of cached features in memory after their first read (0: read "
+                        "every clip from disk on every step)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--skip-bad", action="store_true")
     g = p.add_argument_group("what the adapter learns from")

@@ -62,10 +62,17 @@ class FeatureCache:
     """On-disk cache of encoder features for one encoder (by fingerprint), or with trained top
     layers for its frozen part (by `BlspConfig.feature_key`)."""
 
-    def __init__(self, root: str | os.PathLike, encoder_fingerprint: str):
+    def __init__(self, root: str | os.PathLike, encoder_fingerprint: str, memory_mb: float = 0):
         self.key = encoder_fingerprint
         self.dir = Path(root) / encoder_fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Features read once are kept in this process (float16, as stored) up to `memory_mb`:
+        # training reads every clip once an epoch, and on a GPU the step is otherwise bound by
+        # the CPU, a file read per clip included. Clips past the budget are read from disk each
+        # time, so a corpus larger than memory still trains.
+        self.memory_budget = int(memory_mb * 2**20)
+        self.memory: dict[AudioRef, torch.Tensor] = {}
+        self.memory_bytes = 0
 
     def check_model(self, model) -> None:
         """Refuse a cache of features other than those `model` reads: another encoder's, or the
@@ -84,8 +91,14 @@ class FeatureCache:
 
     def load(self, ref: AudioRef, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The clip's features [T, d]; `dtype` None: as stored (float16), so a trainer on a GPU
-        moves half the bytes and converts there instead of on its CPU."""
-        features = torch.from_numpy(np.load(self.path(ref)))
+        moves half the bytes and converts there instead of on its CPU (read-only: it may be the
+        copy kept in memory)."""
+        features = self.memory.get(ref)
+        if features is None:
+            features = torch.from_numpy(np.load(self.path(ref)))
+            if self.memory_bytes + features.nbytes <= self.memory_budget:
+                self.memory[ref] = features
+                self.memory_bytes += features.nbytes
         return features if dtype is None else features.to(dtype)
 
     def frames(self, ref: AudioRef) -> int:
@@ -96,6 +109,9 @@ class FeatureCache:
         buf = io.BytesIO()
         np.save(buf, features.to(torch.float16).numpy())
         atomic_write_bytes(self.path(ref), buf.getvalue())
+        dropped = self.memory.pop(ref, None)
+        if dropped is not None:
+            self.memory_bytes -= dropped.nbytes
 
     def fill(self, model, utterances: Sequence[Utterance], batch_size: int = 16, rank: int = 0,
              world_size: int = 1, skip_bad: bool = False) -> list[InputError]:

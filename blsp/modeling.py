@@ -69,6 +69,12 @@ class ConvAdapter(nn.Module):
     to learn fast; with CTC compression the LLM still reads about one vector per token.
     """
 
+    # How each strided convolution runs: "matmul", the windows unfolded and one matrix product
+    # (`_conv_as_matmul`), or "conv1d", the backend's own (oneDNN, cuDNN). Same numbers. On a
+    # 2-core CPU matmul trains ~25% faster at these shapes; on an H100 neither was faster beyond
+    # the benchmark's noise (benchmarks/train_step.py --other-conv; README there), so one path.
+    conv_impl = "matmul"
+
     def __init__(self, d_enc: int, d_llm: int, bottleneck: int = 512, downsample: int = 8, kernel: int = 5):
         super().__init__()
         n_convs = int(math.log2(downsample))
@@ -92,9 +98,7 @@ class ConvAdapter(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for conv in self.convs:
             x = _mask_padding(x, lengths)
-            # On CPU one matrix product over the unfolded windows trains ~25% faster than oneDNN's
-            # strided convolution at these shapes (forward and backward); CUDA keeps cuDNN's.
-            y = _conv_as_matmul(conv, x) if x.device.type == "cpu" else conv(x.transpose(1, 2)).transpose(1, 2)
+            y = _conv_as_matmul(conv, x) if self.conv_impl == "matmul" else conv(x.transpose(1, 2)).transpose(1, 2)
             x = F.glu(y, dim=-1)
             lengths = (lengths - 1) // self.stride + 1
         x = x + self.fc2(F.gelu(self.fc1(x)))
@@ -618,7 +622,9 @@ class BlspModel(PreTrainedModel):
             tokenizer,
             n_mels=self.config.encoder_config.num_mel_bins,
             system_prompt=self.config.system_prompt,
-            speech_lengths=lambda n: int(self.adapter.output_lengths(torch.tensor(n))),
+            # plain int arithmetic (output_lengths takes ints as well as tensors): batching calls it
+            # once per clip, and a tensor op per call was a good part of a GPU step's CPU time
+            speech_lengths=lambda n: int(self.adapter.output_lengths(int(n))),
         )
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:  # type: ignore[override]

@@ -42,8 +42,8 @@ from .features import encode_waveforms
 from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
-from .training import (BehaviorItem, TrainOptions, Trainer, all_reduce_scalar, behavior_item, choose_task,
-                       mix_shares, sample_order, speech_prompts, truncate_log, unfreeze_encoder)
+from .training import (BehaviorItem, TrainOptions, Trainer, behavior_item, choose_task,
+                       mix_shares, sample_order, speech_prompts, step_record, truncate_log, unfreeze_encoder)
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -211,7 +211,7 @@ class StreamingTrainer(Trainer):
         n_tokens = int(all_reduce_sum(torch.tensor([sum(len(it.target) for it in items)])))
         n_samples = int(all_reduce_sum(torch.tensor([len(items)])))
         self.model.adapter.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         scale = self.info.world_size / max(1, n_tokens)
         for m in range(self.options.grad_accum):
             chunk = items[m * self.options.batch_size : (m + 1) * self.options.batch_size]
@@ -220,7 +220,7 @@ class StreamingTrainer(Trainer):
             loss, parts = self.micro_batch_loss(list(range(len(self.items))))
             (loss * (scale * weight)).backward()
             for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value * weight
+                sums[name] = sums[name] + value * weight if name in sums else value * weight
         self.all_reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -229,8 +229,7 @@ class StreamingTrainer(Trainer):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         append_jsonl(self.order_log, [{"step": step + 1, "ids": [it.utterance.id for it in items]}])
-        record = {name: all_reduce_scalar(value) / max(1, n_tokens) for name, value in sorted(sums.items())}
-        return {**record, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens, "samples": n_samples}
+        return {**step_record(sums, grad_norm, n_tokens), "lr": lr, "tokens": n_tokens, "samples": n_samples}
 
     def stand_in_item(self) -> BehaviorItem:
         """A weight-zero item for a micro-batch this rank has no items for: the first usable one

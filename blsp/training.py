@@ -68,10 +68,12 @@ class TrainOptions:
     max_steps: int | None = None  # overrides epochs
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
+    llm_dtype: str = "auto"  # the frozen LLM's stored weights: auto (bf16 when the step runs in bf16), fp32, bf16
     seed: int = 0
     save_every: int = 100
     keep_checkpoints: int = 2
     feature_cache: str | None = None  # default: $BLSP_CACHE/features
+    feature_memory_mb: float = 1024  # cached features kept in memory after their first read (per process)
     # What step 2 learns from (README: the levers of `blsp train`).
     loss: str = "ce"  # ce | kl | ce+kl: cross-entropy on the continuation, and/or BLSP-KD distillation
     kl_temperature: float = 1.0
@@ -115,8 +117,8 @@ class TrainOptions:
 
     # Settings that may change between a run and its resumption. fsdp: the same math. The warm
     # start's own switches: a resumed run (from a checkpoint after step 0) does not re-run it.
-    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "fsdp", "warm_start_time_masks",
-                         "warm_start_feature_masks", "warm_start_bucket_by_length")
+    RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "feature_cache", "feature_memory_mb", "fsdp",
+                         "warm_start_time_masks", "warm_start_feature_masks", "warm_start_bucket_by_length")
 
     def __post_init__(self, recipe_origin: tuple[str, tuple[str, ...]] | None) -> None:
         object.__setattr__(self, "warm_start_data", tuple(str(p) for p in self.warm_start_data))
@@ -160,6 +162,7 @@ DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's valu
 
 
 LOSSES = ("ce", "kl", "ce+kl")
+LLM_DTYPES = ("auto", "fp32", "bf16")
 COMPRESSIONS = ("none", "ctc")
 
 
@@ -328,7 +331,8 @@ class Trainer:
         self.device = next(model.adapter.parameters()).device
         unfreeze_encoder(model, options)
         check_behavior_data(utterances, options)  # before every clip is encoded
-        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key)
+        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key,
+                                  memory_mb=options.feature_memory_mb)
         self.skipped = self.prepare_features(utterances, skip_bad)
         self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options,
                                  model.config.llm_fingerprint)
@@ -361,6 +365,8 @@ class Trainer:
         self.step = 0
         use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        if options.llm_dtype == "bf16" or (options.llm_dtype == "auto" and use_bf16):
+            store_frozen_llm(model, torch.bfloat16)
 
     # -- features ------------------------------------------------------------------------------
     def prepare_features(self, utterances: list[Utterance], skip_bad: bool) -> list[InputError]:
@@ -409,25 +415,33 @@ class Trainer:
     def micro_batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss to backpropagate, summed parts by name) over the items' target tokens."""
         items = [self.items[i] for i in indices]
-        proc = self.model.processor
-        batch = {k: v.to(self.device) for k, v in proc.collate([self.example(it) for it in items]).items()}
+        batch, prefix = self.on_device(self.model.processor.collate([self.example(it) for it in items]))
         with self.autocast:
-            out = self.model(**batch, return_target_logits=self.kl is not None,
-                             shared_prefix=self.shared_prefix(batch))
+            out = self.model(**batch, return_target_logits=self.kl is not None, shared_prefix=prefix)
         loss = out.loss_sum if "ce" in self.options.loss.split("+") else out.loss_sum * 0
-        parts = {"loss": float(out.loss_sum.detach())}
+        # Parts stay on the device until the step ends: reading one here would make the CPU wait
+        # for the GPU's forward before it may queue the backward.
+        parts = {"loss": out.loss_sum.detach()}
         if self.kl is not None:
             kl = self.distillation(items, out.target_logits)
             loss = loss + self.options.kl_weight * kl
-            parts["kl"] = float(kl.detach())
+            parts["kl"] = kl.detach()
         head = self.model.ctc_head
         if head is not None and self.options.ctc_weight > 0:
             # Keeps the head that decides what the LLM sees in step with the adapter it reads.
             targets = [head.targets(self.transcript_tokens[i]) for i in indices]
             ctc = head.loss(*out.speech, targets) * sum(map(len, targets))
             loss = loss + self.options.ctc_weight * ctc
-            parts["ctc"] = float(ctc.detach())
+            parts["ctc"] = ctc.detach()
         return loss, parts
+
+    def on_device(self, batch: dict) -> tuple[dict, list[int]]:
+        """A collated batch moved to the training device, and its shared prompt prefix (read on
+        the CPU side, so no GPU sync). On CUDA through pinned memory, without blocking."""
+        prefix = self.shared_prefix(batch)
+        if self.device.type != "cuda":
+            return batch, prefix
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}, prefix
 
     def distillation(self, items: list[BehaviorItem], student_logits: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) over the items' target tokens, item by item: from the top-k step 1
@@ -461,12 +475,10 @@ class Trainer:
 
     def teacher_logits(self, items: list[BehaviorItem]) -> torch.Tensor:
         """The frozen LLM's logits at the items' target tokens, reading their transcripts."""
-        proc = self.model.processor
-        teacher = {k: v.to(self.device) for k, v in
-                   proc.collate([Example(pieces=it.teacher_prompt, target=it.target) for it in items]).items()}
+        teacher, prefix = self.on_device(self.model.processor.collate(
+            [Example(pieces=it.teacher_prompt, target=it.target) for it in items]))
         with torch.no_grad(), self.autocast, self.model.lora_off():
-            return self.model(**teacher, return_target_logits=True,
-                              shared_prefix=self.shared_prefix(teacher)).target_logits
+            return self.model(**teacher, return_target_logits=True, shared_prefix=prefix).target_logits
 
     def shared_prefix(self, batch: dict) -> list[int]:
         # Under FSDP every LLM forward all-gathers on all ranks together; the prefix cache runs
@@ -483,21 +495,19 @@ class Trainer:
         n_tokens = sum(len(self.items[i].target) for i in indices)
         scale = self.info.world_size / n_tokens  # the gradient all-reduce below divides by world
         self.model.adapter.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for mb in micro_batches(indices, self.options.batch_size, self.info):
             loss, parts = self.micro_batch_loss(mb)
             (loss * scale).backward()
             for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value
+                sums[name] = sums[name] + value if name in sums else value
         self.all_reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Every rank has the same parts (all are computed on every micro-batch).
-        record = {name: all_reduce_scalar(value) / n_tokens for name, value in sorted(sums.items())}
-        return {**record, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens, "samples": len(indices)}
+        return {**step_record(sums, grad_norm, n_tokens), "lr": lr, "tokens": n_tokens, "samples": len(indices)}
 
     def all_reduce_gradients(self) -> None:
         """Average the adapter's gradients over ranks in one flat all-reduce (data parallel)."""
@@ -719,6 +729,10 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
+    if options.llm_dtype not in LLM_DTYPES:
+        raise BlspError(f"unknown --llm-dtype {options.llm_dtype!r}; choose from {', '.join(LLM_DTYPES)}")
+    if options.feature_memory_mb < 0:
+        raise BlspError(f"--feature-memory-mb {options.feature_memory_mb}: 0 (read from disk every time) or more")
     if options.warm_start_time_masks < 0 or options.warm_start_feature_masks < 0:
         raise BlspError("--warm-start-time-masks / --warm-start-feature-masks: 0 (off) or more masks per clip")
     if options.unfreeze_encoder_layers < 0:
@@ -916,6 +930,15 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
             for u in utterances]
 
 
+def step_record(sums: dict[str, torch.Tensor], grad_norm: torch.Tensor, n_tokens: int) -> dict[str, float]:
+    """A step's log record: each summed loss part per target token (over all ranks), and the
+    gradient norm. Read back in one transfer, once the whole step is queued."""
+    names = sorted(sums)
+    values = torch.stack([sums[name].float() for name in names] + [grad_norm.float()]).tolist()
+    record = {name: all_reduce_scalar(value) / max(1, n_tokens) for name, value in zip(names, values)}
+    return {**record, "grad_norm": values[-1]}
+
+
 def all_reduce_scalar(value: float) -> float:
     return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64)))
 
@@ -995,6 +1018,21 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     result = trainer.train(resume=resume)
     result["skipped_bad"] = [str(e) for e in skipped + trainer.skipped]
     return result
+
+
+def store_frozen_llm(model: BlspModel, dtype: torch.dtype) -> None:
+    """Keep the frozen LLM's weights in `dtype` (what it trains with stays float32: LoRA).
+
+    Why: under bf16 autocast every matrix product casts its fp32 weight to bf16 on every forward
+    (autocast caches casts only of weights that train), so a frozen fp32 LLM costs a cast of all
+    its weights per step and twice the memory of a bf16 one. A sharded LLM (--fsdp) keeps its
+    dtype: its parameters are flattened into shards. Buffers (rotary frequencies) stay as they are.
+    """
+    if is_sharded(model):
+        return
+    for param in model.language_model.parameters():
+        if not param.requires_grad and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def place_model(model: BlspModel, options: TrainOptions, info: DistInfo) -> None:

@@ -399,3 +399,14 @@ def test_an_encoder_split_below_its_trained_top_layer_gives_the_whole_encoders_s
     torch.testing.assert_close(loaded.audio_tower.layers[1].fc1.weight, top.fc1.weight)
     torch.testing.assert_close(loaded.speech_embeddings(*loaded.encode_mel(mel, lengths))[0],
                                split.speech_embeddings(below, n)[0])
+
+
+def test_the_adapter_gives_the_same_vectors_with_either_convolution(monkeypatch):
+    torch.manual_seed(0)
+    adapter = ConvAdapter(16, 24, bottleneck=8, downsample=4)
+    x, lengths = torch.randn(3, 37, 16), torch.tensor([37, 20, 3])
+    want, want_lengths = adapter(x, lengths)
+    monkeypatch.setattr(ConvAdapter, "conv_impl", "conv1d")
+    got, got_lengths = adapter(x, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_lengths.tolist() == want_lengths.tolist() == [10, 5, 1]

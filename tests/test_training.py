@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -577,3 +578,45 @@ def test_mix_tasks_and_top_k_width_are_checked_before_any_clip_is_encoded(tiny_d
     with pytest.raises(InputError, match=f"K 3 here, but K 2 at {data}:1") as err:
         run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, loss="ce+kl"))
     assert str(err.value).startswith(f"{data}:3:")
+
+
+def test_a_steps_record_reads_its_parts_per_target_token():
+    from blsp.training import step_record
+
+    record = step_record({"loss": torch.tensor(6.0), "ctc": torch.tensor(3.0, dtype=torch.float64)},
+                         torch.tensor(0.5), n_tokens=3)
+    assert record == {"ctc": 1.0, "loss": 2.0, "grad_norm": 0.5}
+
+
+def test_feature_memory_must_not_be_negative():
+    from blsp.errors import BlspError
+
+    with pytest.raises(BlspError, match="--feature-memory-mb -1"):
+        TrainOptions(feature_memory_mb=-1)
+
+
+def test_training_in_bf16_keeps_the_frozen_llm_in_bf16_and_what_trains_in_fp32(tiny_dirs, tmp_path):
+    from blsp.modeling import BlspModel
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    opts = options(tiny_dirs, tmp_path, max_steps=2, precision="bf16", lora_rank=2, **COMPRESSING)
+    model = BlspModel.from_components(opts.encoder, opts.llm, seed=0)
+    result = run_train([data], tmp_path / "run", opts, model=model)
+    frozen = {p.dtype for p in model.language_model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.trainable_parameters()}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.audio_tower.parameters())  # its cached features' encoder
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert result["steps"] == 2 and all(math.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.parametrize("llm_dtype", ["auto", "fp32"])
+def test_training_in_fp32_or_told_so_leaves_the_llm_as_loaded(tiny_dirs, tmp_path, llm_dtype):
+    from blsp.modeling import BlspModel
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    precision = "fp32" if llm_dtype == "auto" else "bf16"
+    opts = options(tiny_dirs, tmp_path, max_steps=1, precision=precision, llm_dtype=llm_dtype)
+    model = BlspModel.from_components(opts.encoder, opts.llm, seed=0)
+    run_train([data], tmp_path / "run", opts, model=model)
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
