@@ -228,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features")
-    p.add_argument("--feature-memory-mb", type=float, default=1024,
+    p.add_argument("--feature-memory-mb", type=float, default=None,
                    help="keep up to this many MB of cached features in memory after their first read (0: read "
-                        "every clip from disk on every step)")
+                        "every clip from disk on every step); default 1024 on a GPU, 0 on a CPU")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--skip-bad", action="store_true")
     g = p.add_argument_group("what the adapter learns from")
