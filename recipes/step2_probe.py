@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Step 2 from a saved warm start (issue #9's diagnostics; results in docs/warm_start_probe.md).
+
+Loads a model saved by `recipes/warm_start_probe.py` (adapter and CTC head after the warm start
+only), runs step 2 on behavior data as `blsp train` would after its warm start (rank-8 LoRA at
+speech positions, CTC-compressed speech, batch 8), then measures on held-out speech the gap the
+LLM closes and the CTC head's WER. Step-2 settings compared from one and the same warm start:
+
+    .venv/bin/python recipes/step2_probe.py --model runs/probe/e2 --data runs/demo2/behavior/train.jsonl --out runs/s2/s0
+    .venv/bin/python recipes/step2_probe.py --model runs/probe/e2 --data more.jsonl --steps 200 --out runs/s2/s5
+"""
+import argparse, json, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import torch
+from blsp.cpu import flush_denormals
+flush_denormals()
+from blsp.modeling import BlspModel
+from blsp.training import TrainOptions, Trainer
+from blsp.distributed import DistInfo
+from blsp.data import read_manifest
+from blsp.evaluation import alignment_report
+from blsp.features import FeatureCache
+from blsp.packaged import CACHE_DIR
+from blsp.metrics import error_rates
+from blsp.training import read_behavior_data
+from warm_start_probe import ctc_transcripts
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default="runs/probe/e2")
+p.add_argument("--data", default="runs/demo2/behavior/train.jsonl")
+p.add_argument("--test", default="runs/demo/behavior/test_unseen.jsonl")
+p.add_argument("--out", required=True)
+p.add_argument("--steps", type=int, default=100)
+p.add_argument("--ctc-weight", type=float, default=0.5)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--lora-lr", type=float, default=None)
+p.add_argument("--freeze-head", action="store_true")
+p.add_argument("--freeze-adapter", action="store_true")
+p.add_argument("--mix-transcribe", type=float, default=0.0)
+args = p.parse_args()
+torch.manual_seed(0)
+model = BlspModel.from_pretrained(args.model)
+utts, _ = read_behavior_data([args.data])
+opts = TrainOptions(adapter_downsample=4, lora_rank=8, lr=args.lr, lora_lr=args.lora_lr, warmup_steps=10,
+                    batch_size=8, max_steps=args.steps, save_every=1000, ctc_weight=args.ctc_weight,
+                    mix_transcribe=args.mix_transcribe)
+tr = Trainer(model, utts, opts, args.out, DistInfo())
+if args.freeze_head or args.freeze_adapter:
+    frozen = set()
+    if args.freeze_head:
+        frozen |= {id(q) for q in model.ctc_head.parameters()}
+    if args.freeze_adapter:
+        frozen |= {id(q) for q in model.adapter.parameters()}
+    for g in tr.optimizer.param_groups:
+        g["params"] = [q for q in g["params"] if id(q) not in frozen]
+    for q in list(model.ctc_head.parameters()) + list(model.adapter.parameters()):
+        if id(q) in frozen:
+            q.requires_grad_(False)
+    tr.params = [q for q in tr.params if id(q) not in frozen]
+t = time.perf_counter()
+tr.train()
+train_s = time.perf_counter() - t
+test = read_manifest(args.test).utterances
+cache = FeatureCache(CACHE_DIR / "features", model.config.feature_key)
+hyps = ctc_transcripts(model, test, cache)
+wer = error_rates([u.extra.get("prompt_transcript") or u.text for u in test], hyps)["wer"]
+rep = alignment_report(model, test, feature_cache=cache, bootstrap_samples=200)
+res = {"args": vars(args), "train_s": round(train_s, 1), "ctc_wer_after": wer, "gap_closed": rep["gap_closed"],
+       "ci": rep["gap_closed_ci95"], "loss": rep["loss"]}
+json.dump(res, open(f"{args.out}/step2_probe.json", "w"), indent=1)
+print(json.dumps(res, indent=1))
