@@ -418,8 +418,8 @@ class Trainer:
     def example(self, item: BehaviorItem) -> Example:
         return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio, dtype=None)], target=item.target)
 
-    def micro_batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(summed loss to backpropagate, summed parts by name) over the items' target tokens."""
+    def micro_batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss to backpropagate, summed parts by name, detached) over the items' target tokens."""
         items = [self.items[i] for i in indices]
         batch, prefix = self.on_device(self.model.processor.collate([self.example(it) for it in items]))
         with self.autocast:
@@ -446,7 +446,7 @@ class Trainer:
         the CPU side, so no GPU sync). On CUDA through pinned memory, without blocking."""
         prefix = self.shared_prefix(batch)
         if self.device.type != "cuda":
-            return batch, prefix
+            return {k: v.to(self.device) for k, v in batch.items()}, prefix
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}, prefix
 
     def distillation(self, items: list[BehaviorItem], student_logits: torch.Tensor) -> torch.Tensor:
