@@ -39,13 +39,14 @@ p.add_argument("--lora-lr", type=float, default=None)
 p.add_argument("--freeze-head", action="store_true")
 p.add_argument("--freeze-adapter", action="store_true")
 p.add_argument("--mix-transcribe", type=float, default=0.0)
+p.add_argument("--max-target-tokens", type=int, default=None, help="train on each continuation's first N tokens")
 args = p.parse_args()
 torch.manual_seed(0)
 model = BlspModel.from_pretrained(args.model)
 utts, _ = read_behavior_data([args.data])
 opts = TrainOptions(adapter_downsample=4, lora_rank=8, lr=args.lr, lora_lr=args.lora_lr, warmup_steps=10,
                     batch_size=8, max_steps=args.steps, save_every=1000, ctc_weight=args.ctc_weight,
-                    mix_transcribe=args.mix_transcribe)
+                    mix_transcribe=args.mix_transcribe, max_target_tokens=args.max_target_tokens)
 tr = Trainer(model, utts, opts, args.out, DistInfo())
 if args.freeze_head or args.freeze_adapter:
     frozen = set()
