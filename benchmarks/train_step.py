@@ -41,8 +41,8 @@ from blsp.distributed import DistInfo
 from blsp.features import encode_waveforms
 from blsp.modeling import SPEECH_TOKEN_ID, ConvAdapter, encoder_output_lengths, shared_prefix
 from blsp.processing import Example
-from blsp.training import (TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste,
-                           peak_rss_mb)
+from blsp.training import (LLM_DTYPES, TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste,
+                           peak_rss_mb, stores_llm_in_bf16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,9 +116,10 @@ def profile_steps(trainer: Trainer, steps: range, device: torch.device, top: int
     print(table.table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
     rows = sorted(table, key=lambda e: -e.self_cpu_time_total)[:top]
     per_step = 1000 / len(steps)  # microseconds summed over the steps -> milliseconds a step
+    device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # older torch: cuda
     return [{"op": e.key, "calls_per_step": round(e.count / len(steps), 1),
              "self_cpu_ms_per_step": round(e.self_cpu_time_total / per_step, 3),
-             "device_ms_per_step": round(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / per_step, 3)} for e in rows]
+             "device_ms_per_step": round(device_us(e) / per_step, 3)} for e in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the timing, profile this many more steps of ours (torch.profiler) and write "
                              "the ops that took the most CPU and device time")
-    parser.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--llm-dtype", choices=LLM_DTYPES, default="auto",
                         help="the frozen LLM's weights for ours and the floor (`blsp train --llm-dtype`); auto: bf16 on "
                              "a GPU, where the step runs in bf16")
     parser.add_argument("--no-original", action="store_true", help="skip the original's way (slow on a CPU)")
@@ -316,7 +317,7 @@ def main() -> None:
     # auto), so the original's way gets its own copy of the same weights, made before that.
     original_model = None
     if not args.no_original:
-        bf16_llm = args.llm_dtype == "bf16" or (args.llm_dtype == "auto" and device.type == "cuda")
+        bf16_llm = stores_llm_in_bf16(TrainOptions(llm_dtype=args.llm_dtype), device)
         original_model = copy.deepcopy(model) if bf16_llm else model
 
     def trainer_for(**kw) -> Trainer:

@@ -369,9 +369,9 @@ class Trainer:
                                            weight_decay=options.weight_decay)
         self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
         self.step = 0
-        use_bf16 = options.precision == "bf16" or (options.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        if options.llm_dtype == "bf16" or (options.llm_dtype == "auto" and use_bf16):
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=runs_in_bf16(options, self.device))
+        if stores_llm_in_bf16(options, self.device):
             store_frozen_llm(model, torch.bfloat16)
 
     # -- features ------------------------------------------------------------------------------
@@ -1024,6 +1024,16 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     result = trainer.train(resume=resume)
     result["skipped_bad"] = [str(e) for e in skipped + trainer.skipped]
     return result
+
+
+def runs_in_bf16(options: TrainOptions, device: torch.device) -> bool:
+    """Whether step 2 runs under bf16 autocast (--precision; auto: on a GPU)."""
+    return options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+
+
+def stores_llm_in_bf16(options: TrainOptions, device: torch.device) -> bool:
+    """Whether the frozen LLM's weights are kept in bf16 (--llm-dtype; auto: when the step runs in bf16)."""
+    return options.llm_dtype == "bf16" or (options.llm_dtype == "auto" and runs_in_bf16(options, device))
 
 
 def store_frozen_llm(model: BlspModel, dtype: torch.dtype) -> None:
