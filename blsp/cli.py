@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
     g.add_argument("--ctc-weight", type=float, default=0.5,
                    help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
+    g.add_argument("--ctc-min-count", type=int, default=1, metavar="N",
+                   help="the CTC head's tokens (warm start and compression): the transcripts' tokens seen at least N "
+                        "times and every single byte; a rarer token is spelled with them by undoing its BPE merges, "
+                        "so unheard words can be emitted and the head is smaller (1: every token seen)")
     g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
                    help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
                         "tokens: the mix of the LLM's own token embeddings the CTC head hears there")

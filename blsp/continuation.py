@@ -280,14 +280,18 @@ class Continuer:
         """(continuation, truncated) per prompt; left padding so every row ends at the same place.
         `keys` name the prompts' requests (vLLM seeds each sampled one by its key); here sampling
         draws from torch's stream, seeded once per run."""
-        width = max(map(len, prompts))
+        o = self.options
         device = self.model.device
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        # Greedy: the tokens every prompt opens with (system prompt, instruction: ~35 of SmolLM2's
+        # ~57) are run once and shared; each row is [prefix][left padding][its own tokens].
+        n = 0 if o.do_sample else common_prefix_length(prompts)
+        width = max(map(len, prompts)) - n
+        ids = torch.full((len(prompts), n + width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        o = self.options
+            start = n + width - (len(p) - n)  # where the row's own tokens begin
+            ids[row, :n], ids[row, start:] = torch.tensor(p[:n]), torch.tensor(p[n:])
+            mask[row, :n] = mask[row, start:] = 1
         if o.do_sample:
             sampling = {"temperature": o.temperature, "top_p": o.top_p}
             rows = self.model.generate(
@@ -295,7 +299,8 @@ class Continuer:
                 do_sample=True, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **sampling,
             )[:, width:].tolist()
         else:
-            rows = greedy_generate(self.model, ids.to(device), mask.to(device), o.max_new_tokens, self.stop_ids)
+            rows = greedy_generate(self.model, ids.to(device), mask.to(device), o.max_new_tokens, self.stop_ids,
+                                   shared_prefix=n)
         results = []
         for row in rows:
             stops = [i for i, t in enumerate(row) if t in self.stop_ids]
@@ -343,19 +348,42 @@ def request_seed(seed: int, key: str) -> int:
 
 
 @torch.no_grad()
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many tokens all prompts open with, leaving each at least one of its own (the last
+    prompt token's logits start the generation)."""
+    n = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for i in range(max(0, n)):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(0, n)
+
+
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                    stop_ids: Sequence[int]) -> list[list[int]]:
+                    stop_ids: Sequence[int], shared_prefix: int = 0) -> list[list[int]]:
     """Greedy decoding that drops each row from the batch (and its KV cache) once it has stopped.
 
     `generate` keeps computing finished rows until the longest one ends; SmolLM2's continuations
     average ~20 tokens under a 48-token limit, so most of a batch's decoding steps went to rows
     that were already done. Returns each row's new tokens, its stop token included when it
     stopped. Same tokens as `generate(do_sample=False)` (tested).
+
+    `shared_prefix`: the first n tokens are the same in every row (padding comes after them);
+    their keys and values are computed once, for one row, and shared by the batch.
     """
     stops = set(stop_ids)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    n, cache = shared_prefix, None
+    if n:
+        from transformers import DynamicCache
+
+        first = model(input_ids=input_ids[:1, :n], use_cache=True).past_key_values
+        rows = input_ids.shape[0]
+        # expand() is a view; the cache's first update concatenates, so rows never share storage.
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                             for layer in first.layers], config=model.config)
+    out = model(input_ids=input_ids[:, n:], attention_mask=attention_mask, position_ids=positions[:, n:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, next_tokens = out.past_key_values, out.logits[:, -1].argmax(-1)
     alive = list(range(input_ids.shape[0]))  # batch row -> original row
     last_position = positions[:, -1]

@@ -40,8 +40,9 @@ from .errors import BlspError
 from .features import FeatureCache, encode_waveforms
 from .io import file_sha256
 from .metrics import NORMALISER, bootstrap_gap_ci, error_rates, gap_closed
-from .modeling import IGNORE_INDEX, BlspModel
+from .modeling import IGNORE_INDEX, BlspModel, shared_prefix
 from .processing import Example
+from .sharding import is_sharded
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction, text_part
 
 TASKS = ("alignment", "examples", "transcribe", "cascade")
@@ -96,12 +97,15 @@ def target_hidden(model: BlspModel, examples: Sequence[Example]) -> tuple[torch.
     """The LLM's last hidden state at each position that predicts a target token ([N, d]), those
     tokens ([N]) and each example's number of them, in example order."""
     batch = model.processor.collate(examples)
+    # The system prompt and instruction every row opens with run once, for the whole batch (a
+    # third to a half of each prompt's tokens), as in training.
+    prefix = [] if is_sharded(model) else shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"])
     device = model.language_model.device
     batch = {k: v.to(device) for k, v in batch.items()}
     embeds, mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch.get("encoder_features"),
                                         batch.get("encoder_lengths"))
     with model.reading(batch["input_ids"]):
-        hidden = model.llm_hidden_states(embeds, mask)
+        hidden = model.llm_hidden_states(embeds, mask, prefix)
     shift = batch["labels"][:, 1:]
     where = shift != IGNORE_INDEX
     return hidden[:, :-1][where], shift[where], where.sum(1).tolist()

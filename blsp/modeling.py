@@ -364,9 +364,14 @@ class BlspOutput:
     speech: tuple[torch.Tensor, torch.Tensor] | None = None  # the adapter's output and lengths
 
 
-def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
-    """The token ids every row of a right-padded batch opens with, up to the first speech slot."""
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> list[int]:
+    """The token ids every row of a right-padded batch opens with, up to the first speech slot
+    and, given `labels`, short of the first position whose hidden state predicts one (a prefix's
+    hidden states are not computed): a batch of one text-only row is not all prefix."""
     same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0) & (input_ids[0] != SPEECH_TOKEN_ID)
+    if labels is not None:
+        same[:-1] &= (labels[:, 1:] == IGNORE_INDEX).all(0)
+        same[-1] = False
     n = int(same.long().cumprod(0).sum())
     return input_ids[0, :n].tolist()
 

@@ -44,7 +44,8 @@ from .processing import Example
 from .losses import ForwardKLLoss, TopKKLLoss
 from .lora import LoraSettings, lora_parameters, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction
-from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_warm_start, transcript_tokens
+from .vocabulary import ctc_vocabulary
+from .warmstart import METHODS as WARM_STARTS, WarmStartOptions, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -94,6 +95,9 @@ class TrainOptions:
     embed_weight: float = 1.0  # weight of the pull onto the tokens' embeddings (--warm-start embed)
     compress_speech: str = "none"  # none | ctc: the LLM reads one speech vector per CTC token
     ctc_weight: float = 0.5  # with compression: CTC on the transcript beside step 2's loss
+    # The CTC head's tokens (blsp.vocabulary): those of the transcripts seen at least this often, the
+    # rarer ones spelled with them by undoing BPE merges. 1: every token seen, as before.
+    ctc_min_count: int = 1
     speech_vectors: str = "adapter"  # adapter | tokens: with compression, what the LLM reads per token run
     # LoRA on the LLM (blsp.lora): rank 0 keeps the LLM frozen, as in the paper.
     lora_rank: int = 0
@@ -348,8 +352,10 @@ class Trainer:
         self.warm_start_extra = self.read_warm_start_data(skip_bad)
         if options.compress_speech == "ctc" and model.ctc_head is None:
             extra = [transcript_tokens(model.processor.tokenizer, u) for u in self.warm_start_extra]
-            model.enable_ctc_compression(sorted({t for seq in self.transcript_tokens + extra for t in seq}),
-                                         options.speech_vectors)
+            model.enable_ctc_compression(ctc_vocabulary(self.transcript_tokens + extra, model.processor.tokenizer,
+                                                        options.ctc_min_count), options.speech_vectors)
+        self.ctc_targets = (ctc_targets(model.ctc_head, model.processor.tokenizer, self.transcript_tokens)
+                            if model.ctc_head is not None else None)
         self.n_examples = len(self.items)
         self.lengths, self.frames = self.bucketing_lengths() if options.bucket_by_length else (None, None)
         model.set_llm_checkpointing(options.gradient_checkpointing)
@@ -435,7 +441,7 @@ class Trainer:
         head = self.model.ctc_head
         if head is not None and self.options.ctc_weight > 0:
             # Keeps the head that decides what the LLM sees in step with the adapter it reads.
-            targets = [head.targets(self.transcript_tokens[i]) for i in indices]
+            targets = [self.ctc_targets[i] for i in indices]
             ctc = head.loss(*out.speech, targets) * sum(map(len, targets))
             loss = loss + self.options.ctc_weight * ctc
             parts["ctc"] = ctc.detach()
@@ -491,7 +497,7 @@ class Trainer:
         # one extra forward on whichever rank misses it, so it is off there (blsp.sharding).
         if is_sharded(self.model):
             return []
-        return shared_prefix(batch["input_ids"], batch["attention_mask"])
+        return shared_prefix(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -585,7 +591,7 @@ class Trainer:
         options = WarmStartOptions(method=o.warm_start, steps=o.warm_start_steps, lr=o.warm_start_lr,
                                    batch_size=o.warm_start_batch_size, seed=o.seed, embed_weight=o.embed_weight,
                                    bucket_by_length=bucket, time_masks=o.warm_start_time_masks,
-                                   feature_masks=o.warm_start_feature_masks)
+                                   feature_masks=o.warm_start_feature_masks, vocab_min_count=o.ctc_min_count)
         log = ctc_warm_start(self.model, self.warm_start_utterances(), self.cache, options,
                              show_progress=self.info.is_main)
         if self.info.is_main:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .data import Utterance, normalize_transcript
 from .features import FeatureCache
 from .losses import EmbeddingCTCHead
+from .vocabulary import Speller, ctc_vocabulary
 from .processing import pad_features
 
 
@@ -48,12 +49,22 @@ class WarmStartOptions:
     # on held-out sentences); masking is the classic cure for small-data CTC. 0: off.
     time_masks: int = 0
     feature_masks: int = 0
+    # The head of a warm start without CTC compression (thrown away after it): the tokens it emits
+    # (blsp.vocabulary.ctc_vocabulary; 1: every token of the transcripts).
+    vocab_min_count: int = 1
 
 
 def transcript_tokens(tokenizer, utt: Utterance) -> list[int]:
     """The transcript's tokens exactly as they stand in the text prompt (leading space included)."""
     text = utt.extra.get("prompt_transcript") or normalize_transcript(utt.text)
     return list(tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
+
+
+def ctc_targets(head: EmbeddingCTCHead, tokenizer, token_seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The head's classes for each transcript's LLM tokens; tokens outside the head's vocabulary
+    are spelled with the tokens it has (blsp.vocabulary.Speller)."""
+    speller = Speller(tokenizer, head.index)
+    return [head.targets(speller(seq)) for seq in token_seqs]
 
 
 def ctc_min_length(target: list[int]) -> int:
@@ -178,9 +189,9 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     device = next(model.adapter.parameters()).device
     head = model.ctc_head
     if head is None:
-        vocab = sorted({t for seq in tokens for t in seq})
+        vocab = ctc_vocabulary(tokens, model.processor.tokenizer, options.vocab_min_count)
         head = EmbeddingCTCHead(model.language_model.get_input_embeddings().weight, vocab).to(device)
-    targets = [head.targets(seq) for seq in tokens]
+    targets = ctc_targets(head, model.processor.tokenizer, tokens)
     frames = tuple(cache.frames(u.audio) for u in utterances)  # from the cached files' headers
     too_short = count_too_short(model, frames, targets)
     if too_short and show_progress:

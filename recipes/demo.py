@@ -56,12 +56,16 @@ def main() -> None:
     run("speech corpus", ["data", "synth", "--recipe", str(data_recipe), "--output", str(data), *flags(d)], timings)
     # Step 1 continues the first `train_utterances` train clips (what step 2's steps can use); the
     # warm start, which needs transcripts only, hears every train clip (many more distinct words).
+    # `train_max_new_tokens`: step 2 may learn from the continuations' first tokens only (cheaper
+    # to write and to train on); the test split's stay whole, so the measure is the same.
     cont = dict(recipe["continue"])
     train_utterances = cont.pop("train_utterances", None)
-    for split in ("train", "test"):
+    train_max = cont.pop("train_max_new_tokens", None)
+    train_cont = {**cont, **({"max_new_tokens": train_max} if train_max else {})}
+    for split, split_cont in (("train", train_cont), ("test", cont)):
         limit = ["--limit", str(train_utterances)] if split == "train" and train_utterances else []
         run(f"step 1 ({split})", ["continue", "--manifest", str(data / f"{split}.jsonl"), "--llm", models["llm"],
-                                  "--output", str(behavior / f"{split}.jsonl"), *flags(cont), *limit], timings)
+                                  "--output", str(behavior / f"{split}.jsonl"), *flags(split_cont), *limit], timings)
     train_flags = flags(recipe["train"])
     if train_utterances:
         train_flags += ["--warm-start-data", str(data / "train.jsonl")]

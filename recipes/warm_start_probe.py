@@ -26,6 +26,7 @@ from blsp.metrics import error_rates
 from blsp.modeling import BlspModel
 from blsp.packaged import CACHE_DIR
 from blsp.processing import pad_features
+from blsp.vocabulary import ctc_vocabulary
 from blsp.warmstart import WarmStartOptions, ctc_warm_start, transcript_tokens
 
 
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--adapter-downsample", type=int, default=8)
     p.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"])
     p.add_argument("--test-limit", type=int, default=None, help="only the first N test clips (a quick check)")
+    p.add_argument("--ctc-min-count", type=int, default=1,
+                   help="the head's tokens: those seen this often, rarer ones spelled with them (blsp.vocabulary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: time masks per clip")
     p.add_argument("--feature-masks", type=int, default=0, help="SpecAugment: feature masks per clip")
@@ -78,7 +81,8 @@ def main() -> None:
     test = read_manifest(args.test).utterances[: args.test_limit]
     cache.fill(model, train + test)
     tok = model.processor.tokenizer
-    model.enable_ctc_compression(sorted({t for u in train for t in transcript_tokens(tok, u)}), args.speech_vectors)
+    vocab = ctc_vocabulary([transcript_tokens(tok, u) for u in train], tok, args.ctc_min_count)
+    model.enable_ctc_compression(vocab, args.speech_vectors)
 
     start = time.perf_counter()
     log = ctc_warm_start(model, train, cache, WarmStartOptions(args.method, args.steps, args.lr, args.batch_size,

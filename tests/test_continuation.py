@@ -53,6 +53,36 @@ def test_greedy_generate_drops_finished_rows_yet_matches_generate(llm):
         assert row == ref[:cut]
 
 
+def test_shared_prompt_prefix_runs_once_and_changes_no_token(llm, monkeypatch):
+    from blsp import continuation
+    from blsp.continuation import common_prefix_length
+
+    continuer = Continuer(*llm, ContinueOptions(max_new_tokens=10))
+    prompts = [continuer.prompt_ids(t) for t in ["hello world", "the quick brown fox jumps over the lazy dog", "a b"]]
+    n = common_prefix_length(prompts)
+    assert 0 < n < min(map(len, prompts)) and all(p[:n] == prompts[0][:n] for p in prompts)
+    calls = []
+    real = continuation.greedy_generate
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("shared_prefix", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(continuation, "greedy_generate", recorded)
+    shared = continuer.continue_batch(prompts)
+    monkeypatch.setattr(continuation, "common_prefix_length", lambda prompts: 0)  # the plain left-padded batch
+    plain = continuer.continue_batch(prompts)
+    assert calls == [n, 0] and shared == plain
+
+
+def test_common_prefix_leaves_each_prompt_a_token_of_its_own():
+    from blsp.continuation import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 5]]) == 1
+    assert common_prefix_length([[7], [7, 8]]) == 0
+
+
 def test_continue_writes_every_line_with_fingerprint_and_resumes(tmp_path, llm):
     manifest = write_corpus(tmp_path / "data", n=6)
     opts = ContinueOptions(max_new_tokens=8, batch_size=4)

@@ -342,6 +342,15 @@ def test_shared_prefix_stops_where_rows_differ_or_speech_begins():
     assert shared_prefix(ids, torch.ones_like(ids)) == [1, 2]
 
 
+def test_shared_prefix_stops_short_of_the_first_scored_position():
+    # One text-only row is the same as itself to the end: the prefix must still leave out every
+    # position whose hidden state predicts a label (here position 2 predicts label 3's token).
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 5]])
+    assert shared_prefix(ids, torch.ones_like(ids), labels) == [1, 2]
+    assert shared_prefix(ids, torch.ones_like(ids), torch.full_like(ids, IGNORE_INDEX)) == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["whole-sequence", "shared-prefix"])
 def test_llm_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(tiny_model, use_prefix):
     model = tiny_model

@@ -88,7 +88,7 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
         "data": {"recipe": str(data_recipe), "text": str(text)},
         "models": {"encoder": tiny_whisper_dir, "llm": tiny_dirs["llm"]},
         # step 1 on 3 of the 4 train clips; the warm start hears all 4
-        "continue": {"batch_size": 4, "max_new_tokens": 6, "train_utterances": 3},
+        "continue": {"batch_size": 4, "max_new_tokens": 6, "train_max_new_tokens": 2, "train_utterances": 3},
         "train": {"recipe": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
                   "max_steps": 2, "batch_size": 2, "save_every": 1},
         "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3}}))
@@ -105,7 +105,10 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     assert set(first["timings_s"]) >= {"speech corpus", "step 2", "evaluation (transcription, cascade)"}
     assert "a voice never heard in training" in printed and "zero-shot transcription on the same 2 clips" in printed
     assert (out / "report.png").stat().st_size > 20_000
-    assert len((out / "behavior" / "train.jsonl").read_text().splitlines()) == 3
+    train_lines = [json.loads(l) for l in (out / "behavior" / "train.jsonl").read_text().splitlines()]
+    assert len(train_lines) == 3
+    # train rows: 2 tokens (a word at most each); the test rows were allowed 6
+    assert all(len(r["continuation"].split()) <= 2 for r in train_lines)
     assert json.loads((out / "adapter" / "train_summary.json").read_text())["warm_start_clips"] == 4
 
     demo.main()  # every stage finds its work done
@@ -157,7 +160,7 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
     recipe = yaml.safe_load(demo.SIZES[size].read_text())
     parser = build_parser()
     data = {k: v for k, v in recipe["data"].items() if k != "recipe"}
-    cont = {k: v for k, v in recipe["continue"].items() if k != "train_utterances"}
+    cont = {k: v for k, v in recipe["continue"].items() if k not in ("train_utterances", "train_max_new_tokens")}
     parser.parse_args(["data", "synth", "--output", "x", *option_flags(data)])
     parser.parse_args(["continue", "--manifest", "m", "--output", "o", *option_flags(cont)])
     train = parser.parse_args(["train", "--data", "d", "--output-dir", "o", *option_flags(recipe["train"]),

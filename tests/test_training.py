@@ -253,6 +253,29 @@ def test_warm_start_data_joins_the_warm_start_and_the_ctc_vocabulary(tiny_dirs, 
     assert summary["warm_start_clips"] == 2 + 5
 
 
+def test_ctc_min_count_trains_a_smaller_head_on_spelled_transcripts(tiny_dirs, tmp_path, tiny_model):
+    from blsp.data import read_manifest
+    from blsp.modeling import BlspModel
+    from blsp.vocabulary import Speller, single_byte_tokens
+    from blsp.warmstart import transcript_tokens
+
+    # Spelled transcripts are longer (this tiny tokenizer spells most words letter by letter): 8 s
+    # clips give CTC the frames it needs for them.
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True, seconds=8.0)
+    opts = options(tiny_dirs, tmp_path, max_steps=2, warm_start="ctc", warm_start_steps=2, warm_start_batch_size=4,
+                   compress_speech="ctc", ctc_min_count=3)
+    run_train([data], tmp_path / "run", opts)
+    model = BlspModel.from_pretrained(tmp_path / "run")
+    vocab = set(model.config.ctc_vocab)
+    tok = tiny_model.processor.tokenizer
+    seen = [transcript_tokens(tok, u) for u in read_manifest(data).utterances]
+    assert set(single_byte_tokens(tok)) <= vocab and not {t for s in seen for t in s} <= vocab
+    speller = Speller(tok, vocab)
+    assert all(set(speller(s)) <= vocab and tok.decode(speller(s)) == tok.decode(s) for s in seen)
+    steps = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["ctc"] > 0 for r in steps)
+
+
 def test_a_clip_in_both_the_behavior_data_and_the_warm_start_data_is_heard_once(tiny_dirs, tmp_path):
     # The demo continues the first part of its train manifest and hands the warm start the whole
     # manifest: the continued clips must not count twice in the warm start's batches.
