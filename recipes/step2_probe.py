@@ -20,7 +20,7 @@ from blsp.modeling import BlspModel
 from blsp.training import TrainOptions, Trainer
 from blsp.distributed import DistInfo
 from blsp.data import read_manifest
-from blsp.evaluation import alignment_report
+from blsp.evaluation import alignment_report, transcription_report
 from blsp.features import FeatureCache
 from blsp.packaged import CACHE_DIR
 from blsp.metrics import error_rates
@@ -40,6 +40,7 @@ p.add_argument("--freeze-head", action="store_true")
 p.add_argument("--freeze-adapter", action="store_true")
 p.add_argument("--mix-transcribe", type=float, default=0.0)
 p.add_argument("--max-target-tokens", type=int, default=None, help="train on each continuation's first N tokens")
+p.add_argument("--transcribe", action="store_true", help="also zero-shot transcription WER (the LLM told to transcribe)")
 args = p.parse_args()
 torch.manual_seed(0)
 model = BlspModel.from_pretrained(args.model)
@@ -70,5 +71,9 @@ wer = error_rates([u.extra.get("prompt_transcript") or u.text for u in test], hy
 rep = alignment_report(model, test, feature_cache=cache, bootstrap_samples=200)
 res = {"args": vars(args), "train_s": round(train_s, 1), "ctc_wer_after": wer, "gap_closed": rep["gap_closed"],
        "ci": rep["gap_closed_ci95"], "loss": rep["loss"]}
+if args.transcribe:
+    tr_rep = transcription_report(model, test, cascade=False, feature_cache=cache)
+    res["transcription_wer"] = tr_rep["blsp"]["wer"]
+    res["transcription_examples"] = [{k: r[k] for k in ("reference", "blsp")} for r in tr_rep["per_utterance"][:5]]
 json.dump(res, open(f"{args.out}/step2_probe.json", "w"), indent=1)
 print(json.dumps(res, indent=1))
