@@ -159,10 +159,12 @@ class TrainOptions:
 # voice (docs/ablation.md, recipes/ablation.yaml): the adapter at 12.5 Hz, a CTC warm start on
 # cached features through the LLM's frozen embeddings, CTC-compressed speech, and rank-8 LoRA on
 # the LLM's attention at speech positions only (text-only prompts keep the frozen LLM's answers).
+# Its CTC head emits the tokens seen 5+ times, rarer ones spelled with them (blsp.vocabulary): the
+# same gap after step 2 for half the warm start's time (docs/warm_start_probe.md).
 RECIPES: dict[str, dict] = {
     "paper": {},
     "fast": {"adapter_downsample": 4, "warm_start": "ctc", "warm_start_steps": 500, "warm_start_lr": 3e-3,
-             "compress_speech": "ctc", "lora_rank": 8},
+             "compress_speech": "ctc", "lora_rank": 8, "ctc_min_count": 5},
 }
 RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
 DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's values (recipe `paper`)
