@@ -2,7 +2,7 @@
 """The BLSP demo: speech corpus -> step 1 -> step 2 -> evaluation on held-out speech.
 
     python recipes/demo.py                  # recipes/demo.yaml
-    python recipes/demo.py --size medium    # recipes/demo-medium.yaml: more sentences and continuations, ~28 minutes
+    python recipes/demo.py --size medium    # recipes/demo-medium.yaml: twice the data, ~36 minutes
     python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
     python recipes/demo.py --recipe my.yaml
 
