@@ -42,7 +42,7 @@ from .features import encode_waveforms
 from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
-from .training import (BehaviorItem, TrainOptions, Trainer, behavior_item, choose_task,
+from .training import (BehaviorItem, TrainOptions, Trainer, behavior_item, choose_task, peak_rss_mb,
                        mix_shares, sample_order, speech_prompts, step_record, truncate_log, unfreeze_encoder)
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
@@ -94,6 +94,7 @@ class StreamingTrainer(Trainer):
     def __init__(self, model, root: str | Path, options: TrainOptions, output_dir: str | Path,
                  info: DistInfo | None = None, skip_bad: bool = False):
         check_streaming_options(options)
+        self.peak_rss_before_mb = peak_rss_mb()  # as Trainer's
         self.model, self.options = model, options
         unfreeze_encoder(model, options)
         self.output_dir = Path(output_dir)

@@ -334,6 +334,9 @@ def module_digest(module: torch.nn.Module, trained: frozenset[str] = frozenset()
 class Trainer:
     def __init__(self, model: BlspModel, utterances: list[Utterance], options: TrainOptions,
                  output_dir: str | Path, info: DistInfo | None = None, skip_bad: bool = False):
+        # ru_maxrss is the process's lifetime peak: when other work ran in this process first (the
+        # demo runs every stage in one), the summary's peak may be that work's, not training's.
+        self.peak_rss_before_mb = peak_rss_mb()
         self.model, self.options = model, options
         self.output_dir = Path(output_dir)
         self.info = info or DistInfo()
@@ -576,7 +579,8 @@ class Trainer:
             summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
                        "warm_start_clips": len(self.warm_start_utterances()) if self.options.warm_start != "none" else 0,
                        "options": asdict(self.options), "world_size": self.info.world_size,
-                       "peak_rss_mb": peak_rss_mb(), **self.timings}
+                       "peak_rss_mb": peak_rss_mb(), "peak_rss_before_training_mb": self.peak_rss_before_mb,
+                       **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
             plot_loss(log_path, self.output_dir / "train_loss.png")
         barrier()

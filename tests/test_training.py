@@ -250,6 +250,7 @@ def test_warm_start_data_joins_the_warm_start_and_the_ctc_vocabulary(tiny_dirs, 
     assert extra_tokens <= vocab
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["examples"] == 2 and summary["options"]["warm_start_data"] == [str(extra)]
+    assert 0 < summary["peak_rss_before_training_mb"] <= summary["peak_rss_mb"]
     assert summary["warm_start_clips"] == 2 + 5
 
 
