@@ -347,7 +347,6 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "little")
 
 
-@torch.no_grad()
 def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many tokens all prompts open with, leaving each at least one of its own (the last
     prompt token's logits start the generation)."""
@@ -359,6 +358,7 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return max(0, n)
 
 
+@torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int], shared_prefix: int = 0) -> list[list[int]]:
     """Greedy decoding that drops each row from the batch (and its KV cache) once it has stopped.

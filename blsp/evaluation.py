@@ -42,7 +42,6 @@ from .io import file_sha256
 from .metrics import NORMALISER, bootstrap_gap_ci, error_rates, gap_closed
 from .modeling import IGNORE_INDEX, BlspModel, shared_prefix
 from .processing import Example
-from .sharding import is_sharded
 from .prompts import CONTINUATION_INSTRUCTION, task_instruction, text_part
 
 TASKS = ("alignment", "examples", "transcribe", "cascade")
@@ -99,7 +98,7 @@ def target_hidden(model: BlspModel, examples: Sequence[Example]) -> tuple[torch.
     batch = model.processor.collate(examples)
     # The system prompt and instruction every row opens with run once, for the whole batch (a
     # third to a half of each prompt's tokens), as in training.
-    prefix = [] if is_sharded(model) else shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    prefix = shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"])
     device = model.language_model.device
     batch = {k: v.to(device) for k, v in batch.items()}
     embeds, mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch.get("encoder_features"),

@@ -30,6 +30,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from .errors import BlspError, CheckpointError
 from .losses import EmbeddingCTCHead
 from .lora import LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from .sharding import is_sharded
 
 SPEECH_TOKEN_ID = -200
 IGNORE_INDEX = -100
@@ -813,9 +814,11 @@ class BlspModel(PreTrainedModel):
         instruction before the speech). Their keys and values are computed once and reused, as
         they cannot depend on the speech; the hidden states returned at those positions are
         zeros (no target is ever scored there). With LoRA acting on text the prefix's keys and
-        values change as it trains, so they are computed every time.
+        values change as it trains, so they are computed every time; with the LLM sharded
+        (`--fsdp`) every forward all-gathers on all ranks together, and the prefix cache would run
+        one extra forward on whichever rank misses it, so it is off there too.
         """
-        if self.lora_gate is not None and self.lora_gate.acts_on_text:
+        if (self.lora_gate is not None and self.lora_gate.acts_on_text) or is_sharded(self):
             shared_prefix = ()
         with attention_kernels():
             return self._llm_hidden_states(embeds, attention_mask, shared_prefix)

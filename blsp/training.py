@@ -455,7 +455,7 @@ class Trainer:
     def on_device(self, batch: dict) -> tuple[dict, list[int]]:
         """A collated batch moved to the training device, and its shared prompt prefix (read on
         the CPU side, so no GPU sync). On CUDA through pinned memory, without blocking."""
-        prefix = self.shared_prefix(batch)
+        prefix = shared_prefix(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
         if self.device.type != "cuda":
             return {k: v.to(self.device) for k, v in batch.items()}, prefix
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}, prefix
@@ -496,13 +496,6 @@ class Trainer:
             [Example(pieces=it.teacher_prompt, target=it.target) for it in items]))
         with torch.no_grad(), self.autocast, self.model.lora_off():
             return self.model(**teacher, return_target_logits=True, shared_prefix=prefix).target_logits
-
-    def shared_prefix(self, batch: dict) -> list[int]:
-        # Under FSDP every LLM forward all-gathers on all ranks together; the prefix cache runs
-        # one extra forward on whichever rank misses it, so it is off there (blsp.sharding).
-        if is_sharded(self.model):
-            return []
-        return shared_prefix(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
