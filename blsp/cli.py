@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep up to this many MB of cached features in memory after their first read (0: read "
                         "every clip from disk on every step); default 1024 on a GPU, 0 on a CPU")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="go on training a saved model (a `blsp train` output directory) on --data: its adapter, CTC "
+                        "head and LoRA, a fresh optimizer and schedule, no warm start; the backbones and adapter "
+                        "settings must be the saved ones")
     p.add_argument("--skip-bad", action="store_true")
     g = p.add_argument_group("what the adapter learns from")
     g.add_argument("--loss", default="ce", choices=["ce", "kl", "ce+kl"],

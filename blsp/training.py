@@ -87,6 +87,9 @@ class TrainOptions:
     drop_copies: bool = False  # leave out continuations that merely repeat the transcript
     max_target_tokens: int | None = None  # train on each continuation's first N tokens (its opening
     # words depend most on the speech; later ones on the LLM's own text): shorter, cheaper steps
+    # A saved model (a `blsp train` output) to go on training: its adapter, CTC head and LoRA, on
+    # new or more data; there is no warm start then (the model had one).
+    init_from: str | None = None
     warm_start: str = "none"  # none | ctc | embed: first train the adapter on cached features alone
     warm_start_steps: int = 0
     warm_start_lr: float = 2e-3
@@ -139,6 +142,10 @@ class TrainOptions:
             raise BlspError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
         by_recipe = tuple(name for name in RECIPES[recipe] if name not in options)
         return cls(**{**RECIPES[recipe], **options}, recipe_origin=(recipe, by_recipe))
+
+    def by_recipe(self, name: str) -> bool:
+        """Whether the recipe, not a flag, gave option `name` its value."""
+        return name in (self.origin or ("", ()))[1]
 
     def recipe_note(self, *names: str) -> str:
         """For an error about options `names`: which of their values the recipe set (the user
@@ -545,7 +552,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             truncate_log(log_path, self.step)
         self.timings = {}
-        if self.step == 0 and self.options.warm_start != "none":
+        if self.step == 0 and runs_warm_start(self.options):
             t0 = time.perf_counter()
             self.warm_start()
             self.timings["warm_start_s"] = round(time.perf_counter() - t0, 1)
@@ -570,7 +577,7 @@ class Trainer:
         if self.info.is_main:
             self.model.save_pretrained(self.output_dir)
             summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
-                       "warm_start_clips": len(self.warm_start_utterances()) if self.options.warm_start != "none" else 0,
+                       "warm_start_clips": len(self.warm_start_utterances()) if runs_warm_start(self.options) else 0,
                        "options": asdict(self.options), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), "peak_rss_before_training_mb": self.peak_rss_before_mb,
                        **self.timings}
@@ -758,12 +765,49 @@ def check_options(options: TrainOptions) -> None:
             raise BlspError("--lora-rank with --fsdp is not supported: the sharded LLM must stay frozen"
                             + options.recipe_note("lora_rank"))
     no_warm_start = options.warm_start == "none" or options.warm_start_steps <= 0
+    if options.init_from:
+        # The saved model had its warm start; a recipe's (--recipe fast) is skipped, a flag's refused.
+        if (options.warm_start != "none" and not options.by_recipe("warm_start")) or options.warm_start_data:
+            raise BlspError(f"--init-from {options.init_from} goes on from a trained model, without a warm start: "
+                            "drop --warm-start and --warm-start-data")
+        return
     if options.warm_start_data and no_warm_start:
         raise BlspError("--warm-start-data is heard by the warm start only: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0), or leave it out")
     if options.compress_speech == "ctc" and no_warm_start:
         raise BlspError("--compress-speech ctc needs a CTC-trained head: add --warm-start ctc|embed "
                         "--warm-start-steps N (N > 0)" + options.recipe_note("compress_speech"))
+
+
+def runs_warm_start(options: TrainOptions) -> bool:
+    return options.warm_start != "none" and not options.init_from
+
+
+def init_model(options: TrainOptions) -> BlspModel:
+    """--init-from DIR: the saved model (adapter, CTC head, LoRA) on the run's backbones, which must
+    be the ones it was trained against; its shape and prompt must be what the run asks for."""
+    model = BlspModel.from_pretrained(options.init_from, encoder=options.encoder, llm=options.llm)
+    c = model.config
+    saved_lora = c.lora or {}
+    asked_lora = lora_settings(options).to_dict() if options.lora_rank else {}
+    pairs = [("adapter", c.adapter_type, options.adapter),
+             ("adapter_downsample", c.adapter_downsample, options.adapter_downsample),
+             ("compress_speech", c.speech_compression or "none", options.compress_speech),
+             ("lora_rank", saved_lora.get("rank", 0), options.lora_rank),
+             ("system_prompt", c.system_prompt, options.system_prompt)]
+    if c.speech_compression:
+        pairs.append(("speech_vectors", c.speech_vectors, options.speech_vectors))
+    if saved_lora and asked_lora:
+        pairs += [("lora_alpha", saved_lora["alpha"], asked_lora["alpha"]),
+                  ("lora_where", saved_lora["where"], asked_lora["where"]),
+                  ("lora_modules", ",".join(saved_lora["target_modules"]), ",".join(asked_lora["target_modules"]))]
+    differ = [(name, saved, asked) for name, saved, asked in pairs if saved != asked]
+    if differ:
+        flags = lambda i: " ".join(f"--{d[0].replace('_', '-')} {d[i]!r}" for d in differ)
+        raise BlspError(f"--init-from {options.init_from}: the saved model was trained with {flags(1)}, this run "
+                        f"asks for {flags(2)}; give the saved values"
+                        + options.recipe_note(*(d[0] for d in differ)))
+    return model
 
 
 def unfreeze_encoder(model: BlspModel, options: TrainOptions) -> None:
@@ -1016,7 +1060,9 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     else:
         utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
         check_behavior_data(utterances, options)  # before minutes go into loading the models
-    if model is None:
+    if model is None and options.init_from:
+        model = init_model(options)
+    elif model is None:
         model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
                                           adapter_downsample=options.adapter_downsample,
                                           system_prompt=options.system_prompt, seed=options.seed)

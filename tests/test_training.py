@@ -644,3 +644,44 @@ def test_training_in_fp32_or_told_so_leaves_the_llm_as_loaded(tiny_dirs, tmp_pat
     model = BlspModel.from_components(opts.encoder, opts.llm, seed=0)
     run_train([data], tmp_path / "run", opts, model=model)
     assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+
+
+def test_init_from_goes_on_from_the_saved_model_without_a_warm_start(tiny_dirs, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True, seconds=3.0)
+    levers = dict(COMPRESSING, lora_rank=2)
+    run_train([data], tmp_path / "first", options(tiny_dirs, tmp_path, max_steps=2, **levers))
+    saved = adapter_of(tmp_path / "first")
+    # At lr 0 the second run changes nothing: what it saves is what it loaded, CTC head and LoRA included.
+    run_train([data], tmp_path / "more", options(tiny_dirs, tmp_path, max_steps=2, lr=0.0, compress_speech="ctc",
+                                                 lora_rank=2, init_from=str(tmp_path / "first")))
+    more = adapter_of(tmp_path / "more")
+    assert more.keys() == saved.keys() and any(k.startswith("lora.") for k in more)
+    for k in saved:
+        torch.testing.assert_close(more[k], saved[k], msg=k)
+    assert not (tmp_path / "more" / "warm_start_log.json").exists()
+    summary = json.loads((tmp_path / "more" / "train_summary.json").read_text())
+    assert summary["warm_start_clips"] == 0 and summary["options"]["init_from"] == str(tmp_path / "first")
+    # and it trains: at the usual rate the adapter moves
+    run_train([data], tmp_path / "trained", options(tiny_dirs, tmp_path, max_steps=2, compress_speech="ctc",
+                                                    lora_rank=2, init_from=str(tmp_path / "first")))
+    moved = adapter_of(tmp_path / "trained")
+    assert any(not torch.equal(moved[k], saved[k]) for k in saved)
+
+
+def test_init_from_refuses_other_settings_and_a_warm_start(tiny_dirs, tmp_path):
+    from blsp.errors import BlspError
+
+    data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
+    run_train([data], tmp_path / "first", options(tiny_dirs, tmp_path, max_steps=1))
+    first = str(tmp_path / "first")
+    with pytest.raises(BlspError, match=r"trained with --adapter-downsample 8 --lora-rank 0, this run asks for "
+                                        r"--adapter-downsample 4 --lora-rank 2"):
+        run_train([data], tmp_path / "x", options(tiny_dirs, tmp_path, adapter_downsample=4, lora_rank=2,
+                                                  init_from=first))
+    with pytest.raises(BlspError, match="without a warm start: drop --warm-start"):
+        options(tiny_dirs, tmp_path, init_from=first, warm_start="ctc", warm_start_steps=5)
+    # --recipe fast's warm start is skipped, not refused; its other settings still must match the model
+    with pytest.raises(BlspError, match=r"set by --recipe fast, not by a flag"):
+        run_train([data], tmp_path / "y", TrainOptions.from_recipe(
+            "fast", encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], init_from=first, max_steps=1,
+            feature_cache=str(tmp_path / "features"), precision="fp32"))
