@@ -150,10 +150,10 @@ class TrainOptions:
     def recipe_note(self, *names: str) -> str:
         """For an error about options `names`: which of their values the recipe set (the user
         typed no such flag) and how to avoid them; '' when the user set them all."""
-        recipe, by_recipe = self.origin or ("", ())
-        blamed = [name for name in names if name in by_recipe]
+        blamed = [name for name in names if self.by_recipe(name)]
         if not blamed:
             return ""
+        recipe = self.origin[0]
         alternative = next(r for r in RECIPES if not any(name in RECIPES[r] for name in blamed))
         flags = lambda values: " ".join(f"--{name.replace('_', '-')} {values[name]}" for name in blamed)
         return (f" ({flags(asdict(self))} set by --recipe {recipe}, not by a flag: pass --recipe {alternative}, "
@@ -1060,12 +1060,10 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     else:
         utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
         check_behavior_data(utterances, options)  # before minutes go into loading the models
-    if model is None and options.init_from:
-        model = init_model(options)
-    elif model is None:
-        model = BlspModel.from_components(options.encoder, options.llm, adapter_type=options.adapter,
-                                          adapter_downsample=options.adapter_downsample,
-                                          system_prompt=options.system_prompt, seed=options.seed)
+    if model is None:
+        model = init_model(options) if options.init_from else BlspModel.from_components(
+            options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
+            system_prompt=options.system_prompt, seed=options.seed)
     place_model(model, options, info)
     if streamed:
         trainer = StreamingTrainer(model, data[0], options, output_dir, info, skip_bad=skip_bad)
