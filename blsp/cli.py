@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unfreeze-encoder-layers", type=int, default=0, metavar="N",
                    help="train the Whisper encoder's top N layers (and its final norm) too, saved in the checkpoint; "
                         "features are cached below them and the N layers run in every step")
+    g.add_argument("--encoder-lr", type=float, default=None, metavar="LR",
+                   help="the unfrozen encoder layers' peak learning rate, in the warm start and step 2 (default: "
+                        "each stage's own; pretrained layers want ~10x less than a fresh adapter)")
     g.add_argument("--lora-lr", type=float, default=None, metavar="LR",
                    help="LoRA's peak learning rate (default: --lr, the adapter's)")
     g = p.add_argument_group(

@@ -111,6 +111,9 @@ class TrainOptions:
     # The encoder's top N layers train too; features are then cached below them and the N layers
     # run in every step (the warm start's included).
     unfreeze_encoder_layers: int = 0
+    # Their own peak learning rate, in the warm start and step 2 alike: they start pretrained, and a
+    # fresh adapter's rate (1e-3..3e-3) moves them far. None: the stage's own rate.
+    encoder_lr: float | None = None
     # Scale (README "Scale"): shard the frozen LLM across ranks; sharded data's shuffle buffer.
     fsdp: bool = False
     shuffle_buffer: int = 1000  # --data DIR of tar shards: items mixed within each rank's stream
@@ -597,7 +600,8 @@ class Trainer:
         options = WarmStartOptions(method=o.warm_start, steps=o.warm_start_steps, lr=o.warm_start_lr,
                                    batch_size=o.warm_start_batch_size, seed=o.seed, embed_weight=o.embed_weight,
                                    bucket_by_length=bucket, time_masks=o.warm_start_time_masks,
-                                   feature_masks=o.warm_start_feature_masks, vocab_min_count=o.ctc_min_count)
+                                   feature_masks=o.warm_start_feature_masks, vocab_min_count=o.ctc_min_count,
+                                   encoder_lr=o.encoder_lr)
         log = ctc_warm_start(self.model, self.warm_start_utterances(), self.cache, options,
                              show_progress=self.info.is_main)
         if self.info.is_main:
@@ -757,6 +761,9 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError(f"--unfreeze-encoder-layers {options.unfreeze_encoder_layers}: 0 or more")
     if options.unfreeze_encoder_layers and options.fsdp:
         raise BlspError("--unfreeze-encoder-layers with --fsdp is not supported: the sharded model must stay frozen")
+    if options.encoder_lr is not None and (not options.unfreeze_encoder_layers or options.encoder_lr <= 0):
+        raise BlspError(f"--encoder-lr {options.encoder_lr}: needs --unfreeze-encoder-layers N (N > 0) and a rate "
+                        "above 0")
     if options.lora_lr is not None and (not options.lora_rank or options.lora_lr <= 0):
         raise BlspError(f"--lora-lr {options.lora_lr}: needs --lora-rank R (R > 0) and a rate above 0")
     if options.lora_rank:
@@ -821,13 +828,17 @@ def unfreeze_encoder(model: BlspModel, options: TrainOptions) -> None:
 
 
 def parameter_groups(model: BlspModel, options: TrainOptions) -> list[dict]:
-    """The optimizer's groups: LoRA may learn at its own rate (the schedule scales every group alike)."""
-    lora = lora_parameters(model.language_model)
-    if not lora or options.lora_lr is None:
-        return [{"params": model.trainable_parameters()}]
-    ids = {id(p) for p in lora}
-    rest = [p for p in model.trainable_parameters() if id(p) not in ids]
-    return [{"params": rest}, {"params": lora, "lr": options.lora_lr}]
+    """The optimizer's groups: LoRA and the unfrozen encoder layers may learn at their own rates
+    (the schedule scales every group alike)."""
+    own = []
+    if options.lora_lr is not None:
+        own.append((lora_parameters(model.language_model), options.lora_lr))
+    if options.encoder_lr is not None:
+        own.append((model.trainable_encoder_parameters(), options.encoder_lr))
+    own = [(params, lr) for params, lr in own if params]
+    taken = {id(p) for params, _ in own for p in params}
+    rest = [p for p in model.trainable_parameters() if id(p) not in taken]
+    return [{"params": rest}] + [{"params": params, "lr": lr} for params, lr in own]
 
 
 def lora_settings(options: TrainOptions) -> LoraSettings:

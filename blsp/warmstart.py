@@ -52,6 +52,9 @@ class WarmStartOptions:
     # The head of a warm start without CTC compression (thrown away after it): the tokens it emits
     # (blsp.vocabulary.ctc_vocabulary; 1: every token of the transcripts).
     vocab_min_count: int = 1
+    # The encoder's trained top layers (`unfreeze_encoder_layers`) learn at this rate: they start
+    # pretrained, and the fresh adapter's rate would wreck them. None: `lr`.
+    encoder_lr: float | None = None
 
 
 def transcript_tokens(tokenizer, utt: Utterance) -> list[int]:
@@ -197,9 +200,14 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     if too_short and show_progress:
         print(f"warm start: {too_short} of {len(utterances)} clips have fewer speech vectors than CTC needs "
               "for their transcript; they add nothing to it", file=sys.stderr)
-    params = list(model.adapter.parameters()) + list(head.parameters()) + model.trainable_encoder_parameters()
+    fresh = list(model.adapter.parameters()) + list(head.parameters())
+    encoder = model.trainable_encoder_parameters()
+    params = fresh + encoder
     pull = options.method == "embed"
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+    groups = [{"params": fresh}]
+    if encoder:
+        groups.append({"params": encoder, "lr": options.encoder_lr or options.lr})
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=0.0)
     warmup = max(1, options.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, options.steps, warmup))
     model.adapter.train()

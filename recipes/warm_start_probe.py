@@ -70,12 +70,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-masks", type=int, default=0, help="SpecAugment: time masks per clip")
     p.add_argument("--feature-masks", type=int, default=0, help="SpecAugment: feature masks per clip")
+    p.add_argument("--unfreeze-encoder-layers", type=int, default=0,
+                   help="train the encoder's top N layers with the adapter (features cached below them)")
+    p.add_argument("--encoder-lr", type=float, default=None, help="their learning rate (default: --lr)")
     args = p.parse_args()
 
     flush_denormals()  # before torch's first parallel op: see blsp/cpu.py
     torch.manual_seed(args.seed)
     model = BlspModel.from_components(adapter_type=args.adapter, adapter_downsample=args.adapter_downsample,
                                       seed=args.seed)
+    model.unfreeze_encoder_layers(args.unfreeze_encoder_layers)  # before the cache: it is keyed by the layer
     cache = FeatureCache(CACHE_DIR / "features", model.config.feature_key)
     train = [u for path in [args.train, *args.extra] for u in read_manifest(path).utterances]
     test = read_manifest(args.test).utterances[: args.test_limit]
@@ -87,7 +91,8 @@ def main() -> None:
     start = time.perf_counter()
     log = ctc_warm_start(model, train, cache, WarmStartOptions(args.method, args.steps, args.lr, args.batch_size,
                                                                args.seed, time_masks=args.time_masks,
-                                                               feature_masks=args.feature_masks))
+                                                               feature_masks=args.feature_masks,
+                                                               encoder_lr=args.encoder_lr))
     seconds = time.perf_counter() - start
     hyps = ctc_transcripts(model, test, cache)
     refs = [u.extra.get("prompt_transcript") or u.text for u in test]

@@ -405,6 +405,47 @@ def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(t
         options(tiny_dirs, tmp_path, unfreeze_encoder_layers=1, fsdp=True)
 
 
+def test_encoder_lr_moves_the_unfrozen_layers_at_their_own_rate_in_both_stages(tiny_dirs, tmp_path):
+    from blsp.errors import BlspError
+    from blsp.modeling import BlspModel
+    from blsp.training import parameter_groups
+
+    base = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"]).audio_tower.state_dict()
+
+    def encoder_change(run):
+        weights = load_file(str(run / "adapter.safetensors"))
+        return max(float((v - base[k[len("audio_tower."):]]).abs().max())
+                   for k, v in weights.items() if k.startswith("audio_tower."))
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True, seconds=4.0)  # long enough for CTC
+    moved = {}
+    for name, encoder_lr, stages in (("own", 1e-30, {}), ("shared", None, {}),
+                                     ("own-ws", 1e-30, dict(warm_start="ctc", warm_start_steps=3, max_steps=1,
+                                                            warm_start_batch_size=4, warm_start_lr=1e-2))):
+        out = tmp_path / name
+        run_train([data], out, options(tiny_dirs, tmp_path, **{"max_steps": 3, "lr": 1e-2, **stages},
+                                       unfreeze_encoder_layers=1, encoder_lr=encoder_lr, lora_rank=2, lora_lr=2e-2))
+        moved[name] = encoder_change(out)
+    # At 1e-30 the layers keep their weights (in step 2 and in the warm start, which had gradients to
+    # give them); at the adapter's rate they move.
+    assert all(r["ctc_loss"] > 0 and r["grad_norm"] > 0
+               for r in json.loads((tmp_path / "own-ws" / "warm_start_log.json").read_text()))
+    assert moved["own"] < 1e-20 and moved["own-ws"] < 1e-20 and moved["shared"] > 1e-4
+
+    from blsp.lora import LoraSettings
+
+    model = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"])
+    model.enable_lora(LoraSettings(rank=2))
+    model.unfreeze_encoder_layers(1)
+    groups = parameter_groups(model, options(tiny_dirs, tmp_path, unfreeze_encoder_layers=1, encoder_lr=1e-4,
+                                             lora_rank=2, lora_lr=2e-3))
+    assert [g.get("lr") for g in groups] == [None, 2e-3, 1e-4]  # the rest at --lr, LoRA, the encoder
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.trainable_parameters())  # each once
+    with pytest.raises(BlspError, match="--encoder-lr 0.0001: needs --unfreeze-encoder-layers"):
+        options(tiny_dirs, tmp_path, encoder_lr=1e-4)
+
+
 def test_kl_from_step_1s_saved_top_k_equals_running_the_teacher(tiny_dirs, tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
