@@ -31,7 +31,8 @@ def cmd_continue(args: argparse.Namespace) -> int:
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
         backend=args.backend, save_topk=args.save_topk,
     )
-    summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad, limit=args.limit)
+    summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad, limit=args.limit,
+                           skip=args.skip)
     report_skipped(summary.skipped_bad)
     print(f"step 1: wrote {summary.written} continuation(s) to {summary.output} "
           f"({summary.already_done} already there, {len(summary.dropped_long)} dropped as too long)")
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only the manifest's first N utterances (e.g. behaviour data for step 2's steps, while "
                         "the warm start hears the whole manifest through `blsp train --warm-start-data`)")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the manifest's first N utterances: with --limit, a window (`--skip 5600 --limit "
+                        "5600`: behaviour data for a further round of step 2, from clips the first did not use)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
     _add_decoding(p, 64)
     p.set_defaults(func=cmd_continue)

@@ -412,11 +412,13 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def run_continue(manifest: str | Path, output: str | Path, options: ContinueOptions,
                  skip_bad: bool = False, model_and_tokenizer: tuple[Any, Any] | None = None,
-                 limit: int | None = None) -> ContinueSummary:
-    """Step 1 over a manifest (its first `limit` utterances if given), resumable and sharded
-    across torchrun ranks."""
+                 limit: int | None = None, skip: int = 0) -> ContinueSummary:
+    """Step 1 over a manifest (`limit` utterances if given, after its first `skip`), resumable and
+    sharded across torchrun ranks."""
     if limit is not None and limit < 1:
         raise BlspError(f"--limit {limit}: give a number of utterances, at least 1")
+    if skip < 0:
+        raise BlspError(f"--skip {skip}: give a number of utterances, 0 or more")
     info = init_distributed()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -447,7 +449,9 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     instructions = dict(options.instruction_set)
     jobs: dict[str, Job] = {}
     dropped = []
-    for utt in read.utterances[:limit]:
+    if skip >= len(read.utterances):
+        raise BlspError(f"{manifest}: --skip {skip} leaves none of its {len(read.utterances)} utterances")
+    for utt in read.utterances[skip:][:limit]:
         if utt.id in done:
             continue
         transcript = normalize_transcript(utt.text) if options.normalize else utt.text.strip()

@@ -1020,18 +1020,30 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def draw_loss_curve(ax, log_path: Path) -> bool:
-    """The step log's loss per step and its moving mean on `ax`; False when there is no log."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    if not records:
+def draw_loss_curve(ax, log_paths: Path | Sequence[Path]) -> bool:
+    """The step log's loss per step and its moving mean on `ax`; False when there is no log.
+
+    Several logs (rounds of training, each going on from the one before) are drawn one after
+    the other, a dotted line where each later round starts."""
+    steps, losses, starts = [], [], []
+    for path in [log_paths] if isinstance(log_paths, (str, Path)) else log_paths:
+        path = Path(path)
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        if records and steps:
+            starts.append(steps[-1])
+        offset = steps[-1] if steps else 0
+        steps += [offset + r["step"] for r in records]
+        losses += [r["loss"] for r in records]
+    if not losses:
         return False
-    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
     window = max(1, len(losses) // 20)  # a step's batch is small: show the trend beside the noise
     if window > 1:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"mean of {window} steps")
         ax.legend()
+    for x in starts:
+        ax.axvline(x, color="grey", ls=":", lw=1)
     return True
 
 

@@ -72,8 +72,53 @@ def main() -> None:
     resume = ["--resume"] if (adapter / "checkpoints").exists() else []
     run("step 2", ["train", "--data", str(behavior / "train.jsonl"), "--encoder", models["encoder"],
                    "--llm", models["llm"], "--output-dir", str(adapter), *train_flags, *resume], timings)
-    evaluate(out, str(adapter), str(behavior / "test.jsonl"), recipe["eval"], timings)
+    final = more_rounds(out, recipe, data_recipe, train_cont, train_utterances, timings)
+    evaluate(out, str(final), str(behavior / "test.jsonl"), recipe["eval"], timings)
     report(out, recipe, timings)
+
+
+def round_dir(out: Path, n: int) -> Path:
+    """Where step 2 of round n saves its model (round 1: OUT/adapter)."""
+    return out / ("adapter" if n == 1 else f"adapter_round{n}")
+
+
+def more_rounds(out: Path, recipe: dict, data_recipe: Path, train_cont: dict, done: int | None,
+                timings: dict) -> Path:
+    """`more_rounds`: each continues further train clips in step 1 and goes on training the round
+    before's model on them (`blsp train --init-from`: no warm start, a fresh schedule), since step 2
+    learns from distinct continuations (docs/warm_start_probe.md). A round may first grow the corpus
+    (`sentences`; the test split stays as it is) and start at a given train clip (`from`; default:
+    after the clips the rounds before used). Returns the last round's model directory."""
+    data, behavior, models = out / "data", out / "behavior", recipe["models"]
+    start = done or 0
+    for n, spec in enumerate(recipe.get("more_rounds") or [], start=2):
+        if "sentences" in spec:
+            run(f"speech corpus (round {n})", ["data", "synth", "--recipe", str(data_recipe), "--output", str(data),
+                                               *flags({**recipe["data"], "recipe": None,
+                                                       "sentences": spec["sentences"]})], timings)
+        start = spec.get("from", start)
+        count = spec["train_utterances"]
+        step1 = behavior / f"train_round{n}.jsonl"
+        run(f"step 1 (round {n})", ["continue", "--manifest", str(data / "train.jsonl"), "--llm", models["llm"],
+                                    "--output", str(step1), *flags(train_cont), "--skip", str(start),
+                                    "--limit", str(count)], timings)
+        start += count
+        model = round_dir(out, n)
+        resume = ["--resume"] if (model / "checkpoints").exists() else []
+        run(f"step 2 (round {n})", ["train", "--data", str(step1), "--encoder", models["encoder"], "--llm",
+                                    models["llm"], "--output-dir", str(model), "--init-from",
+                                    str(round_dir(out, n - 1)), *round_train_flags(recipe, spec), *resume], timings)
+    return round_dir(out, len(recipe.get("more_rounds") or []) + 1)
+
+
+ROUND_DATA_KEYS = ("sentences", "from", "train_utterances")  # a round's keys that are not step-2 flags
+
+
+def round_train_flags(recipe: dict, spec: dict) -> list[str]:
+    """A further round's step-2 flags: the first round's, less the warm start (--init-from has
+    none), with the round's own settings over them."""
+    base = {k: v for k, v in recipe["train"].items() if not k.startswith("warm_start")}
+    return flags({**base, **{k: v for k, v in spec.items() if k not in ROUND_DATA_KEYS}})
 
 
 def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> None:
@@ -102,7 +147,8 @@ def report(out: Path, recipe: dict, timings: dict) -> None:
     results = {name: json.loads((out / d / "results.json").read_text()) for name, d in EVALS.items()}
     summary = {"recipe": recipe, "timings_s": timings, **results}
     atomic_write_json(out / "report.json", summary)
-    plot_report(summary, out / "adapter" / "train_log.jsonl", out / "report.png")
+    rounds = range(1, len(recipe.get("more_rounds") or []) + 2)
+    plot_report(summary, [round_dir(out, n) / "train_log.jsonl" for n in rounds], out / "report.png")
     print(f"\n=== report ({out / 'report.json'}, {out / 'report.png'}; per-evaluation plots in "
           f"{', '.join(str(out / d) for d in EVALS.values())})")
     print(format_report(summary))
@@ -142,7 +188,7 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(summary: dict, train_log: Path, png: Path) -> None:
+def plot_report(summary: dict, train_logs: list[Path], png: Path) -> None:
     """Gap closed (untrained, trained by voice, cascade), the step-2 loss curve, WER: one PNG."""
     import matplotlib
 
@@ -169,8 +215,8 @@ def plot_report(summary: dict, train_log: Path, png: Path) -> None:
     ax.tick_params(axis="x", labelsize=8)
 
     ax = axes[1]
-    draw_loss_curve(ax, train_log)
-    ax.set_xlabel("step-2 step")
+    draw_loss_curve(ax, train_logs)
+    ax.set_xlabel("step-2 step" + (f" ({len(train_logs)} rounds)" if len(train_logs) > 1 else ""))
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("step 2 training loss", fontsize=10)
     ax.grid(alpha=0.3)

@@ -118,6 +118,19 @@ def test_limit_continues_the_manifests_first_utterances_and_a_larger_one_resumes
         run_continue(manifest, out, opts, model_and_tokenizer=llm, limit=0)
 
 
+def test_skip_and_limit_continue_a_window_of_the_manifest(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=6)
+    opts = ContinueOptions(max_new_tokens=4, batch_size=4)
+    out = tmp_path / "round2.jsonl"
+    assert run_continue(manifest, out, opts, model_and_tokenizer=llm, skip=2, limit=3).written == 3
+    assert sorted(r["id"] for r in lines(out)) == ["u2", "u3", "u4"]
+    assert run_continue(manifest, tmp_path / "rest.jsonl", opts, model_and_tokenizer=llm, skip=4).written == 2
+    with pytest.raises(BlspError, match="--skip 6 leaves none of its 6 utterances"):
+        run_continue(manifest, tmp_path / "none.jsonl", opts, model_and_tokenizer=llm, skip=6)
+    with pytest.raises(BlspError, match="--skip -1"):
+        run_continue(manifest, tmp_path / "none.jsonl", opts, model_and_tokenizer=llm, skip=-1)
+
+
 def test_other_settings_into_the_same_output_are_refused(tmp_path, llm):
     manifest = write_corpus(tmp_path / "data", n=2)
     out = tmp_path / "behavior.jsonl"

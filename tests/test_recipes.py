@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A visit to a strange place will bring fresh work.",
              "She found that he had lied to her again.", "The ship rolled on the heavy seas all night.",
              "Anything worth doing is worth doing slowly and well.", "The home team easily demolished the visitors.",
-             "Every cloud has a silver lining somewhere up high."]
+             "Every cloud has a silver lining somewhere up high.", "The old clock in the hall struck nine times."]
 
 
 def load_recipe_module(name: str):
@@ -66,8 +66,8 @@ def test_ablation_table_reports_every_finished_row_as_markdown_json_and_png(tmp_
 def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny_whisper_dir, private_cache,
                                                         monkeypatch, capsys):
     """recipes/demo.py end to end on tiny models and four spoken sentences: corpus, step 1, step 2,
-    the three evaluations, then report.json, report.png and the printed report; run again, every
-    stage resumes and the numbers stay."""
+    a second round on a grown corpus, the three evaluations of its model, then report.json,
+    report.png and the printed report; run again, every stage resumes and the numbers stay."""
     import shutil
     import sys
 
@@ -91,6 +91,8 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
         "continue": {"batch_size": 4, "max_new_tokens": 6, "train_max_new_tokens": 2, "train_utterances": 3},
         "train": {"recipe": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
                   "max_steps": 2, "batch_size": 2, "save_every": 1},
+        # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left, 1 more step
+        "more_rounds": [{"sentences": 5, "train_utterances": 2, "max_steps": 1}],
         "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3}}))
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
@@ -110,6 +112,15 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     # train rows: 2 tokens (a word at most each); the test rows were allowed 6
     assert all(len(r["continuation"].split()) <= 2 for r in train_lines)
     assert json.loads((out / "adapter" / "train_summary.json").read_text())["warm_start_clips"] == 4
+    # round 2 continued the train clips round 1 did not (the 4th, and the 5th sentence it synthesised)
+    # and went on from round 1's model; the evaluations are of its model
+    train = [json.loads(l)["id"] for l in (out / "data" / "train.jsonl").read_text().splitlines()]
+    round2 = [json.loads(l)["id"] for l in (out / "behavior" / "train_round2.jsonl").read_text().splitlines()]
+    assert len(train) == 5 and sorted(round2) == sorted(train[3:])
+    summary2 = json.loads((out / "adapter_round2" / "train_summary.json").read_text())
+    assert (summary2["options"]["init_from"], summary2["steps"], summary2["warm_start_clips"]) == (str(out / "adapter"), 1, 0)
+    assert first["trained"]["identity"]["model_dir"] == str(out / "adapter_round2")
+    assert {"step 1 (round 2)", "step 2 (round 2)"} <= set(first["timings_s"])
 
     demo.main()  # every stage finds its work done
     again = json.loads((out / "report.json").read_text())
@@ -166,5 +177,11 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
     train = parser.parse_args(["train", "--data", "d", "--output-dir", "o", *option_flags(recipe["train"]),
                                *(["--warm-start-data", "m"] if "train_utterances" in recipe["continue"] else [])])
     train_options(train)  # the options' own checks, as `blsp train` runs them
+    for spec in recipe.get("more_rounds") or []:
+        assert "train_utterances" in spec
+        parser.parse_args(["continue", "--manifest", "m", "--output", "o", "--skip", "1", "--limit", "1"])
+        again = parser.parse_args(["train", "--data", "d", "--output-dir", "o2", "--init-from", "o",
+                                   *demo.round_train_flags(recipe, spec)])
+        train_options(again)
     assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit"}
     assert (demo.HERE.parent / recipe["data"]["recipe"]).exists()
