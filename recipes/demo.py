@@ -4,6 +4,7 @@
     python recipes/demo.py                  # recipes/demo.yaml
     python recipes/demo.py --size medium    # recipes/demo-medium.yaml: twice the data, ~36 minutes
     python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
+    python recipes/demo.py --size long      # recipes/demo-long.yaml: the larger one, then 3 more rounds
     python recipes/demo.py --recipe my.yaml
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and
@@ -27,7 +28,15 @@ from blsp.training import draw_loss_curve
 
 
 HERE = Path(__file__).parent
-SIZES = {"default": HERE / "demo.yaml", "medium": HERE / "demo-medium.yaml", "full": HERE / "demo-full.yaml"}
+SIZES = {"default": HERE / "demo.yaml", "medium": HERE / "demo-medium.yaml", "full": HERE / "demo-full.yaml",
+         "long": HERE / "demo-long.yaml"}
+
+
+def load_recipe(path: Path) -> dict:
+    """A demo recipe; `extends: OTHER.yaml` (beside it) takes OTHER's sections, its own over them."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    base = recipe.pop("extends", None)
+    return {**load_recipe(Path(path).parent / base), **recipe} if base else recipe
 
 
 def run(stage: str, args: list[str], timings: dict) -> None:
@@ -45,7 +54,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=None, help="a recipe file (overrides --size)")
     parser.add_argument("--output", default=None, help="default: runs/<recipe name>")
     args = parser.parse_args()
-    recipe = yaml.safe_load(Path(args.recipe or SIZES[args.size]).read_text())
+    recipe = load_recipe(Path(args.recipe or SIZES[args.size]))
     out = Path(args.output or f"runs/{recipe['name']}")
     data, behavior, adapter = out / "data", out / "behavior", out / "adapter"
     models = recipe["models"]

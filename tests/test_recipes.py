@@ -160,15 +160,13 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
 
 
-@pytest.mark.parametrize("size", ["default", "medium", "full"])
+@pytest.mark.parametrize("size", ["default", "medium", "full", "long"])
 def test_every_demo_size_parses_into_the_commands_it_runs(size):
     """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
-    import yaml
-
     from blsp.cli import build_parser, option_flags, train_options
 
     demo = load_recipe_module("demo")
-    recipe = yaml.safe_load(demo.SIZES[size].read_text())
+    recipe = demo.load_recipe(demo.SIZES[size])
     parser = build_parser()
     data = {k: v for k, v in recipe["data"].items() if k != "recipe"}
     cont = {k: v for k, v in recipe["continue"].items() if k not in ("train_utterances", "train_max_new_tokens")}
