@@ -423,6 +423,8 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, skip_bad=skip_bad)
+    if skip and skip >= len(read.utterances):  # before minutes go into loading the LLM
+        raise BlspError(f"{manifest}: --skip {skip} leaves none of its {len(read.utterances)} utterances")
     backend = "hf" if model_and_tokenizer is not None else choose_backend(options.backend, info.enabled,
                                                                           options.save_topk)
     on_vllm = vllm_continuer(options) if backend == "vllm" else None
@@ -449,8 +451,6 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     instructions = dict(options.instruction_set)
     jobs: dict[str, Job] = {}
     dropped = []
-    if skip >= len(read.utterances):
-        raise BlspError(f"{manifest}: --skip {skip} leaves none of its {len(read.utterances)} utterances")
     for utt in read.utterances[skip:][:limit]:
         if utt.id in done:
             continue

@@ -57,12 +57,9 @@ def main() -> None:
     recipe = load_recipe(Path(args.recipe or SIZES[args.size]))
     out = Path(args.output or f"runs/{recipe['name']}")
     data, behavior, adapter = out / "data", out / "behavior", out / "adapter"
-    models = recipe["models"]
     timings: dict[str, float] = {}
 
-    d = dict(recipe["data"])
-    data_recipe = HERE.parent / d.pop("recipe")  # recipe paths are relative to the repository
-    run("speech corpus", ["data", "synth", "--recipe", str(data_recipe), "--output", str(data), *flags(d)], timings)
+    synth_corpus("speech corpus", recipe, data, timings)
     # Step 1 continues the first `train_utterances` train clips (what step 2's steps can use); the
     # warm start, which needs transcripts only, hears every train clip (many more distinct words).
     # `train_max_new_tokens`: step 2 may learn from the continuations' first tokens only (cheaper
@@ -73,51 +70,64 @@ def main() -> None:
     train_cont = {**cont, **({"max_new_tokens": train_max} if train_max else {})}
     for split, split_cont in (("train", train_cont), ("test", cont)):
         limit = ["--limit", str(train_utterances)] if split == "train" and train_utterances else []
-        run(f"step 1 ({split})", ["continue", "--manifest", str(data / f"{split}.jsonl"), "--llm", models["llm"],
-                                  "--output", str(behavior / f"{split}.jsonl"), *flags(split_cont), *limit], timings)
+        continue_clips(f"step 1 ({split})", recipe, data / f"{split}.jsonl", behavior / f"{split}.jsonl",
+                       [*flags(split_cont), *limit], timings)
     train_flags = flags(recipe["train"])
     if train_utterances:
         train_flags += ["--warm-start-data", str(data / "train.jsonl")]
-    resume = ["--resume"] if (adapter / "checkpoints").exists() else []
-    run("step 2", ["train", "--data", str(behavior / "train.jsonl"), "--encoder", models["encoder"],
-                   "--llm", models["llm"], "--output-dir", str(adapter), *train_flags, *resume], timings)
-    final = more_rounds(out, recipe, data_recipe, train_cont, train_utterances, timings)
-    evaluate(out, str(final), str(behavior / "test.jsonl"), recipe["eval"], timings)
+    train_model("step 2", recipe, behavior / "train.jsonl", adapter, train_flags, timings)
+    more_rounds(out, recipe, train_cont, train_utterances, timings)
+    evaluate(out, str(round_dirs(out, recipe)[-1]), str(behavior / "test.jsonl"), recipe["eval"], timings)
     report(out, recipe, timings)
 
 
-def round_dir(out: Path, n: int) -> Path:
-    """Where step 2 of round n saves its model (round 1: OUT/adapter)."""
-    return out / ("adapter" if n == 1 else f"adapter_round{n}")
+def synth_corpus(stage: str, recipe: dict, data: Path, timings: dict, sentences: int | None = None) -> None:
+    """`blsp data synth` with the recipe's data settings; `sentences` train sentences instead of
+    the recipe's grows the corpus (its clips are reused, its test split stays as it is)."""
+    settings = dict(recipe["data"])
+    data_recipe = HERE.parent / settings.pop("recipe")  # recipe paths are relative to the repository
+    run(stage, ["data", "synth", "--recipe", str(data_recipe), "--output", str(data),
+                *flags({**settings, **({"sentences": sentences} if sentences else {})})], timings)
 
 
-def more_rounds(out: Path, recipe: dict, data_recipe: Path, train_cont: dict, done: int | None,
-                timings: dict) -> Path:
+def continue_clips(stage: str, recipe: dict, manifest: Path, output: Path, extra: list[str], timings: dict) -> None:
+    """Step 1 (`blsp continue`) on `manifest`'s clips with the recipe's LLM."""
+    run(stage, ["continue", "--manifest", str(manifest), "--llm", recipe["models"]["llm"], "--output", str(output),
+                *extra], timings)
+
+
+def train_model(stage: str, recipe: dict, behavior: Path, model_dir: Path, extra: list[str], timings: dict) -> None:
+    """Step 2 (`blsp train`) into `model_dir`, resuming where a killed run left checkpoints."""
+    resume = ["--resume"] if (model_dir / "checkpoints").exists() else []
+    models = recipe["models"]
+    run(stage, ["train", "--data", str(behavior), "--encoder", models["encoder"], "--llm", models["llm"],
+                "--output-dir", str(model_dir), *extra, *resume], timings)
+
+
+def round_dirs(out: Path, recipe: dict) -> list[Path]:
+    """Where step 2 of each round saves its model: OUT/adapter, then OUT/adapter_round2, ..."""
+    return [out / "adapter"] + [out / f"adapter_round{n}" for n in range(2, len(recipe.get("more_rounds") or []) + 2)]
+
+
+def more_rounds(out: Path, recipe: dict, train_cont: dict, done: int | None, timings: dict) -> None:
     """`more_rounds`: each continues further train clips in step 1 and goes on training the round
     before's model on them (`blsp train --init-from`: no warm start, a fresh schedule), since step 2
     learns from distinct continuations (docs/warm_start_probe.md). A round may first grow the corpus
     (`sentences`; the test split stays as it is) and start at a given train clip (`from`; default:
-    after the clips the rounds before used). Returns the last round's model directory."""
-    data, behavior, models = out / "data", out / "behavior", recipe["models"]
+    after the clips the rounds before used)."""
+    data, behavior, dirs = out / "data", out / "behavior", round_dirs(out, recipe)
     start = done or 0
     for n, spec in enumerate(recipe.get("more_rounds") or [], start=2):
         if "sentences" in spec:
-            run(f"speech corpus (round {n})", ["data", "synth", "--recipe", str(data_recipe), "--output", str(data),
-                                               *flags({**recipe["data"], "recipe": None,
-                                                       "sentences": spec["sentences"]})], timings)
+            synth_corpus(f"speech corpus (round {n})", recipe, data, timings, spec["sentences"])
         start = spec.get("from", start)
         count = spec["train_utterances"]
         step1 = behavior / f"train_round{n}.jsonl"
-        run(f"step 1 (round {n})", ["continue", "--manifest", str(data / "train.jsonl"), "--llm", models["llm"],
-                                    "--output", str(step1), *flags(train_cont), "--skip", str(start),
-                                    "--limit", str(count)], timings)
+        continue_clips(f"step 1 (round {n})", recipe, data / "train.jsonl", step1,
+                       [*flags(train_cont), "--skip", str(start), "--limit", str(count)], timings)
         start += count
-        model = round_dir(out, n)
-        resume = ["--resume"] if (model / "checkpoints").exists() else []
-        run(f"step 2 (round {n})", ["train", "--data", str(step1), "--encoder", models["encoder"], "--llm",
-                                    models["llm"], "--output-dir", str(model), "--init-from",
-                                    str(round_dir(out, n - 1)), *round_train_flags(recipe, spec), *resume], timings)
-    return round_dir(out, len(recipe.get("more_rounds") or []) + 1)
+        train_model(f"step 2 (round {n})", recipe, step1, dirs[n - 1],
+                    ["--init-from", str(dirs[n - 2]), *round_train_flags(recipe, spec)], timings)
 
 
 ROUND_DATA_KEYS = ("sentences", "from", "train_utterances")  # a round's keys that are not step-2 flags
@@ -156,8 +166,7 @@ def report(out: Path, recipe: dict, timings: dict) -> None:
     results = {name: json.loads((out / d / "results.json").read_text()) for name, d in EVALS.items()}
     summary = {"recipe": recipe, "timings_s": timings, **results}
     atomic_write_json(out / "report.json", summary)
-    rounds = range(1, len(recipe.get("more_rounds") or []) + 2)
-    plot_report(summary, [round_dir(out, n) / "train_log.jsonl" for n in rounds], out / "report.png")
+    plot_report(summary, [d / "train_log.jsonl" for d in round_dirs(out, recipe)], out / "report.png")
     print(f"\n=== report ({out / 'report.json'}, {out / 'report.png'}; per-evaluation plots in "
           f"{', '.join(str(out / d) for d in EVALS.values())})")
     print(format_report(summary))
