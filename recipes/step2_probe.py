@@ -40,12 +40,18 @@ p.add_argument("--freeze-head", action="store_true")
 p.add_argument("--freeze-adapter", action="store_true")
 p.add_argument("--mix-transcribe", type=float, default=0.0)
 p.add_argument("--max-target-tokens", type=int, default=None, help="train on each continuation's first N tokens")
+p.add_argument("--lora-rank", type=int, default=8)
+p.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank (peft's scale 2, as rank 8 with alpha 16)")
+p.add_argument("--lora-modules", default="attention", help="attention, mlp, all, or names")
+p.add_argument("--loss", default="ce", choices=["ce", "kl", "ce+kl"])
+p.add_argument("--seed", type=int, default=0)
 p.add_argument("--transcribe", action="store_true", help="also zero-shot transcription WER (the LLM told to transcribe)")
 args = p.parse_args()
-torch.manual_seed(0)
+torch.manual_seed(args.seed)
 model = BlspModel.from_pretrained(args.model)
 utts, _ = read_behavior_data([args.data])
-opts = TrainOptions(adapter_downsample=4, lora_rank=8, lr=args.lr, lora_lr=args.lora_lr, warmup_steps=10,
+opts = TrainOptions(adapter_downsample=4, lora_rank=args.lora_rank, lr=args.lr, seed=args.seed,
+                    lora_alpha=args.lora_alpha or 2.0 * args.lora_rank, lora_modules=args.lora_modules, loss=args.loss, lora_lr=args.lora_lr, warmup_steps=10,
                     batch_size=8, max_steps=args.steps, save_every=1000, ctc_weight=args.ctc_weight,
                     mix_transcribe=args.mix_transcribe, max_target_tokens=args.max_target_tokens)
 tr = Trainer(model, utts, opts, args.out, DistInfo())
