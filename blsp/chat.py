@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Any
 
 from .errors import BlspError
 from .inference import ChatSession
@@ -31,9 +32,10 @@ def parse_line(line: str) -> list[dict] | str:
 
 
 def run_chat(model_dir: str, max_new_tokens: int = 128, system_prompt: str | None = None,
-             strict: bool = True) -> int:
+             strict: bool = True, **gen: Any) -> int:
+    """`gen`: more of `generate`'s options for every reply (the loop guards of `blsp chat`)."""
     model = BlspModel.from_pretrained(model_dir, strict=strict)
-    session = ChatSession(model, max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+    session = ChatSession(model, max_new_tokens=max_new_tokens, system_prompt=system_prompt, **gen)
     print(HELP)
     for line in sys.stdin:
         line = line.strip()

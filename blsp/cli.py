@@ -68,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, args.manifest, args.output, instruction, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_p=args.top_p, skip_bad=args.skip_bad, strict=not args.no_strict, seed=args.seed,
+        generate_kwargs=repetition_kwargs(args),
     )
     report_skipped(summary["skipped_bad"])
     print(f"generate: wrote {summary['written']} answer(s) to {args.output} ({summary['already_done']} already there)")
@@ -78,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
     return run_chat(args.model, max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
-                    strict=not args.no_strict)
+                    strict=not args.no_strict, **repetition_kwargs(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -125,6 +126,20 @@ def _add_decoding(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_repetition_flags(p: argparse.ArgumentParser) -> None:
+    """The answers' loop guards (`blsp.inference.repetition_guard`); off unless given."""
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="no N-gram twice in an answer (e.g. 3: stops a small LLM's loops; 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="P > 1 makes tokens already in the prompt or answer less likely (1: off)")
+
+
+def repetition_kwargs(args: argparse.Namespace) -> dict:
+    from .inference import repetition_guard
+
+    return repetition_guard(args.no_repeat_ngram_size, args.repetition_penalty)
 
 
 def option_flags(options: dict) -> list[str]:
@@ -334,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--no-strict", action="store_true", help="allow backbones other than the trained ones")
     _add_decoding(p, 64)
+    add_repetition_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to the model: type text, or /audio PATH [text]")
@@ -341,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--no-strict", action="store_true")
+    add_repetition_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible speech chat API and a web page (needs the `serve` extra)")

@@ -257,8 +257,10 @@ def _as_prompted(utt: Utterance, asr_text: str) -> str:
 @torch.no_grad()
 def speech_generate(model: BlspModel, utterances: Sequence[Utterance], instruction: str, feats: SpeechFeatures,
                     batch_size: int = 8, max_new_tokens: int | Callable[[Sequence[Utterance]], int] = 64,
-                    desc: str = "eval: generating", progress: bool = True) -> list[str]:
-    """Greedy answers to `instruction` over each utterance's speech, batched."""
+                    desc: str = "eval: generating", progress: bool = True,
+                    generate_kwargs: dict | None = None) -> list[str]:
+    """Greedy answers to `instruction` over each utterance's speech, batched (`generate_kwargs`:
+    more of `generate`'s options, e.g. `blsp.inference.repetition_guard`'s)."""
     from .inference import generate_from_examples
 
     prompt = model.processor.speech_prompt(instruction)
@@ -268,21 +270,22 @@ def speech_generate(model: BlspModel, utterances: Sequence[Utterance], instructi
             utts = utterances[start : start + batch_size]
             limit = max_new_tokens(utts) if callable(max_new_tokens) else max_new_tokens
             examples = [Example(prompt, [f]) for f in feats(utts)]
-            answers += generate_from_examples(model, examples, max_new_tokens=limit)
+            answers += generate_from_examples(model, examples, max_new_tokens=limit, **(generate_kwargs or {}))
             bar.update(len(utts))
     return answers
 
 
 def continuation_examples(model: BlspModel, utterances: Sequence[Utterance], n: int = 5,
                           instruction: str = CONTINUATION_INSTRUCTION, max_new_tokens: int = 64,
-                          feature_cache: FeatureCache | SpeechFeatures | str | Path | None = None) -> list[dict]:
+                          feature_cache: FeatureCache | SpeechFeatures | str | Path | None = None,
+                          generate_kwargs: dict | None = None) -> list[dict]:
     """The first `n` utterances side by side: transcript, the LLM's continuation of it (from the
     data), and the LLM's greedy continuation of the speech."""
     utts = list(utterances[:n])
     if not utts:
         return []
     speech = speech_generate(model, utts, instruction, _features(model, utts, feature_cache),
-                             max_new_tokens=max_new_tokens, desc="eval: examples")
+                             max_new_tokens=max_new_tokens, desc="eval: examples", generate_kwargs=generate_kwargs)
     return [{"id": u.id, "transcript": prompt_transcript(u), "text_continuation": u.extra.get("continuation"),
              "speech_continuation": s} for u, s in zip(utts, speech)]
 
@@ -321,17 +324,20 @@ def whisper_transcripts(whisper, utterances: Sequence[Utterance], batch_size: in
 def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whisper: Any = None,
                          cascade: bool = True, blsp: bool = True, batch_size: int = 8,
                          max_new_tokens: int | None = None, language: str = "en",
-                         feature_cache: FeatureCache | SpeechFeatures | str | Path | None = None) -> dict:
+                         feature_cache: FeatureCache | SpeechFeatures | str | Path | None = None,
+                         generate_kwargs: dict | None = None) -> dict:
     """Zero-shot transcription over speech (the `transcribe` instruction) and the cascade baseline.
 
     `whisper`: a (model, tokenizer) pair, a name/directory, or None for the Whisper named by the
     model's config (`encoder_name`). `max_new_tokens` None: per batch, twice the longest
     reference's LLM tokens plus 8 (at most 256), so a looping answer costs bounded time and still
-    scores as the insertions it is.
+    scores as the insertions it is. `generate_kwargs`: the BLSP row's decoding beyond greedy (e.g.
+    `blsp.inference.repetition_guard`'s), recorded in the report.
     """
     refs = [u.text for u in utterances]
     report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": NORMALISER,
-                              "instruction": task_instruction("transcribe")}
+                              "instruction": task_instruction("transcribe"),
+                              "decoding": {"greedy": True, **(generate_kwargs or {})}}
     rows = [{"id": u.id, "reference": u.text} for u in utterances]
     if blsp:
         tok = model.processor.tokenizer
@@ -343,7 +349,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
 
         hyps = speech_generate(model, utterances, task_instruction("transcribe"),
                                _features(model, utterances, feature_cache), batch_size=batch_size,
-                               max_new_tokens=limit, desc="eval: transcribe")
+                               max_new_tokens=limit, desc="eval: transcribe", generate_kwargs=generate_kwargs)
         scores = error_rates(refs, hyps)
         for row, h, s in zip(rows, hyps, scores.pop("per_utterance")):
             row.update(blsp=h, blsp_wer=s["wer"], blsp_cer=s["cer"])
@@ -520,8 +526,10 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> dict:
     from . import __version__, packaged
+    from .cli import repetition_kwargs
 
     _check_flags(args)
+    args.generate_kwargs = repetition_kwargs(args)
     if args.suite:
         return run_suite(args)
     tasks = parse_tasks(args.tasks)
@@ -546,13 +554,14 @@ def run_eval(args: argparse.Namespace) -> dict:
             "torch_version": torch.__version__,
             "device": str(model.language_model.device),
             "tasks": tasks,
+            "decoding": {"greedy": True, **args.generate_kwargs},
         }
     }
     asr = None
     if "transcribe" in tasks or "cascade" in tasks:
         results["transcription"] = transcription_report(
             model, utterances, whisper=args.asr_model, cascade="cascade" in tasks, blsp="transcribe" in tasks,
-            batch_size=args.batch_size, feature_cache=feats)
+            batch_size=args.batch_size, feature_cache=feats, generate_kwargs=args.generate_kwargs)
         if "cascade" in tasks:
             asr = {r["id"]: r["cascade"] for r in results["transcription"]["per_utterance"]}
     if "alignment" in tasks:
@@ -562,7 +571,8 @@ def run_eval(args: argparse.Namespace) -> dict:
             bootstrap_samples=args.bootstrap, seed=args.seed)
     if "examples" in tasks:
         results["examples"] = continuation_examples(model, utterances, n=args.n_examples, instruction=instruction,
-                                                    max_new_tokens=args.max_new_tokens or 64, feature_cache=feats)
+                                                    max_new_tokens=args.max_new_tokens or 64, feature_cache=feats,
+                                                    generate_kwargs=args.generate_kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .io import atomic_write_json
 
@@ -592,7 +602,8 @@ def run_suite(args: argparse.Namespace) -> dict:
     cache_root = None if args.no_feature_cache else (
         Path(args.feature_cache) if args.feature_cache else packaged.CACHE_DIR / "features")
     runner = Runner(model, batch_size=args.batch_size or suite.batch_size or 8, feature_cache=cache_root,
-                    asr_model=args.asr_model or suite.asr_model, max_new_tokens=args.max_new_tokens)
+                    asr_model=args.asr_model or suite.asr_model, max_new_tokens=args.max_new_tokens,
+                    generate_kwargs=args.generate_kwargs)
     tasks = run_tasks(runner, suite, data, continuation_instruction=args.instruction or default_instruction(args.model),
                       contrast_model=args.contrast_model)
     import jiwer
@@ -615,6 +626,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "device": str(model.language_model.device),
+        "decoding": {"greedy": True, **args.generate_kwargs},
     }
     results = {"identity": identity, "tasks": tasks}
     out_dir = Path(args.output_dir)
@@ -678,5 +690,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features (shared with training)")
     p.add_argument("--no-feature-cache", action="store_true", help="encode speech on the fly, write nothing")
     p.add_argument("--no-strict", action="store_true", help="allow backbones other than the trained ones")
+    from .cli import add_repetition_flags
+
+    add_repetition_flags(p)  # every generated answer's (transcription, examples, a suite's tasks)
     p.set_defaults(func=cmd_eval)
     return p

@@ -45,8 +45,10 @@ def done_ids(output: Path, instruction: str | None = None) -> set[str]:
 def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path, instruction: str,
                  batch_size: int = 8, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, skip_bad: bool = False,
-                 strict: bool = True, seed: int = 0, model: BlspModel | None = None) -> dict:
-    """Writes `{"id", "audio", "text", "instruction", "prediction"}` per clip; skips ids already written."""
+                 strict: bool = True, seed: int = 0, model: BlspModel | None = None,
+                 generate_kwargs: dict | None = None) -> dict:
+    """Writes `{"id", "audio", "text", "instruction", "prediction"}` per clip; skips ids already written.
+    `generate_kwargs`: more of Hugging Face `generate`'s options (`blsp.inference.repetition_guard`)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     read = read_manifest(manifest, require_text=False, skip_bad=skip_bad)
@@ -67,7 +69,7 @@ def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path
                 continue
             answers = model.generate(
                 audio=audio, instruction=instruction, max_new_tokens=max_new_tokens,
-                do_sample=do_sample, temperature=temperature, top_p=top_p,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, **(generate_kwargs or {}),
             )
             append_jsonl(output, [
                 {**u.extra, "id": u.id, "audio": u.audio.relative_to(output.parent),

@@ -6,15 +6,36 @@ Conversations use OpenAI-like content parts: `{"type": "text", "text": ...}` and
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .audio import AudioRef, load_audio
+from .errors import BlspError
 from .features import encode_waveforms
 from .prompts import audio_part, text_part
 from .processing import Example
+
+
+def repetition_guard(no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> dict[str, Any]:
+    """Hugging Face `generate`'s guards against a small LLM's loops ("... in the public I'm going
+    to have to get a to hold in the public I'm going to ..."), as keyword arguments: only those set,
+    so that with neither greedy answers stay what they were. `no_repeat_ngram_size` N: no N-gram
+    twice in an answer; `repetition_penalty` P > 1: tokens already in the prompt or the answer made
+    less likely (P = 1: none). On the larger recipe's model, zero-shot transcription WER 59.9% ->
+    49.8% (N = 3) and 54.6% (P = 1.2) on 100 held-out clips (docs/warm_start_probe.md)."""
+    if no_repeat_ngram_size < 0:
+        raise BlspError(f"--no-repeat-ngram-size must be 0 (off) or more, not {no_repeat_ngram_size}")
+    if not repetition_penalty > 0:
+        raise BlspError(f"--repetition-penalty must be above 0 (1 is off), not {repetition_penalty}")
+    guard: dict[str, Any] = {}
+    if no_repeat_ngram_size:
+        guard["no_repeat_ngram_size"] = no_repeat_ngram_size
+    if repetition_penalty != 1.0:
+        guard["repetition_penalty"] = repetition_penalty
+    return guard
 
 
 def _as_waveform(audio: Any) -> np.ndarray:
@@ -74,6 +95,8 @@ def generate_from_examples(model, examples: Sequence[Example], max_new_tokens: i
     embeds, attention_mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"],
                                                   batch.get("encoder_features"), batch.get("encoder_lengths"))
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    # The loop guard over the answer only, not the prompt, is what we want: say nothing about it.
+    warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
     with model.reading(batch["input_ids"]):
         out = model.language_model.generate(
             inputs_embeds=embeds,

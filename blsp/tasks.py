@@ -52,7 +52,7 @@ MaxTokens = int | Callable[[Sequence[Utterance]], int]
 @torch.no_grad()
 def text_generate(model: BlspModel, utterances: Sequence[Utterance], texts: Sequence[str], instruction: str,
                   batch_size: int = 8, max_new_tokens: MaxTokens = 64, desc: str = "eval: generating",
-                  progress: bool = True) -> list[str]:
+                  progress: bool = True, generate_kwargs: dict | None = None) -> list[str]:
     """Greedy answers to `instruction` with each text where the speech would be (the same prompt
     splicing as step 1), batched; `max_new_tokens` may be a function of the batch's utterances."""
     from .inference import generate_from_examples
@@ -64,7 +64,7 @@ def text_generate(model: BlspModel, utterances: Sequence[Utterance], texts: Sequ
             limit = max_new_tokens(utts) if callable(max_new_tokens) else max_new_tokens
             examples = [Example(model.processor.transcript_prompt(instruction, t))
                         for t in texts[start : start + batch_size]]
-            answers += generate_from_examples(model, examples, max_new_tokens=limit)
+            answers += generate_from_examples(model, examples, max_new_tokens=limit, **(generate_kwargs or {}))
             bar.update(len(examples))
     return answers
 
@@ -85,8 +85,10 @@ class Runner:
     """What the tasks of one suite run share: the model, speech features, the cascade's ASR."""
 
     def __init__(self, model: BlspModel, batch_size: int = 8, feature_cache: str | Path | None = None,
-                 asr_model: str | None = None, progress: bool = True, max_new_tokens: int | None = None):
+                 asr_model: str | None = None, progress: bool = True, max_new_tokens: int | None = None,
+                 generate_kwargs: dict | None = None):
         self.model = model
+        self.generate_kwargs = generate_kwargs or {}  # every row's decoding beyond greedy (the loop guards)
         self.max_new_tokens = max_new_tokens  # a cap over every task's own budget (a quick look)
         self.batch_size = batch_size
         self.feature_cache = feature_cache
@@ -136,10 +138,10 @@ class Runner:
             if row == "blsp":
                 out[row] = speech_generate(self.model, utterances, instruction, feats or self.features(utterances),
                                            batch_size=self.batch_size, max_new_tokens=max_new_tokens, desc=desc,
-                                           progress=self.progress)
+                                           progress=self.progress, generate_kwargs=self.generate_kwargs)
             else:
                 out[row] = text_generate(self.model, utterances, texts[row], instruction, self.batch_size,
-                                         max_new_tokens, desc, self.progress)
+                                         max_new_tokens, desc, self.progress, self.generate_kwargs)
         return out
 
 

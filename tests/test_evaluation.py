@@ -246,8 +246,29 @@ def test_eval_untrained_baseline_with_the_cascade(trained_dir, tiny_dirs, tiny_w
     assert (out / "alignment.png").exists()
 
 
+def test_eval_loop_guard_is_applied_and_recorded(trained_dir, tmp_path, capsys):
+    """`--no-repeat-ngram-size 1` changes the tiny LLM's (looping) transcriptions, and the report
+    says how it decoded (tests/test_inference.py checks the guard itself)."""
+    def transcribe(out, *guard):
+        code = main(["eval", "--model", str(trained_dir["model"]), "--data", str(trained_dir["data"]),
+                     "--tasks", "transcribe", "--limit", "3", "--feature-cache", str(trained_dir["features"]),
+                     "--output-dir", str(out), *guard])
+        assert code == 0
+        return json.loads((out / "results.json").read_text())
+
+    greedy = transcribe(tmp_path / "greedy")
+    guarded = transcribe(tmp_path / "guarded", "--no-repeat-ngram-size", "1")
+    capsys.readouterr()
+    assert greedy["identity"]["decoding"] == {"greedy": True}
+    assert guarded["identity"]["decoding"] == {"greedy": True, "no_repeat_ngram_size": 1}
+    assert guarded["transcription"]["decoding"]["no_repeat_ngram_size"] == 1
+    answers = lambda r: [row["blsp"] for row in r["transcription"]["per_utterance"]]
+    assert answers(guarded) != answers(greedy)  # the guard reached `generate`
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--tasks", "alignment,bleu"], "unknown task(s) bleu"),
+    (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be"),
     (["--untrained"], "--untrained needs"),
     (["--model", "/nonexistent/adapter"], "no such directory"),
 ])

@@ -279,3 +279,38 @@ def test_sampling_with_a_seed_is_reproducible(model):
     first = sample(1)
     assert sample(1) == first
     assert sample(2) != first  # sampling does sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop guards
+# ----------------------------------------------------------------------------------------------
+def test_no_repeat_ngram_guard_leaves_no_token_twice(model, monkeypatch):
+    """A tiny random LLM loops under greedy decoding; with `no_repeat_ngram_size` 1 no answer holds
+    a token twice, and with no guard set the answers are greedy's own."""
+    audio = clips()
+    tok = model.processor.tokenizer
+    generated = []  # the answers' token ids, as `generate` returned them (text re-tokenises otherwise)
+    decode = tok.batch_decode
+    monkeypatch.setattr(tok, "batch_decode", lambda ids, **kw: generated.append(ids.tolist()) or decode(ids, **kw))
+
+    def answers(**guard):
+        generated.clear()
+        texts = model.generate(audio=audio, instruction=INSTRUCTION, max_new_tokens=24, **guard)
+        ids = [[t for t in row if t != model.processor.pad_id] for row in generated[0]]
+        return texts, ids
+
+    greedy, greedy_ids = answers()
+    assert answers(**inference.repetition_guard())[0] == greedy
+    assert any(len(set(ids)) < len(ids) for ids in greedy_ids)  # it does loop
+    guarded, guarded_ids = answers(**inference.repetition_guard(no_repeat_ngram_size=1))
+    assert guarded != greedy
+    assert all(len(set(ids)) == len(ids) for ids in guarded_ids)
+
+
+def test_repetition_guard_sets_only_what_is_given_and_refuses_nonsense():
+    assert inference.repetition_guard() == {}
+    assert inference.repetition_guard(3, 1.2) == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    with pytest.raises(inference.BlspError, match="--no-repeat-ngram-size"):
+        inference.repetition_guard(no_repeat_ngram_size=-1)
+    with pytest.raises(inference.BlspError, match="--repetition-penalty"):
+        inference.repetition_guard(repetition_penalty=0.0)
