@@ -168,13 +168,15 @@ class TrainOptions:
 # command line's default): the winner of the step-2 ablation on held-out sentences in an unseen
 # voice (docs/ablation.md, recipes/ablation.yaml): the adapter at 12.5 Hz, a CTC warm start on
 # cached features through the LLM's frozen embeddings, CTC-compressed speech, and rank-8 LoRA on
-# the LLM's attention at speech positions only (text-only prompts keep the frozen LLM's answers).
+# the LLM's attention and MLP projections at speech positions only (text-only prompts keep the
+# frozen LLM's answers; attention and MLP closed 2.2 points more of the gap than attention alone,
+# over two seeds, for 1.1x step 2's time: docs/warm_start_probe.md, "LoRA's size").
 # Its CTC head emits the tokens seen 5+ times, rarer ones spelled with them (blsp.vocabulary): the
 # same gap after step 2 for half the warm start's time (docs/warm_start_probe.md).
 RECIPES: dict[str, dict] = {
     "paper": {},
     "fast": {"adapter_downsample": 4, "warm_start": "ctc", "warm_start_steps": 500, "warm_start_lr": 3e-3,
-             "compress_speech": "ctc", "lora_rank": 8, "ctc_min_count": 5},
+             "compress_speech": "ctc", "lora_rank": 8, "lora_modules": "all", "ctc_min_count": 5},
 }
 RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
 DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's values (recipe `paper`)

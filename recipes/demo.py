@@ -140,17 +140,26 @@ def round_train_flags(recipe: dict, spec: dict) -> list[str]:
     return flags({**base, **{k: v for k, v in spec.items() if k not in ROUND_DATA_KEYS}})
 
 
+GUARD_KEYS = ("no_repeat_ngram_size", "repetition_penalty")  # `blsp eval`'s loop guards, in a recipe's eval
+
+
+def guard_flags(ev: dict) -> list[str]:
+    """The LLM's answers over speech (examples, transcription) decode with the recipe's loop guard."""
+    return flags({k: ev[k] for k in GUARD_KEYS if k in ev})
+
+
 def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> None:
     """The three evaluations the report reads, each a `blsp eval` into its own directory."""
     def limit(key: str) -> list[str]:
         return ["--limit", str(ev[key])] if ev.get(key) else []
 
-    run("evaluation (trained)", ["eval", "--model", adapter, "--data", test, "--tasks", ev["tasks"],
+    guard = guard_flags(ev)
+    run("evaluation (trained)", ["eval", "--model", adapter, "--data", test, "--tasks", ev["tasks"], *guard,
                                  "--output-dir", str(out / EVALS["trained"])], timings)
     # Whisper decodes a padded 30 s window per clip (~1.8 s on 2 cores), so the cascade, and the
     # zero-shot transcription it is compared with, run on the first clips only (both voices).
     run("evaluation (transcription, cascade)", ["eval", "--model", adapter, "--data", test, "--tasks",
-                                                "transcribe,cascade,alignment", *limit("cascade_limit"),
+                                                "transcribe,cascade,alignment", *limit("cascade_limit"), *guard,
                                                 "--output-dir", str(out / EVALS["cascade"])], timings)
     # The untrained adapter closes about none of the gap; a share of the clips shows that for less time.
     run("evaluation (untrained adapter)", ["eval", "--model", adapter, "--untrained", "--data", test, "--tasks",
@@ -180,6 +189,16 @@ def _alignment_row(label: str, al: dict) -> str:
             f"   {al['kl_text_speech']:.3f}")
 
 
+def decoding_words(decoding: dict) -> str:
+    """How the LLM decoded, for the report: "greedy", "greedy, no 3-gram twice"."""
+    words = ["greedy"]
+    if decoding.get("no_repeat_ngram_size"):
+        words.append(f"no {decoding['no_repeat_ngram_size']}-gram twice")
+    if decoding.get("repetition_penalty"):
+        words.append(f"repetition penalty {decoding['repetition_penalty']}")
+    return ", ".join(words)
+
+
 def format_report(summary: dict) -> str:
     trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
     al, al_c = trained["alignment"], cascade["alignment"]
@@ -193,8 +212,9 @@ def format_report(summary: dict) -> str:
     lines += [f"  on the first {al_c['n_utterances']} clips: speech closes {_pct(al_c['gap_closed'])}, "
               f"the cascade (Whisper's transcript -> the same LLM) {_pct(al_c.get('gap_closed_cascade'))}"]
     tr = cascade["transcription"]
+    blsp_row = f"BLSP ('transcribe' over speech; {decoding_words(tr.get('decoding', {}))})"
     lines += [f"zero-shot transcription on the same {tr['n_utterances']} clips (jiwer; Whisper's English normaliser)",
-              f"  BLSP (speech -> LLM, 'transcribe' instruction)  WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
+              f"  {blsp_row:<47} WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
               f"  {tr['cascade']['asr'] + ' (the cascade ASR)':<47} WER {_pct(tr['cascade']['wer'])}  CER {_pct(tr['cascade']['cer'])}"]
     for ex in trained.get("examples", [])[:3]:
         lines += [f"example {ex['id']}", f"  transcript:               {ex['transcript']}",

@@ -93,7 +93,7 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
                   "max_steps": 2, "batch_size": 2, "save_every": 1},
         # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left, 1 more step
         "more_rounds": [{"sentences": 5, "train_utterances": 2, "max_steps": 1}],
-        "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3}}))
+        "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3, "no_repeat_ngram_size": 2}}))
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
 
@@ -106,6 +106,10 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     assert "gap_closed_cascade" in first["cascade"]["alignment"]
     assert set(first["timings_s"]) >= {"speech corpus", "step 2", "evaluation (transcription, cascade)"}
     assert "a voice never heard in training" in printed and "zero-shot transcription on the same 2 clips" in printed
+    # the recipe's loop guard decoded the LLM's transcriptions and examples, and the report says so
+    assert first["cascade"]["transcription"]["decoding"] == {"greedy": True, "no_repeat_ngram_size": 2}
+    assert first["trained"]["identity"]["decoding"]["no_repeat_ngram_size"] == 2
+    assert "'transcribe' over speech; greedy, no 2-gram twice" in printed
     assert (out / "report.png").stat().st_size > 20_000
     train_lines = [json.loads(l) for l in (out / "behavior" / "train.jsonl").read_text().splitlines()]
     assert len(train_lines) == 3
@@ -181,5 +185,6 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
         again = parser.parse_args(["train", "--data", "d", "--output-dir", "o2", "--init-from", "o",
                                    *demo.round_train_flags(recipe, spec)])
         train_options(again)
-    assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit"}
+    assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS}
+    parser.parse_args(["eval", "--data", "d", "--output-dir", "o", *demo.guard_flags(recipe["eval"])])
     assert (demo.HERE.parent / recipe["data"]["recipe"]).exists()
