@@ -120,17 +120,31 @@ def more_rounds(out: Path, recipe: dict, train_cont: dict, done: int | None, tim
     for n, spec in enumerate(recipe.get("more_rounds") or [], start=2):
         if "sentences" in spec:
             synth_corpus(f"speech corpus (round {n})", recipe, data, timings, spec["sentences"])
-        start = spec.get("from", start)
-        count = spec["train_utterances"]
         step1 = behavior / f"train_round{n}.jsonl"
-        continue_clips(f"step 1 (round {n})", recipe, data / "train.jsonl", step1,
-                       [*flags(train_cont), "--skip", str(start), "--limit", str(count)], timings)
-        start += count
+        windows = round_windows(spec, start)
+        for part, (first, count) in enumerate(windows, start=1):
+            stage = f"step 1 (round {n})" + (f", part {part}" if len(windows) > 1 else "")
+            continue_clips(stage, recipe, data / "train.jsonl", step1,
+                           [*flags(train_cont), "--skip", str(first), "--limit", str(count)], timings)
+        start = windows[-1][0] + windows[-1][1]
         train_model(f"step 2 (round {n})", recipe, step1, dirs[n - 1],
                     ["--init-from", str(dirs[n - 2]), *round_train_flags(recipe, spec)], timings)
 
 
 ROUND_DATA_KEYS = ("sentences", "from", "train_utterances")  # a round's keys that are not step-2 flags
+
+
+def round_windows(spec: dict, start: int) -> list[tuple[int, int]]:
+    """A round's train clips as (first, count) windows of the manifest: `from` (default `start`,
+    after the clips the rounds before used) and `train_utterances`, or lists of both, one window
+    each (the clips several corpus sizes left unused, e.g. `from: [11200, 23200]`)."""
+    firsts, counts = spec.get("from", start), spec["train_utterances"]
+    if not isinstance(firsts, list) and not isinstance(counts, list):
+        return [(int(firsts), int(counts))]
+    if not (isinstance(firsts, list) and isinstance(counts, list) and len(firsts) == len(counts) and firsts):
+        sys.exit(f"demo: a round's `from` and `train_utterances` must both be numbers or both lists of one "
+                 f"length, not {firsts!r} and {counts!r}")
+    return [(int(f), int(c)) for f, c in zip(firsts, counts)]
 
 
 def round_train_flags(recipe: dict, spec: dict) -> list[str]:

@@ -91,8 +91,9 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
         "continue": {"batch_size": 4, "max_new_tokens": 6, "train_max_new_tokens": 2, "train_utterances": 3},
         "train": {"recipe": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
                   "max_steps": 2, "batch_size": 2, "save_every": 1},
-        # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left, 1 more step
-        "more_rounds": [{"sentences": 5, "train_utterances": 2, "max_steps": 1}],
+        # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left (as two
+        # windows of one clip each), 1 more step
+        "more_rounds": [{"sentences": 5, "from": [3, 4], "train_utterances": [1, 1], "max_steps": 1}],
         "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3, "no_repeat_ngram_size": 2}}))
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
@@ -124,7 +125,7 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     summary2 = json.loads((out / "adapter_round2" / "train_summary.json").read_text())
     assert (summary2["options"]["init_from"], summary2["steps"], summary2["warm_start_clips"]) == (str(out / "adapter"), 1, 0)
     assert first["trained"]["identity"]["model_dir"] == str(out / "adapter_round2")
-    assert {"step 1 (round 2)", "step 2 (round 2)"} <= set(first["timings_s"])
+    assert {"step 1 (round 2), part 1", "step 1 (round 2), part 2", "step 2 (round 2)"} <= set(first["timings_s"])
 
     demo.main()  # every stage finds its work done
     again = json.loads((out / "report.json").read_text())
@@ -181,6 +182,7 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
     train_options(train)  # the options' own checks, as `blsp train` runs them
     for spec in recipe.get("more_rounds") or []:
         assert "train_utterances" in spec
+        assert all(count > 0 for _, count in demo.round_windows(spec, 0))
         parser.parse_args(["continue", "--manifest", "m", "--output", "o", "--skip", "1", "--limit", "1"])
         again = parser.parse_args(["train", "--data", "d", "--output-dir", "o2", "--init-from", "o",
                                    *demo.round_train_flags(recipe, spec)])
@@ -188,3 +190,14 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
     assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS}
     parser.parse_args(["eval", "--data", "d", "--output-dir", "o", *demo.guard_flags(recipe["eval"])])
     assert (demo.HERE.parent / recipe["data"]["recipe"]).exists()
+
+
+def test_a_round_takes_one_window_of_train_clips_or_several():
+    demo = load_recipe_module("demo")
+    assert demo.round_windows({"train_utterances": 5}, 7) == [(7, 5)]  # after the rounds before
+    assert demo.round_windows({"from": 2, "train_utterances": 5}, 7) == [(2, 5)]
+    assert demo.round_windows({"from": [11200, 23200], "train_utterances": [800, 800]}, 0) == [(11200, 800), (23200, 800)]
+    for bad in ({"from": [1, 2], "train_utterances": 5}, {"from": [1], "train_utterances": [1, 2]},
+                {"from": [], "train_utterances": []}):
+        with pytest.raises(SystemExit, match="both be numbers or both lists"):
+            demo.round_windows(bad, 0)
