@@ -38,6 +38,7 @@ from .data import (Utterance, is_copy_continuation, load_utterance_audio, normal
                    read_manifest)
 from .errors import BlspError
 from .features import FeatureCache, encode_waveforms
+from .inference import decoding_record
 from .io import file_sha256
 from .metrics import NORMALISER, bootstrap_gap_ci, error_rates, gap_closed
 from .modeling import IGNORE_INDEX, BlspModel, shared_prefix
@@ -337,7 +338,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
     refs = [u.text for u in utterances]
     report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": NORMALISER,
                               "instruction": task_instruction("transcribe"),
-                              "decoding": {"greedy": True, **(generate_kwargs or {})}}
+                              "decoding": decoding_record(generate_kwargs or {})}
     rows = [{"id": u.id, "reference": u.text} for u in utterances]
     if blsp:
         tok = model.processor.tokenizer
@@ -554,7 +555,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             "torch_version": torch.__version__,
             "device": str(model.language_model.device),
             "tasks": tasks,
-            "decoding": {"greedy": True, **args.generate_kwargs},
+            "decoding": decoding_record(args.generate_kwargs),
         }
     }
     asr = None
@@ -626,7 +627,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "device": str(model.language_model.device),
-        "decoding": {"greedy": True, **args.generate_kwargs},
+        "decoding": decoding_record(args.generate_kwargs),
     }
     results = {"identity": identity, "tasks": tasks}
     out_dir = Path(args.output_dir)

@@ -18,6 +18,10 @@ from .features import encode_waveforms
 from .prompts import audio_part, text_part
 from .processing import Example
 
+# `generate` warns that with `inputs_embeds` the n-gram guard covers the answer only, not the
+# prompt: that is what the loop guard is for, so the warning says nothing a user must act on.
+warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+
 
 def repetition_guard(no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> dict[str, Any]:
     """Hugging Face `generate`'s guards against a small LLM's loops ("... in the public I'm going
@@ -36,6 +40,11 @@ def repetition_guard(no_repeat_ngram_size: int = 0, repetition_penalty: float = 
     if repetition_penalty != 1.0:
         guard["repetition_penalty"] = repetition_penalty
     return guard
+
+
+def decoding_record(guard: dict[str, Any]) -> dict[str, Any]:
+    """How answers were decoded, for a report: greedy, with `repetition_guard`'s options if any."""
+    return {"greedy": True, **guard}
 
 
 def _as_waveform(audio: Any) -> np.ndarray:
@@ -95,8 +104,6 @@ def generate_from_examples(model, examples: Sequence[Example], max_new_tokens: i
     embeds, attention_mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"],
                                                   batch.get("encoder_features"), batch.get("encoder_lengths"))
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    # The loop guard over the answer only, not the prompt, is what we want: say nothing about it.
-    warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
     with model.reading(batch["input_ids"]):
         out = model.language_model.generate(
             inputs_embeds=embeds,

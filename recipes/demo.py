@@ -4,7 +4,7 @@
     python recipes/demo.py                  # recipes/demo.yaml
     python recipes/demo.py --size medium    # recipes/demo-medium.yaml: twice the data, ~36 minutes
     python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
-    python recipes/demo.py --size long      # recipes/demo-long.yaml: the larger one, then 3 more rounds
+    python recipes/demo.py --size long      # recipes/demo-long.yaml: the larger one, then 4 more rounds
     python recipes/demo.py --recipe my.yaml
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and

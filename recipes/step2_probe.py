@@ -50,8 +50,9 @@ args = p.parse_args()
 torch.manual_seed(args.seed)
 model = BlspModel.from_pretrained(args.model)
 utts, _ = read_behavior_data([args.data])
-opts = TrainOptions(adapter_downsample=4, lora_rank=args.lora_rank, lr=args.lr, seed=args.seed,
-                    lora_alpha=args.lora_alpha or 2.0 * args.lora_rank, lora_modules=args.lora_modules, loss=args.loss, lora_lr=args.lora_lr, warmup_steps=10,
+opts = TrainOptions(adapter_downsample=4, lr=args.lr, seed=args.seed, loss=args.loss, warmup_steps=10,
+                    lora_rank=args.lora_rank, lora_alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                    lora_modules=args.lora_modules, lora_lr=args.lora_lr,
                     batch_size=8, max_steps=args.steps, save_every=1000, ctc_weight=args.ctc_weight,
                     mix_transcribe=args.mix_transcribe, max_target_tokens=args.max_target_tokens)
 tr = Trainer(model, utts, opts, args.out, DistInfo())
