@@ -77,6 +77,37 @@ def test_lora_everywhere_changes_text_prompts_and_can_be_turned_off(tiny_model):
         assert torch.equal(_logits(tiny_model, text), before)
 
 
+def test_speech_only_lora_adds_peft_s_branch_at_the_speech_rows_alone(tiny_model):
+    """The gate computes the branch on the speech rows only: base(x) + scaling * B(A(x)) there,
+    base(x) elsewhere; gradients reach LoRA from those rows alone; with gradients on and no speech
+    every LoRA weight still gets one (zero), as DDP expects."""
+    from blsp.lora import ADAPTER_NAME, lora_layers
+
+    tiny_model.enable_lora(LoraSettings(rank=4, where="speech"))
+    _randomise_lora(tiny_model)
+    layer = lora_layers(tiny_model.language_model)[0]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, layer.in_features, generator=gen)
+    speech = torch.zeros(2, 9, dtype=torch.bool)  # a 9-position prompt; the forward sees its last 7
+    speech[0, 4:7] = speech[1, 6:9] = True
+    a, b, scaling = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME], layer.scaling[ADAPTER_NAME]
+    with torch.no_grad():
+        expected = layer.base_layer(x) + speech[:, 2:, None] * b(a(x)) * scaling
+    with tiny_model.lora_gate.positions(speech):
+        out = layer(x)
+    torch.testing.assert_close(out, expected)
+    out.pow(2).sum().backward()
+    # A's gradient is the sum over the speech rows only: recompute it from those rows by hand.
+    rows = x[speech[:, 2:]]
+    by_hand = torch.autograd.grad((layer.base_layer(rows) + b(a(rows)) * scaling).pow(2).sum(), a.weight)[0]
+    torch.testing.assert_close(a.weight.grad, by_hand)
+    a.weight.grad = None
+    layer(x).sum().backward()  # no speech, gradients on: zero, not missing
+    assert a.weight.grad is not None and not a.weight.grad.any()
+    with torch.no_grad(), tiny_model.lora_gate.positions(torch.zeros(2, 7, dtype=torch.bool)):
+        assert torch.equal(layer(x), layer.base_layer(x))  # nothing computed, the base layer's output
+
+
 @pytest.mark.parametrize("where", ["speech", "all"])
 def test_the_shared_prefix_and_checkpointing_give_the_full_forwards_gradients(tiny_model, where):
     """The cached text prefix is the frozen LLM's: valid for speech-only LoRA, recomputed when

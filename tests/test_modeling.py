@@ -335,6 +335,26 @@ def test_a_cached_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, co
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_prompts_taking_turns_keep_their_prefixes_cached(tiny_model, monkeypatch):
+    """The alignment report's prompts alternate batch after batch: each prefix is computed once
+    while at most PREFIX_CACHE_SIZE are in use, the least recently used one going first."""
+    from blsp import modeling
+
+    decoder = tiny_model.language_model.get_decoder()
+    calls = []
+    monkeypatch.setattr(decoder, "forward", lambda *a, _f=decoder.forward, **k: calls.append(1) or _f(*a, **k))
+    prefixes = [(1, 2, 3), (1, 2, 4), (5, 6)]
+    for _ in range(3):
+        for p in prefixes:
+            tiny_model._prefix_cache(p, 2, torch.float32)
+    assert len(calls) == len(prefixes)
+    for p in range(10, 10 + modeling.PREFIX_CACHE_SIZE):  # crowd the first ones out
+        tiny_model._prefix_cache((p,), 1, torch.float32)
+    assert len(tiny_model._prefix_kv) == modeling.PREFIX_CACHE_SIZE
+    tiny_model._prefix_cache(prefixes[0], 2, torch.float32)
+    assert len(calls) == len(prefixes) + modeling.PREFIX_CACHE_SIZE + 1
+
+
 def test_shared_prefix_stops_where_rows_differ_or_speech_begins():
     ids = torch.tensor([[1, 2, 3, SPEECH_TOKEN_ID, 9], [1, 2, 3, SPEECH_TOKEN_ID, 8]])
     assert shared_prefix(ids, torch.ones_like(ids)) == [1, 2, 3]
