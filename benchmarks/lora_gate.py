@@ -82,7 +82,8 @@ def main() -> None:
 
     def forward(x):
         # ours reads the speech positions from the gate; masked from its own hooks; none from nowhere
-        with gate.positions(speech if current["way"] == "ours" else None):
+        # a fresh mask each forward, as in training (its speech rows are found once per forward)
+        with gate.positions(speech.clone() if current["way"] == "ours" else None):
             return decoder(inputs_embeds=x, use_cache=False).last_hidden_state
 
     def train_step():

@@ -9,8 +9,9 @@ cached keys and values (blsp.modeling's shared prefix).
 peft injects the LoRA layers into the LLM in place (`inject_adapter_in_model`): the LLM stays the
 transformers model it was, `language_model` of `BlspModel`; peft holds, saves and loads the
 weights. At speech positions only, `LoraGate` computes the branch itself, on the speech rows alone
-(peft's forward would compute it at every position, to be masked: 1.25-1.4x the LLM's training
-step on the demo's rows); everywhere, peft computes it and the gate zeroes it for the KD teacher.
+(peft's forward would compute it at every position, to be masked: 1.2-1.3x the LLM's training
+step on the demo's rows); everywhere, peft computes it, and the gate skips it for the KD teacher
+(no gradient) or zeroes it (gradients on).
 """
 
 from __future__ import annotations
@@ -121,13 +122,15 @@ class LoraGate:
         ([B, T, d]); None where nothing is speech. Found once per forward length, not per layer."""
         if not self.enabled or self.mask is None:
             return None
-        if self._rows_key is None or self._rows_key[0] is not self.mask or self._rows_key[1] != shape[1]:
+        # The key holds the mask itself (an id() could be reused by a later mask) and its version
+        # (changed in place, it is another mask).
+        key = (self.mask, self.mask._version, tuple(shape[:2]))
+        if self._rows_key is None or self._rows_key[0] is not self.mask or self._rows_key[1:] != key[1:]:
             flags = self.mask[:, -shape[1]:]
             if flags.shape != shape[:2]:
                 raise BlspError(f"speech-position LoRA: a forward over {tuple(shape[:2])} positions does not fit "
                                 f"the speech mask {tuple(self.mask.shape)}")
-            # the key holds the mask itself: an id() could be reused by a later mask
-            self._rows, self._rows_key = flags.reshape(-1).nonzero()[:, 0], (self.mask, shape[1])
+            self._rows, self._rows_key = flags.reshape(-1).nonzero()[:, 0], key
         return self._rows
 
     # -- speech positions only: the branch runs on the speech rows alone --------------------------
@@ -138,9 +141,9 @@ class LoraGate:
     def speech_branch(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """base(x) + scaling * B(A(dropout(x))) at the speech rows, base(x) elsewhere: the same sum
         as peft's, with the branch's matmuls and element-wise work on the speech rows only (a fifth
-        of a training row), where masking peft's output cost 1.25-1.4x the LLM's step. With
-        gradients on, the branch runs even on no rows, so every LoRA parameter stays in the graph
-        (as DDP/FSDP expect)."""
+        of a training row), where masking peft's output cost 1.2-1.3x the LLM's training step
+        (benchmarks/lora_gate.py). With gradients on, the branch runs even on no rows, so every
+        LoRA parameter gets a gradient (zero), as on a rank whose gradients are all-reduced."""
         rows = self.rows(output.shape)
         if rows is None or not len(rows):
             if not torch.is_grad_enabled():
@@ -159,7 +162,8 @@ class LoraGate:
         module._disable_adapters = not self.enabled and not torch.is_grad_enabled()
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        # Zeroing (not skipping) keeps every LoRA parameter in the graph, as DDP/FSDP expect.
+        # With gradients on, zeroing (not skipping) gives every LoRA parameter a gradient (zero),
+        # as on a rank whose gradients are all-reduced.
         return output if self.enabled else output * 0
 
 
@@ -181,6 +185,10 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
         if not hasattr(module, "_disable_adapters"):  # peft's switch to its base layer alone
             raise BlspError(f"LoRA: this peft version's {type(module).__name__} has no `_disable_adapters` switch; "
                             "install the peft version pyproject.toml names")
+        if gate.speech_only and not _plain_linear_lora(module):
+            raise BlspError(f"speech-position LoRA computes the branch itself and knows plain linear layers only; "
+                            f"{type(module).__name__} over {type(module.base_layer).__name__} is not one "
+                            "(a quantised or DoRA layer): use --lora-where all")
         if gate.speech_only:
             module.register_forward_pre_hook(gate.peft_off)
             module.register_forward_hook(gate.speech_branch)
@@ -188,6 +196,15 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
             module.register_forward_pre_hook(gate.skip_when_off)
             module.lora_B[ADAPTER_NAME].register_forward_hook(gate.hook)
     return gate
+
+
+def _plain_linear_lora(module: nn.Module) -> bool:
+    """A peft LoRA layer whose output is base(x) + scaling * B(A(dropout(x))), nothing more."""
+    from peft.tuners.lora.layer import Linear
+
+    return (type(module) is Linear and type(module.base_layer) is nn.Linear and ADAPTER_NAME in module.lora_A
+            and not getattr(module, "use_dora", {}).get(ADAPTER_NAME, False)
+            and not getattr(module, "lora_variant", {}).get(ADAPTER_NAME))
 
 
 def _linear_names(module: nn.Module) -> set[str]:

@@ -863,7 +863,8 @@ class BlspModel(PreTrainedModel):
         once: the LLM is frozen, so a prefix's keys and values never change)."""
         from transformers import DynamicCache
 
-        key = (prefix, dtype)
+        device = self.language_model.device
+        key = (prefix, dtype, device, torch.is_autocast_enabled(device.type))
         if key in self._prefix_kv:
             self._prefix_kv.move_to_end(key)
         else:
@@ -872,7 +873,7 @@ class BlspModel(PreTrainedModel):
             # switch cost the demo's evaluation 14 s of its 93; ~2 MB a prefix for SmolLM2, so keep four.
             while len(self._prefix_kv) >= PREFIX_CACHE_SIZE:
                 self._prefix_kv.popitem(last=False)
-            ids = torch.tensor([prefix], device=self.language_model.device)
+            ids = torch.tensor([prefix], device=device)
             with torch.no_grad(), self.lora_off():  # the frozen LLM's (no speech in a prefix)
                 out = self.language_model.get_decoder()(
                     inputs_embeds=self.language_model.get_input_embeddings()(ids).to(dtype), use_cache=True)

@@ -19,11 +19,12 @@ from conftest import write_corpus
 from test_training import options
 
 
-def _randomise_lora(model: BlspModel, seed: int = 0) -> None:
-    """B starts at zero (LoRA changes nothing until trained): give every LoRA weight a value."""
+def _randomise_lora(model: BlspModel | torch.nn.Module, seed: int = 0) -> None:
+    """B starts at zero (LoRA changes nothing until trained): give every LoRA weight a value (in a
+    BlspModel's LLM, or in any module LoRA was put on)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.language_model.named_parameters():
+        for name, p in getattr(model, "language_model", model).named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
@@ -173,3 +174,48 @@ def test_lora_lr_gives_lora_its_own_rate_and_needs_lora(tiny_dirs, tmp_path, tin
     assert len(one) == 1
     with pytest.raises(BlspError, match="--lora-lr"):
         options(tiny_dirs, tmp_path, lora_lr=1e-3)  # no LoRA to give it to
+
+
+def test_speech_only_lora_on_a_biased_layer_and_under_bf16_autocast_matches_the_branch_by_hand():
+    """Qwen-style projections have a bias (the base layer's output is then a view autograd must
+    follow through the in-place add); training on a GPU runs under bf16 autocast."""
+    from torch import nn
+
+    from blsp.lora import ADAPTER_NAME, add_lora
+
+    class Projection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(6, 5, bias=True)
+
+    model = Projection().requires_grad_(False)
+    gate = add_lora(model, LoraSettings(rank=2, where="speech", target_modules=("q_proj",)))
+    _randomise_lora(model)
+    layer = model.q_proj
+    a, b, scaling = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME], layer.scaling[ADAPTER_NAME]
+    speech = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(2))
+    for autocast, tol in ((False, {}), (True, {"rtol": 2e-2, "atol": 2e-2})):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            xs, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            with gate.positions(speech):
+                out = layer(xs)
+            expected = layer.base_layer(xr) + speech[..., None] * b(a(xr)) * scaling
+        torch.testing.assert_close(out.float(), expected.float(), **tol)
+        out.float().pow(2).sum().backward()
+        expected.float().pow(2).sum().backward()
+        torch.testing.assert_close(xs.grad, xr.grad, **tol)
+
+
+def test_speech_only_lora_refuses_layers_it_cannot_compute_itself():
+    from torch import nn
+
+    from blsp.lora import add_lora
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Embedding(10, 4)
+
+    with pytest.raises(BlspError, match="--lora-where all"):
+        add_lora(Embedded(), LoraSettings(rank=2, where="speech", target_modules=("q_proj",)))

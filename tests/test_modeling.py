@@ -348,11 +348,14 @@ def test_prompts_taking_turns_keep_their_prefixes_cached(tiny_model, monkeypatch
         for p in prefixes:
             tiny_model._prefix_cache(p, 2, torch.float32)
     assert len(calls) == len(prefixes)
-    for p in range(10, 10 + modeling.PREFIX_CACHE_SIZE):  # crowd the first ones out
-        tiny_model._prefix_cache((p,), 1, torch.float32)
-    assert len(tiny_model._prefix_kv) == modeling.PREFIX_CACHE_SIZE
+    tiny_model._prefix_cache(prefixes[0], 2, torch.float32)  # used again: now the most recent
+    tiny_model._prefix_cache((9,), 1, torch.float32)  # a fourth: all kept
+    tiny_model._prefix_cache((10,), 1, torch.float32)  # a fifth: the least recently used goes
+    assert len(calls) == len(prefixes) + 2 and len(tiny_model._prefix_kv) == modeling.PREFIX_CACHE_SIZE
     tiny_model._prefix_cache(prefixes[0], 2, torch.float32)
-    assert len(calls) == len(prefixes) + modeling.PREFIX_CACHE_SIZE + 1
+    assert len(calls) == len(prefixes) + 2  # kept: used after prefixes[1] was
+    tiny_model._prefix_cache(prefixes[1], 2, torch.float32)
+    assert len(calls) == len(prefixes) + 3  # crowded out, computed again
 
 
 def test_shared_prefix_stops_where_rows_differ_or_speech_begins():
