@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA of rank R on the LLM's projections (peft), trained with the adapter and saved in its "
                         "checkpoint; 0: the LLM stays frozen, as in the paper")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on LoRA's input while training (peft's lora_dropout); 0: none")
     g.add_argument("--lora-where", default="speech", choices=["speech", "all"],
                    help="speech: LoRA acts at speech positions only, so text-only prompts get the frozen LLM's "
                         "answers; all: at every position")

@@ -46,6 +46,8 @@ class LoraSettings:
             raise BlspError(f"unknown --lora-where {self.where!r}; choose from {', '.join(PLACES)}")
         if self.rank < 1:
             raise BlspError(f"--lora-rank {self.rank}: LoRA needs a rank of at least 1")
+        if not 0 <= self.dropout < 1:
+            raise BlspError(f"--lora-dropout {self.dropout}: a probability in [0, 1)")
         if not self.target_modules:
             raise BlspError("--lora-modules: name at least one projection (e.g. q_proj,v_proj)")
 
@@ -209,6 +211,12 @@ def _plain_linear_lora(module: nn.Module) -> bool:
 
 def _linear_names(module: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear) and name}
+
+
+def set_lora_dropout(language_model: nn.Module, training: bool) -> None:
+    """LoRA's dropout follows the model's mode; the frozen LLM around it stays in eval mode."""
+    for module in lora_layers(language_model):
+        module.lora_dropout.train(training)
 
 
 def lora_layers(language_model: nn.Module) -> list[nn.Module]:

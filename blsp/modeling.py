@@ -30,7 +30,8 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .errors import BlspError, CheckpointError
 from .losses import EmbeddingCTCHead
-from .lora import LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
+                   set_lora_dropout)
 from .sharding import is_sharded
 
 SPEECH_TOKEN_ID = -200
@@ -468,6 +469,7 @@ class BlspModel(PreTrainedModel):
             part.eval()
         for p in lora_parameters(self.language_model):  # the LLM's only trainable weights
             p.requires_grad_(True)
+        set_lora_dropout(self.language_model, self.training)
         for p in self.trainable_encoder_parameters():
             p.requires_grad_(True)
 

@@ -105,6 +105,7 @@ class TrainOptions:
     # LoRA on the LLM (blsp.lora): rank 0 keeps the LLM frozen, as in the paper.
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on LoRA's input, in training only (peft's lora_dropout)
     lora_where: str = "speech"  # speech: at speech positions only (text prompts unchanged); all: everywhere
     lora_modules: str = "attention"  # projections: attention, mlp, all, or names (q_proj,v_proj)
     lora_lr: float | None = None  # LoRA's own peak learning rate; None: the adapter's (lr)
@@ -844,8 +845,8 @@ def parameter_groups(model: BlspModel, options: TrainOptions) -> list[dict]:
 
 
 def lora_settings(options: TrainOptions) -> LoraSettings:
-    return LoraSettings(rank=options.lora_rank, alpha=options.lora_alpha, where=options.lora_where,
-                        target_modules=parse_modules(options.lora_modules))
+    return LoraSettings(rank=options.lora_rank, alpha=options.lora_alpha, dropout=options.lora_dropout,
+                        where=options.lora_where, target_modules=parse_modules(options.lora_modules))
 
 
 def peak_rss_mb() -> float:

@@ -51,6 +51,8 @@ def test_parse_modules_expands_groups_and_keeps_names():
     assert parse_modules("q_proj, mlp") == ("q_proj", "gate_proj", "up_proj", "down_proj")
     with pytest.raises(BlspError, match="--lora-where"):
         LoraSettings(where="text")
+    with pytest.raises(BlspError, match="--lora-dropout"):
+        LoraSettings(dropout=1.0)
 
 
 def test_speech_only_lora_leaves_text_prompts_exactly_as_the_frozen_llm(tiny_model):
@@ -107,6 +109,22 @@ def test_speech_only_lora_adds_peft_s_branch_at_the_speech_rows_alone(tiny_model
     assert a.weight.grad is not None and not a.weight.grad.any()
     with torch.no_grad(), tiny_model.lora_gate.positions(torch.zeros(2, 7, dtype=torch.bool)):
         assert torch.equal(layer(x), layer.base_layer(x))  # nothing computed, the base layer's output
+
+
+def test_lora_dropout_acts_while_training_only_and_never_on_text(tiny_model):
+    text, speech = _text_batch(tiny_model), _speech_batch(tiny_model)
+    text_before = _logits(tiny_model, text)
+    tiny_model.enable_lora(LoraSettings(rank=4, where="speech", dropout=0.5))
+    _randomise_lora(tiny_model)
+    tiny_model.eval()
+    assert torch.equal(_logits(tiny_model, speech), _logits(tiny_model, speech))  # no dropout
+    tiny_model.train()
+    assert not tiny_model.language_model.training  # the frozen LLM itself stays in eval mode
+    torch.manual_seed(0)
+    first = _logits(tiny_model, speech)
+    torch.manual_seed(1)
+    assert not torch.allclose(_logits(tiny_model, speech), first)  # LoRA's input dropped at random
+    assert torch.equal(_logits(tiny_model, text), text_before)  # text: the frozen LLM's, training or not
 
 
 @pytest.mark.parametrize("where", ["speech", "all"])
