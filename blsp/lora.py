@@ -81,8 +81,9 @@ class LoraGate:
         self.speech_only = speech_only
         self.mask: torch.Tensor | None = None
         self.enabled = True
-        self._rows: torch.Tensor | None = None  # see rows()
-        self._rows_key: tuple | None = None
+        self._rows: torch.Tensor | None = None  # see rows(): the speech rows of the mask below,
+        self._rows_mask: torch.Tensor | None = None  # held (an id() could be reused by a later mask),
+        self._rows_key: tuple | None = None  # at this in-place version and forward shape
 
     @contextlib.contextmanager
     def positions(self, speech_mask: torch.Tensor | None) -> Iterator[None]:
@@ -124,15 +125,13 @@ class LoraGate:
         ([B, T, d]); None where nothing is speech. Found once per forward length, not per layer."""
         if not self.enabled or self.mask is None:
             return None
-        # The key holds the mask itself (an id() could be reused by a later mask) and its version
-        # (changed in place, it is another mask).
-        key = (self.mask, self.mask._version, tuple(shape[:2]))
-        if self._rows_key is None or self._rows_key[0] is not self.mask or self._rows_key[1:] != key[1:]:
+        key = (self.mask._version, tuple(shape[:2]))
+        if self._rows_mask is not self.mask or self._rows_key != key:
             flags = self.mask[:, -shape[1]:]
             if flags.shape != shape[:2]:
                 raise BlspError(f"speech-position LoRA: a forward over {tuple(shape[:2])} positions does not fit "
                                 f"the speech mask {tuple(self.mask.shape)}")
-            self._rows, self._rows_key = flags.reshape(-1).nonzero()[:, 0], key
+            self._rows, self._rows_mask, self._rows_key = flags.reshape(-1).nonzero()[:, 0], self.mask, key
         return self._rows
 
     # -- speech positions only: the branch runs on the speech rows alone --------------------------
@@ -187,11 +186,11 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
         if not hasattr(module, "_disable_adapters"):  # peft's switch to its base layer alone
             raise BlspError(f"LoRA: this peft version's {type(module).__name__} has no `_disable_adapters` switch; "
                             "install the peft version pyproject.toml names")
-        if gate.speech_only and not _plain_linear_lora(module):
-            raise BlspError(f"speech-position LoRA computes the branch itself and knows plain linear layers only; "
-                            f"{type(module).__name__} over {type(module.base_layer).__name__} is not one "
-                            "(a quantised or DoRA layer): use --lora-where all")
         if gate.speech_only:
+            if not _plain_linear_lora(module):
+                raise BlspError(f"speech-position LoRA computes the branch itself and knows plain linear layers "
+                                f"only; {type(module).__name__} over {type(module.base_layer).__name__} is not one "
+                                "(a quantised or DoRA layer): use --lora-where all")
             module.register_forward_pre_hook(gate.peft_off)
             module.register_forward_hook(gate.speech_branch)
         else:
