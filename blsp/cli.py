@@ -221,9 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="whisper-base")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--recipe", default="fast", choices=["fast", "paper"],
+    p.add_argument("--recipe", default="fast", choices=["fast", "paper", "decoder"],
                    help="the defaults of the flags marked [recipe]: fast (default) is the step-2 ablation's "
-                        "winner on held-out speech (docs/ablation.md), paper the original's")
+                        "winner on held-out speech (docs/ablation.md), paper the original's, decoder the fast "
+                        "recipe's LoRA on Whisper's decoder states (--speech-states decoder)")
+    p.add_argument("--speech-states", default="encoder", choices=["encoder", "decoder"],
+                   help="what the adapter reads: encoder, the Whisper encoder's frames (the paper); decoder, the "
+                        "hidden states of Whisper's decoder along its greedy transcript, one per token (the words "
+                        "as Whisper heard them; Whisper's decoding runs for every clip)")
     p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
     p.add_argument("--adapter-downsample", type=int, default=8, metavar="N",
                    help="encoder frames (50 Hz) per speech vector: 8 is the paper's 6.25 Hz; conv needs a power of 2")
@@ -296,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "so unheard words can be emitted and the head is smaller (1: every token seen)")
     g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
                    help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
-                        "tokens: the mix of the LLM's own token embeddings the CTC head hears there")
+                        "tokens: the mix of the LLM's own token embeddings the CTC head hears there. With "
+                        "--speech-states decoder: adapter: the adapter's vector of each decoder state; tokens: the "
+                        "LLM embeddings of Whisper's likeliest tokens there, plus the adapter's vector as a correction")
     g = p.add_argument_group("training more than the adapter")
     g.add_argument("--lora-rank", type=int, default=0, metavar="R",
                    help="LoRA of rank R on the LLM's projections (peft), trained with the adapter and saved in its "

@@ -492,7 +492,9 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
         if not encoder or not llm:
             raise BlspError("--untrained needs --model (whose config names the encoder and LLM) or --encoder and --llm")
         kwargs = {"adapter_type": cfg.adapter_type, "adapter_bottleneck": cfg.adapter_bottleneck,
-                  "adapter_downsample": cfg.adapter_downsample, "system_prompt": cfg.system_prompt} if cfg else {}
+                  "adapter_downsample": cfg.adapter_downsample, "system_prompt": cfg.system_prompt,
+                  "speech_states": cfg.speech_states,
+                  "speech_vectors": cfg.speech_vectors if cfg.speech_states == "decoder" else "adapter"} if cfg else {}
         model = BlspModel.from_components(encoder, llm, seed=args.seed, **kwargs)
     else:
         if not args.model:

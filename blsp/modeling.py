@@ -2,6 +2,8 @@
 
 Named parts as in transformers' audio-LLMs (qwen2_audio, voxtral):
 `audio_tower` (Whisper encoder) -> `adapter` (the paper's modality adapter) -> `language_model`.
+With `speech_states="decoder"` a frozen `speech_decoder` (Whisper's own decoder) sits between the
+encoder and the adapter: the adapter then reads its hidden states along its greedy transcript.
 
 Speech enters the LLM by `masked_scatter` into the embedded prompt at positions whose input id is
 `SPEECH_TOKEN_ID`, a negative sentinel no vocabulary uses (as LLaVA's IMAGE_TOKEN_INDEX).
@@ -26,9 +28,10 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .errors import BlspError, CheckpointError
+from .bridge import TokenBridge, bridge_table
 from .losses import EmbeddingCTCHead
 from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
                    set_lora_dropout)
@@ -41,6 +44,24 @@ CTC_HEAD_PREFIX = "ctc_head."
 LORA_PREFIX = "lora."
 ENCODER_PREFIX = "audio_tower."  # the encoder's trained top layers, when there are any
 PREFIX_CACHE_SIZE = 4  # shared prompt prefixes whose keys and values are kept (see _prefix_cache)
+
+# What the adapter reads (BlspConfig.speech_states): "encoder", the encoder's frames at 50 Hz (the
+# paper); "decoder", the hidden states of Whisper's own decoder along its greedy transcript, one per
+# token (as DeSTA2 reads Whisper's decoder): the words as Whisper recognised them, where an adapter
+# trained on a few thousand clips recognises them poorly (docs/warm_start_probe.md).
+SPEECH_STATES = ("encoder", "decoder")
+# Whisper was trained on 30 s windows, speech then silence; given the speech alone it loops. The
+# decoder reads the clip followed by as much silence again, in a window of at least 5 s (at most the
+# 30 s one): on the demo's first 40 held-out clips 17% WER against 18% for the full window, at a
+# quarter of its cost (673% unpadded); with twice the clip and no 5 s floor, 5 of the 16 shortest
+# training clips (1.3-1.6 s) looped.
+DECODER_CONTEXT = 2
+DECODER_MIN_FRAMES = 500  # log-mel frames (100 a second)
+WHISPER_WINDOW_FRAMES = 3000  # log-mel frames in Whisper's 30 s window
+# Tokens decoded at most: as openai/whisper's sample_len (half the decoder's 448 positions), and
+# 10 a second of speech (English runs at ~4), so that a clip Whisper loops on stops early.
+DECODER_MAX_TOKENS = 224
+DECODER_TOKENS_PER_SECOND = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +174,12 @@ COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
 
 
-def check_speech_vectors(speech_vectors: str, speech_compression: str | None) -> None:
+def check_speech_vectors(speech_vectors: str, speech_compression: str | None, speech_states: str = "encoder") -> None:
     if speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
-    if speech_vectors == "tokens" and speech_compression != "ctc":
-        raise BlspError("speech vectors 'tokens' are read through the CTC head: they need speech compression 'ctc'")
+    if speech_vectors == "tokens" and speech_compression != "ctc" and speech_states != "decoder":
+        raise BlspError("speech vectors 'tokens' are read through the CTC head or Whisper's decoder: they need "
+                        "speech compression 'ctc' or speech states 'decoder'")
 
 
 def ctc_compress(x: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +218,30 @@ def ctc_compress(x: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # The frozen encoder on the clip's actual length
 # ----------------------------------------------------------------------------------------------
+def decoder_window(mel_length: int) -> int:
+    """Log-mel frames of the window Whisper's decoder reads a clip of `mel_length` frames in: twice
+    the clip, rounded up to whole seconds (so clips of similar length share a batch), 5-30 s."""
+    frames = -(-mel_length * DECODER_CONTEXT // 100) * 100
+    return min(max(frames, DECODER_MIN_FRAMES), WHISPER_WINDOW_FRAMES)
+
+
+def decoder_token_limit(mel_length: int) -> int:
+    """The most steps Whisper's decoder takes on a clip of `mel_length` frames."""
+    return min(DECODER_MAX_TOKENS, DECODER_TOKENS_PER_SECOND * (mel_length // 100 + 1))
+
+
+def with_silence(mel: torch.Tensor, mel_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Each clip's log-mel [B, n_mels, T] followed by the log-mel of digital silence, `width` frames
+    in all. Whisper's log-mel floors every value at the clip's maximum less 8 (log10), and scales
+    by (x + 4) / 4: silence is the clip's maximum less 2 (blsp.audio.log_mel_spectrogram)."""
+    valid = torch.arange(mel.shape[-1], device=mel.device)[None, :] < mel_lengths[:, None]
+    peak = mel.masked_fill(~valid[:, None, :], -torch.inf).amax(dim=(1, 2))
+    out = (peak - 2.0)[:, None, None].expand(mel.shape[0], mel.shape[1], width).clone()
+    keep = min(width, mel.shape[-1])
+    out[..., :keep] = torch.where(valid[:, None, :keep], mel[..., :keep], out[..., :keep])
+    return out
+
+
 def encoder_output_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
     """Whisper's conv2 has stride 2: 100 mel frames a second become 50 encoder frames."""
     return (mel_lengths - 1) // 2 + 1
@@ -274,6 +320,9 @@ class BlspConfig(PretrainedConfig):
         speech_vectors: str = "adapter",
         lora: dict | None = None,
         encoder_trainable_layers: int = 0,
+        speech_states: str = "encoder",
+        decoder_ids: dict | None = None,
+        decoder_fingerprint: str | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -291,14 +340,25 @@ class BlspConfig(PretrainedConfig):
         # "ctc": the CTC head over `ctc_vocab` (LLM token ids) decides which speech vectors the
         # LLM sees (see `ctc_compress`); None: it sees all of them, as in the paper.
         self.speech_compression, self.ctc_vocab = speech_compression, ctc_vocab
-        check_speech_vectors(speech_vectors, speech_compression)
+        check_speech_vectors(speech_vectors, speech_compression, speech_states)
         # "adapter": the LLM reads the adapter's vectors (the paper); "tokens": each CTC token run
-        # becomes the mix of the LLM's own token embeddings that the head's posterior gives it.
+        # becomes the mix of the LLM's own token embeddings that the head's posterior gives it, or
+        # with speech states "decoder" each decoder state the mix of the LLM embeddings of Whisper's
+        # likeliest tokens (blsp.bridge), plus the adapter's vector as a learned correction.
         self.speech_vectors = speech_vectors
         # LoRA on the LLM (blsp.lora.LoraSettings as a dict), or None: the LLM frozen, as in the paper.
         self.lora = dict(lora) if lora else None
         # The encoder's top N layers (and its final norm) train with the adapter; 0: all frozen (the paper).
         self.encoder_trainable_layers = encoder_trainable_layers
+        if speech_states not in SPEECH_STATES:
+            raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
+        if speech_states == "decoder" and not decoder_ids:
+            raise BlspError("speech states 'decoder' need Whisper's decoding ids (blsp.whisper.decoding_ids)")
+        # "decoder": what Whisper's decoder is prompted and stopped with (its tokenizer's ids, kept
+        # here so that a saved model decodes without it) and the fingerprint of its weights.
+        self.speech_states = speech_states
+        self.decoder_ids = dict(decoder_ids) if decoder_ids else None
+        self.decoder_fingerprint = decoder_fingerprint
         super().__init__(**kwargs)
 
     @property
@@ -312,7 +372,14 @@ class BlspConfig(PretrainedConfig):
         """What cached features are keyed by: the frozen encoder's fingerprint, and with trained top
         layers the layer whose input they hold (the frozen part's output)."""
         first = self.first_trainable_encoder_layer
-        if self.encoder_fingerprint is None or first is None:
+        if self.encoder_fingerprint is None:
+            return None
+        if self.speech_states == "decoder":  # the decoder's states: its weights, prompt and window decide them
+            how = [self.decoder_ids, "window per clip, text-token states", DECODER_CONTEXT, DECODER_MIN_FRAMES, DECODER_MAX_TOKENS,
+                   DECODER_TOKENS_PER_SECOND]
+            decoding = hashlib.sha1(json.dumps(how, sort_keys=True).encode()).hexdigest()[:8]
+            return f"{self.encoder_fingerprint}-decoder-{self.decoder_fingerprint}-{decoding}"
+        if first is None:
             return self.encoder_fingerprint
         return f"{self.encoder_fingerprint}-below-layer{first}"
 
@@ -441,9 +508,14 @@ class BlspModel(PreTrainedModel):
         config: BlspConfig,
         audio_tower: WhisperEncoder | None = None,
         language_model: PreTrainedModel | None = None,
+        speech_decoder: WhisperDecoder | None = None,
     ):
         super().__init__(config)
         self.audio_tower = audio_tower if audio_tower is not None else WhisperEncoder(config.encoder_config)
+        self.speech_decoder: WhisperDecoder | None = None
+        if config.speech_states == "decoder":
+            self.speech_decoder = speech_decoder if speech_decoder is not None else WhisperDecoder(config.encoder_config)
+        self.token_bridge: TokenBridge | None = None  # built from the tokenizers: build_token_bridge
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.llm_config)
         )
@@ -464,7 +536,9 @@ class BlspModel(PreTrainedModel):
 
     # -- construction --------------------------------------------------------------------------
     def freeze_backbones(self) -> None:
-        for part in (self.audio_tower, self.language_model):
+        for part in (self.audio_tower, self.speech_decoder, self.language_model):
+            if part is None:
+                continue
             part.requires_grad_(False)
             part.eval()
         for p in lora_parameters(self.language_model):  # the LLM's only trainable weights
@@ -483,6 +557,9 @@ class BlspModel(PreTrainedModel):
     def unfreeze_encoder_layers(self, n: int) -> None:
         """Train the encoder's top `n` layers with the adapter; features are then cached below them."""
         layers = self.config.encoder_config.encoder_layers
+        if n and self.speech_decoder is not None:
+            raise BlspError("--unfreeze-encoder-layers: not with --speech-states decoder (the adapter reads the "
+                            "decoder's states of a greedy transcript, which no gradient reaches)")
         if not 0 <= n <= layers:
             raise BlspError(f"--unfreeze-encoder-layers {n}: the encoder has {layers} layers")
         self.config.encoder_trainable_layers = n
@@ -511,7 +588,8 @@ class BlspModel(PreTrainedModel):
             else:
                 p.zero_()
         emb_std = self.language_model.get_input_embeddings().weight.float().std().item()
-        self.adapter.norm.weight.fill_(emb_std)
+        # Beside the token bridge the adapter is a correction: it starts at nothing.
+        self.adapter.norm.weight.fill_(0.0 if self.reads_token_bridge else emb_std)
         self.adapter.norm.bias.zero_()
 
     def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
@@ -522,6 +600,17 @@ class BlspModel(PreTrainedModel):
         self.config.speech_compression, self.config.ctc_vocab = "ctc", [int(t) for t in vocab]
         self.config.speech_vectors = speech_vectors
         self.ctc_head = EmbeddingCTCHead(weight, self.config.ctc_vocab).to(weight.device)
+
+    @property
+    def reads_token_bridge(self) -> bool:
+        return self.config.speech_states == "decoder" and self.config.speech_vectors == "tokens"
+
+    def build_token_bridge(self, whisper_tokenizer: Any) -> None:
+        """The bridge from Whisper's decoder states to the LLM's token embeddings (blsp.bridge),
+        from Whisper's tokenizer and the LLM's (attach_processor first)."""
+        embeddings = self.language_model.get_input_embeddings().weight
+        table = bridge_table(whisper_tokenizer, self.processor.tokenizer, embeddings, self.config.decoder_ids["eot"])
+        self.token_bridge = TokenBridge(table).to(embeddings.device)
 
     def enable_lora(self, settings: LoraSettings) -> None:
         """LoRA on the LLM (blsp.lora): trainable beside the adapter, saved in its checkpoint."""
@@ -604,9 +693,19 @@ class BlspModel(PreTrainedModel):
         system_prompt: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        speech_states: str = "encoder",
+        speech_vectors: str = "adapter",
     ) -> "BlspModel":
-        """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs)."""
-        audio_tower, encoder_config = load_audio_tower(encoder, torch_dtype)
+        """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
+        `speech_states` "decoder": the adapter reads Whisper's decoder states (SPEECH_STATES), and
+        with `speech_vectors` "tokens" corrects the token bridge's vectors (blsp.bridge)."""
+        if speech_vectors == "tokens" and speech_states != "decoder":
+            raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
+                            "compression they come with the CTC head: enable_ctc_compression)")
+        if speech_states not in SPEECH_STATES:
+            raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
+        whisper = load_whisper(encoder, torch_dtype, with_decoder=speech_states == "decoder")
+        audio_tower, encoder_config = whisper.encoder, whisper.config
         language_model, tokenizer = load_language_model(llm, torch_dtype)
         config = BlspConfig(
             encoder_config=encoder_config,
@@ -619,10 +718,16 @@ class BlspModel(PreTrainedModel):
             encoder_fingerprint=weights_fingerprint(audio_tower),
             llm_fingerprint=weights_fingerprint(language_model),
             system_prompt=system_prompt,
+            speech_states=speech_states,
+            speech_vectors=speech_vectors,
+            decoder_ids=whisper.decoding_ids,
+            decoder_fingerprint=weights_fingerprint(whisper.decoder) if whisper.decoder is not None else None,
         )
-        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model = cls(config, audio_tower=audio_tower, language_model=language_model, speech_decoder=whisper.decoder)
         model.init_adapter(seed)
         model.attach_processor(tokenizer)
+        if model.reads_token_bridge:
+            model.build_token_bridge(whisper.tokenizer)
         return model
 
     def attach_processor(self, tokenizer: Any) -> None:
@@ -687,23 +792,29 @@ class BlspModel(PreTrainedModel):
         config = BlspConfig.from_pretrained(path)
         encoder = encoder or config.encoder_name
         llm = llm or config.llm_name
-        audio_tower, _ = load_audio_tower(encoder, torch_dtype)
+        # the decoding ids come from config.json: the tokenizer need not be there
+        bridge = config.speech_states == "decoder" and config.speech_vectors == "tokens"
+        whisper = load_whisper(encoder, torch_dtype, with_decoder=config.speech_states == "decoder", tokenizer=bridge)
         language_model, tokenizer = load_language_model(llm, torch_dtype)
-        for what, module, expected in (
-            ("encoder", audio_tower, config.encoder_fingerprint),
-            ("LLM", language_model, config.llm_fingerprint),
+        for what, name, module, expected in (
+            ("encoder", config.encoder_name, whisper.encoder, config.encoder_fingerprint),
+            ("speech decoder", config.encoder_name, whisper.decoder, config.decoder_fingerprint),
+            ("LLM", config.llm_name, language_model, config.llm_fingerprint),
         ):
+            if module is None:
+                continue
             found = weights_fingerprint(module)
             if strict and expected and found != expected:
                 raise CheckpointError(
-                    f"{path}: this adapter was trained against the {what} "
-                    f"{config.encoder_name if what == 'encoder' else config.llm_name!r} "
+                    f"{path}: this adapter was trained against the {what} {name!r} "
                     f"(fingerprint {expected}), but the {what} loaded has fingerprint {found}. "
                     "Load it with the same model, or pass strict=False (--no-strict) to force."
                 )
-        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model = cls(config, audio_tower=whisper.encoder, language_model=language_model, speech_decoder=whisper.decoder)
         model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), path / ADAPTER_WEIGHTS)
         model.attach_processor(tokenizer)
+        if bridge:
+            model.build_token_bridge(whisper.tokenizer)
         return model
 
     # -- forward -------------------------------------------------------------------------------
@@ -713,11 +824,44 @@ class BlspModel(PreTrainedModel):
 
     @torch.no_grad()
     def encode_mel(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen encoder features ([B, T, d_enc], lengths) of padded log-mel [B, n_mels, T]."""
+        """Frozen encoder features ([B, T, d_enc], lengths) of padded log-mel [B, n_mels, T]; with
+        speech states "decoder", Whisper's decoder states along its transcript ([B, S, d], lengths)."""
         mel = mel.to(self.audio_tower.conv1.weight.device, self.audio_tower.conv1.weight.dtype)
+        if self.speech_decoder is not None:
+            return self.decoder_states(mel, mel_lengths.to(mel.device))
         # With trained top layers, what is cached is the frozen part's output (speech_embeddings runs the rest).
         stop = self.config.first_trainable_encoder_layer
         return run_whisper_encoder(self.audio_tower, mel, mel_lengths.to(mel.device), stop)
+
+    @torch.no_grad()
+    def decoder_states(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper's greedy transcript of each clip, as its decoder's final hidden states: the state
+        that chose each of its tokens (a clip heard as silence: the one state that chose to end).
+        ([B, S, d], lengths)."""
+        from .whisper import greedy_decode
+
+        weight = self.speech_decoder.embed_tokens.weight  # Whisper's output projection is tied to it
+        lengths = [int(n) for n in mel_lengths.tolist()]
+        widths = [decoder_window(n) for n in lengths]
+        # Clips of one window width go together (the decoder attends to the whole window, so a
+        # clip's states must not depend on what it was batched with).
+        parts: dict[int, torch.Tensor] = {}
+        steps = torch.zeros(len(lengths), dtype=torch.long, device=mel.device)
+        for width in sorted(set(widths)):
+            rows = [i for i, w in enumerate(widths) if w == width]
+            index = torch.tensor(rows, device=mel.device)
+            windows = with_silence(mel[index], mel_lengths[index], width)
+            encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width))
+            limits = torch.tensor([decoder_token_limit(lengths[i]) for i in rows], device=mel.device)
+            tokens, states, _ = greedy_decode(self.speech_decoder, weight, encoded, self.config.decoder_ids, limits)
+            # the states that chose the text's tokens; a clip heard as silence: the one that chose to end
+            n = [max(len(t), 1) for t in tokens]
+            parts.update({i: states[k, : n[k]] for k, i in enumerate(rows)})
+            steps[index] = torch.tensor(n, device=mel.device)
+        out = mel.new_zeros(len(lengths), int(steps.max()), weight.shape[1])
+        for i, states in parts.items():
+            out[i, : states.shape[0]] = states
+        return out, steps
 
     def speech_embeddings(
         self, encoder_features: torch.Tensor, encoder_lengths: torch.Tensor
@@ -728,7 +872,13 @@ class BlspModel(PreTrainedModel):
         first = self.config.first_trainable_encoder_layer
         if first is not None:  # features are the hidden state below the trained top layers
             x = run_whisper_top(self.audio_tower, x, lengths, first)
-        return self.adapter(x, lengths)
+        vectors, lengths = self.adapter(x, lengths)
+        if self.reads_token_bridge:
+            if self.token_bridge is None:
+                raise BlspError("this model reads Whisper's decoder through its token bridge: build it "
+                                "(BlspModel.from_pretrained / from_components do)")
+            vectors = vectors + self.token_bridge(x, self.speech_decoder.embed_tokens.weight).to(vectors.dtype)
+        return vectors, lengths
 
     def embed_inputs(
         self,
@@ -931,8 +1081,20 @@ class BlspModel(PreTrainedModel):
 # ----------------------------------------------------------------------------------------------
 # Loading the backbones
 # ----------------------------------------------------------------------------------------------
-def load_audio_tower(name: str, torch_dtype: torch.dtype = torch.float32) -> tuple[WhisperEncoder, PretrainedConfig]:
-    """The encoder half of a Whisper checkpoint (packaged name, local dir or hub id)."""
+@dataclass
+class WhisperParts:
+    encoder: WhisperEncoder
+    config: PretrainedConfig
+    decoder: WhisperDecoder | None = None  # with its decoding ids and tokenizer, for speech states "decoder"
+    decoding_ids: dict | None = None
+    tokenizer: Any = None
+
+
+def load_whisper(name: str, torch_dtype: torch.dtype = torch.float32, with_decoder: bool = False,
+                 tokenizer: bool = True, language: str = "en") -> WhisperParts:
+    """The frozen parts of a Whisper checkpoint (packaged name, local dir or hub id): its encoder,
+    and `with_decoder` its decoder too, with the ids that prompt it (from its tokenizer, when
+    `tokenizer`) to transcribe `language`."""
     from transformers import WhisperForConditionalGeneration
 
     from .packaged import resolve
@@ -942,9 +1104,26 @@ def load_audio_tower(name: str, torch_dtype: torch.dtype = torch.float32) -> tup
         whisper = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:
         raise BlspError(f"cannot load the speech encoder {name!r}: {err}") from None
-    encoder = whisper.get_encoder()
-    encoder.requires_grad_(False)
-    return encoder.eval(), whisper.config
+    whisper.requires_grad_(False).eval()
+    parts = WhisperParts(whisper.get_encoder(), whisper.config)
+    if with_decoder:
+        parts.decoder = whisper.get_decoder()
+        if tokenizer:
+            from .whisper import decoding_ids
+
+            try:
+                parts.tokenizer = AutoTokenizer.from_pretrained(path)
+                parts.decoding_ids = decoding_ids(whisper, parts.tokenizer, language)
+            except (OSError, ValueError, KeyError, BlspError) as err:
+                raise BlspError(f"speech states 'decoder' need Whisper's tokenizer beside {name!r} ({path}): "
+                                f"{err}") from None
+    return parts
+
+
+def load_audio_tower(name: str, torch_dtype: torch.dtype = torch.float32) -> tuple[WhisperEncoder, PretrainedConfig]:
+    """The encoder half of a Whisper checkpoint (packaged name, local dir or hub id)."""
+    parts = load_whisper(name, torch_dtype)
+    return parts.encoder, parts.config
 
 
 def load_language_model(name: str, torch_dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:

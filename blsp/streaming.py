@@ -128,6 +128,9 @@ class StreamingTrainer(Trainer):
         if fp is not None and self.model.config.encoder_trainable_layers:
             raise BlspError(f"{self.index.root}: these shards hold the whole encoder's features, but "
                             "--unfreeze-encoder-layers trains its top layers: write the shards without features")
+        if fp is not None and self.model.config.speech_states == "decoder":
+            raise BlspError(f"{self.index.root}: these shards hold the encoder's features, but --speech-states decoder "
+                            "reads Whisper's decoder states: write the shards without features")
         if fp is not None and fp != self.model.config.encoder_fingerprint:
             raise BlspError(f"{self.index.root}: the shards hold features of encoder {fp}, but --encoder "
                             f"{self.options.encoder} is {self.model.config.encoder_fingerprint}")

@@ -37,7 +37,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, default_device, init
 from .errors import BlspError, CheckpointError, InputError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
-from .modeling import ADAPTER_WEIGHTS, SPEECH_VECTORS, BlspModel, shared_prefix
+from .modeling import ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, shared_prefix
 from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
@@ -57,6 +57,9 @@ class TrainOptions:
     llm: str = "smollm2-135m-instruct"
     adapter: str = "conv"
     adapter_downsample: int = 8  # encoder frames per speech vector (50 Hz / 8 = 6.25 Hz, the paper's)
+    # What the adapter reads (blsp.modeling.SPEECH_STATES): encoder (the paper) | decoder (Whisper's
+    # decoder states along its greedy transcript, one per token).
+    speech_states: str = "encoder"
     instruction: str = CONTINUATION_INSTRUCTION
     system_prompt: str | None = None
     lr: float = 1e-3
@@ -101,7 +104,9 @@ class TrainOptions:
     # The CTC head's tokens (blsp.vocabulary): those of the transcripts seen at least this often, the
     # rarer ones spelled with them by undoing BPE merges. 1: every token seen, as before.
     ctc_min_count: int = 1
-    speech_vectors: str = "adapter"  # adapter | tokens: with compression, what the LLM reads per token run
+    # adapter | tokens: with compression, what the LLM reads per token run; with decoder states,
+    # tokens: the token bridge's vectors (blsp.bridge) plus the adapter's as a correction
+    speech_vectors: str = "adapter"
     # LoRA on the LLM (blsp.lora): rank 0 keeps the LLM frozen, as in the paper.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -174,10 +179,16 @@ class TrainOptions:
 # over two seeds, for 1.1x step 2's time: docs/warm_start_probe.md, "LoRA's size").
 # Its CTC head emits the tokens seen 5+ times, rarer ones spelled with them (blsp.vocabulary): the
 # same gap after step 2 for half the warm start's time (docs/warm_start_probe.md).
+# `decoder`: Whisper's decoder states along its greedy transcript (one per token), each read as the
+# LLM embeddings of Whisper's likeliest tokens (blsp.bridge) plus the adapter's correction (the
+# stack adapter over one state: nothing to downsample), with the same LoRA; no warm start (the
+# states already hold the words) and no compression (one per token already).
 RECIPES: dict[str, dict] = {
     "paper": {},
     "fast": {"adapter_downsample": 4, "warm_start": "ctc", "warm_start_steps": 500, "warm_start_lr": 3e-3,
              "compress_speech": "ctc", "lora_rank": 8, "lora_modules": "all", "ctc_min_count": 5},
+    "decoder": {"speech_states": "decoder", "speech_vectors": "tokens", "adapter": "stack", "adapter_downsample": 1,
+                "lora_rank": 8, "lora_modules": "all"},
 }
 RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
 DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's values (recipe `paper`)
@@ -744,14 +755,26 @@ def check_options(options: TrainOptions) -> None:
                                ("--compress-speech", options.compress_speech, COMPRESSIONS)):
         if value not in known:
             raise BlspError(f"unknown {name} {value!r}; choose from {', '.join(known)}")
+    if options.speech_states not in SPEECH_STATES:
+        raise BlspError(f"unknown --speech-states {options.speech_states!r}; choose from {', '.join(SPEECH_STATES)}")
+    if options.speech_states == "decoder":
+        # the decoder's states come one per token: nothing for CTC to align, no frames to drop
+        for name, value, off in (("warm_start", options.warm_start, "none"),
+                                 ("compress_speech", options.compress_speech, "none"),
+                                 ("unfreeze_encoder_layers", options.unfreeze_encoder_layers, 0)):
+            if value != off:
+                raise BlspError(f"--{name.replace('_', '-')} {value}: not with --speech-states decoder (one state per "
+                                f"token of Whisper's transcript); use --{name.replace('_', '-')} {off}"
+                                + options.recipe_note(name))
     n = options.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if options.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {options.adapter_downsample}: the conv adapter downsamples by a power "
                         "of 2 (2, 4, 8, ...), the stack adapter by any positive whole number")
     if options.speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
-    if options.speech_vectors == "tokens" and options.compress_speech != "ctc":
-        raise BlspError("--speech-vectors tokens reads each CTC token run as token embeddings: add --compress-speech ctc")
+    if options.speech_vectors == "tokens" and options.compress_speech != "ctc" and options.speech_states != "decoder":
+        raise BlspError("--speech-vectors tokens reads each CTC token run, or each of Whisper's decoder states, as token "
+                        "embeddings: add --compress-speech ctc or --speech-states decoder")
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
     if options.llm_dtype not in LLM_DTYPES:
@@ -800,12 +823,13 @@ def init_model(options: TrainOptions) -> BlspModel:
     c = model.config
     saved_lora = c.lora or {}
     asked_lora = lora_settings(options).to_dict() if options.lora_rank else {}
-    pairs = [("adapter", c.adapter_type, options.adapter),
+    pairs = [("speech_states", c.speech_states, options.speech_states),
+             ("adapter", c.adapter_type, options.adapter),
              ("adapter_downsample", c.adapter_downsample, options.adapter_downsample),
              ("compress_speech", c.speech_compression or "none", options.compress_speech),
              ("lora_rank", saved_lora.get("rank", 0), options.lora_rank),
              ("system_prompt", c.system_prompt, options.system_prompt)]
-    if c.speech_compression:
+    if c.speech_compression or c.speech_states == "decoder":
         pairs.append(("speech_vectors", c.speech_vectors, options.speech_vectors))
     if saved_lora and asked_lora:
         pairs += [("lora_alpha", saved_lora["alpha"], asked_lora["alpha"]),
@@ -1089,7 +1113,8 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
     if model is None:
         model = init_model(options) if options.init_from else BlspModel.from_components(
             options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
-            system_prompt=options.system_prompt, seed=options.seed)
+            system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
+            speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter")
     place_model(model, options, info)
     if streamed:
         trainer = StreamingTrainer(model, data[0], options, output_dir, info, skip_bad=skip_bad)

@@ -7,6 +7,8 @@ works. A short explicit loop (forced prefix, token suppression, KV cache, stop a
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -24,52 +26,80 @@ def prompt_ids(model, tokenizer, language: str) -> list[int]:
     return [special_token_id(tokenizer, t) for t in [SOT, *task, NO_TIMESTAMPS]]
 
 
-def suppressed(model, tokenizer) -> tuple[torch.Tensor, list[int]]:
-    """(mask of tokens never emitted, tokens not emitted first).
+def decoding_ids(model, tokenizer, language: str = "en") -> dict:
+    """What greedy decoding needs of the tokenizer and generation config, as plain ids (a BlspModel
+    that reads Whisper's decoder states keeps this dict in its config, with no tokenizer at hand):
+    the forced prefix, end-of-text, the first text-free id (<|startoftranscript|>: every id from it
+    up, languages, tasks and timestamps, is never emitted), Whisper's lists of non-speech symbols
+    never emitted, and those not emitted first (blank, end-of-text)."""
+    return {"prompt": prompt_ids(model, tokenizer, language),
+            "eot": special_token_id(tokenizer, EOT),
+            "first_special": special_token_id(tokenizer, SOT),
+            "suppress": [int(t) for t in model.generation_config.suppress_tokens or []],
+            "begin_suppress": [int(t) for t in model.generation_config.begin_suppress_tokens or []]}
 
-    Every id from <|startoftranscript|> up (languages, tasks, timestamps) is text-free, so only
-    text and <|endoftext|> remain; plus Whisper's own lists of non-speech symbols and, at the
-    first step, blank and end-of-text.
-    """
-    mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    mask[special_token_id(tokenizer, SOT):] = True
-    mask[list(model.generation_config.suppress_tokens or [])] = True
-    return mask, list(model.generation_config.begin_suppress_tokens or [])
+
+def _cache_keyword(decoder) -> str:
+    # transformers 5 renamed the decoder's `past_key_values` argument to `cache`
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
-def _transcribe_batch(model, tokenizer, features, audio: list[np.ndarray], language: str,
-                      max_new_tokens: int) -> list[str]:
-    # Whisper was trained on 30 s windows: unpadded input makes it loop, so pad to the window.
-    mel = features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-    encoded = model.get_encoder()(mel.to(model.device, model.dtype))
-    eot = special_token_id(tokenizer, EOT)
-    never, not_first = suppressed(model, tokenizer)
-    prefix = prompt_ids(model, tokenizer, language)
-    max_new_tokens = min(max_new_tokens, model.config.max_target_positions - len(prefix))
+def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, ids: dict,
+                  max_new_tokens: int | torch.Tensor) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Greedy decoding of a batch of encoder outputs `encoded` [B, T, d] by Whisper's `decoder`
+    (a WhisperDecoder; `output_weight` its tied output projection, [vocab, d]); `max_new_tokens`
+    one limit for all rows or each row's own ([B]), so that a row's result never depends on its batch.
 
-    inputs = torch.tensor([prefix] * len(audio), device=model.device)
-    done = torch.zeros(len(audio), dtype=torch.bool, device=model.device)
-    cache, generated = None, []
-    for step in range(max_new_tokens):
-        out = model(encoder_outputs=encoded, decoder_input_ids=inputs, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
-        logits[:, never.to(logits.device)] = -torch.inf
+    Returns (each row's text tokens, end-of-text excluded; the decoder's final hidden state at
+    every step [B, S, d]; each row's number of steps, the one that chose end-of-text included).
+    Step k's state is the one that chose token k (the first from the forced prefix's last token).
+    """
+    eot = ids["eot"]
+    never = torch.zeros(output_weight.shape[0], dtype=torch.bool, device=encoded.device)
+    never[ids["first_special"]:] = True
+    never[ids["suppress"]] = True
+    batch = encoded.shape[0]
+    room = decoder.config.max_target_positions - len(ids["prompt"])
+    limits = torch.as_tensor(max_new_tokens, device=encoded.device).clamp(max=room).expand(batch)
+    cache_kw = _cache_keyword(decoder)
+
+    inputs = torch.tensor([ids["prompt"]] * batch, device=encoded.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=encoded.device)
+    steps = torch.zeros(batch, dtype=torch.long, device=encoded.device)
+    cache, generated, states = None, [], []
+    for step in range(int(limits.max())):
+        out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True, **{cache_kw: cache})
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        hidden = out.last_hidden_state[:, -1]
+        logits = (hidden @ output_weight.T).float()
+        logits[:, never] = -torch.inf
         if step == 0:
-            logits[:, not_first] = -torch.inf
+            logits[:, ids["begin_suppress"]] = -torch.inf
         token = logits.argmax(-1).masked_fill(done, eot)
+        steps += ~done
         generated.append(token)
-        done |= token == eot
+        states.append(hidden)
+        done |= (token == eot) | (steps >= limits)
         if done.all():
             break
         inputs = token[:, None]
 
-    texts = []
-    for row in torch.stack(generated, dim=1).tolist() if generated else [[] for _ in audio]:
-        row = row[: row.index(eot)] if eot in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
+    tokens = [row[: row.index(eot)] if eot in row else row for row in rows]
+    hidden = torch.stack(states, dim=1) if states else encoded.new_zeros(batch, 0, encoded.shape[-1])
+    return tokens, hidden, steps
+
+
+def _transcribe_batch(model, tokenizer, features, audio: list[np.ndarray], language: str,
+                      max_new_tokens: int) -> list[str]:
+    # Whisper was trained on 30 s windows: unpadded input makes it loop, so pad to the window.
+    mel = features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    with torch.inference_mode():
+        encoded = model.get_encoder()(mel.to(model.device, model.dtype)).last_hidden_state
+    tokens, _, _ = greedy_decode(model.get_decoder(), model.proj_out.weight, encoded,
+                                 decoding_ids(model, tokenizer, language), max_new_tokens)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
 
 
 def transcribe(model, tokenizer, audio_list: list[np.ndarray], language: str = "en", batch_size: int = 8,

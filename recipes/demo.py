@@ -24,7 +24,7 @@ import yaml
 from blsp.cli import main as blsp, option_flags as flags
 from blsp.evaluation import _pct
 from blsp.io import atomic_write_json
-from blsp.training import draw_loss_curve
+from blsp.training import RECIPES as TRAIN_RECIPES, draw_loss_curve
 
 
 HERE = Path(__file__).parent
@@ -73,12 +73,17 @@ def main() -> None:
         continue_clips(f"step 1 ({split})", recipe, data / f"{split}.jsonl", behavior / f"{split}.jsonl",
                        [*flags(split_cont), *limit], timings)
     train_flags = flags(recipe["train"])
-    if train_utterances:
+    if train_utterances and warm_starts(recipe["train"]):
         train_flags += ["--warm-start-data", str(data / "train.jsonl")]
     train_model("step 2", recipe, behavior / "train.jsonl", adapter, train_flags, timings)
     more_rounds(out, recipe, train_cont, train_utterances, timings)
     evaluate(out, str(round_dirs(out, recipe)[-1]), str(behavior / "test.jsonl"), recipe["eval"], timings)
     report(out, recipe, timings)
+
+
+def warm_starts(train: dict) -> bool:
+    """Whether step 2 begins with a warm start (the recipe file's, else its `blsp train --recipe`'s)."""
+    return train.get("warm_start", TRAIN_RECIPES[train.get("recipe", "fast")].get("warm_start", "none")) != "none"
 
 
 def synth_corpus(stage: str, recipe: dict, data: Path, timings: dict, sentences: int | None = None) -> None:

@@ -49,8 +49,12 @@ WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|trans
 
 
 def whisper_tokenizer_json(path: Path):
-    """A small byte-level BPE with Whisper's special tokens, saved as a tokenizer.json."""
-    tok = byte_level_bpe(WHISPER_SPECIALS, ["the quick brown fox jumps over the lazy dog"], 300)
+    """A small byte-level BPE with Whisper's special tokens, saved as a tokenizer.json. As in
+    Whisper's vocabulary, the text tokens come first and the special ones after them."""
+    from tokenizers import AddedToken
+
+    tok = byte_level_bpe([], ["the quick brown fox jumps over the lazy dog"], 300)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in WHISPER_SPECIALS])
     tok.save(str(path))
     return tok
 

@@ -442,3 +442,104 @@ def test_the_adapter_gives_the_same_vectors_with_either_convolution(monkeypatch)
     got, got_lengths = adapter(x, lengths)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_lengths.tolist() == want_lengths.tolist() == [10, 5, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Speech states "decoder": the adapter reads Whisper's decoder states along its transcript
+# ----------------------------------------------------------------------------------------------
+def test_silence_after_the_clip_is_the_log_mel_of_zeros_after_its_audio():
+    import numpy as np
+
+    from blsp.audio import log_mel_spectrogram
+    from blsp.modeling import with_silence
+
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(8000)).astype(np.float32)
+    mel = log_mel_spectrogram(audio, 80)
+    n = mel.shape[-1]
+    reference = log_mel_spectrogram(np.concatenate([audio, np.zeros(8000, np.float32)]), 80)
+    padded = with_silence(torch.nn.functional.pad(mel, (0, 7))[None], torch.tensor([n]), 2 * n)[0]
+    torch.testing.assert_close(padded[:, :n], mel)
+    # away from the edge, where the STFT window straddles both, the same as the audio's own
+    torch.testing.assert_close(padded[:, n + 2:], reference[:, n + 2: 2 * n], atol=1e-5, rtol=0)
+
+
+def test_decoder_windows_grow_with_the_clip_in_whole_seconds_between_5_and_30():
+    from blsp.modeling import decoder_window
+
+    assert [decoder_window(n) for n in (1, 100, 249, 251, 301, 1400, 1600, 3000)] == \
+        [500, 500, 500, 600, 700, 2800, 3000, 3000]
+
+
+@pytest.fixture
+def decoder_model(tiny_whisper_dir, tiny_dirs):
+    return BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                     speech_states="decoder", seed=0)
+
+
+def mels(seconds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    from blsp.audio import log_mel_spectrogram
+
+    torch.manual_seed(0)
+    clips = [log_mel_spectrogram((0.1 * torch.randn(int(16000 * s))).numpy(), 80) for s in seconds]
+    lengths = torch.tensor([c.shape[-1] for c in clips])
+    batch = torch.zeros(len(clips), 80, int(lengths.max()))
+    for row, clip in enumerate(clips):
+        batch[row, :, : clip.shape[-1]] = clip
+    return batch, lengths
+
+
+def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_batch(decoder_model):
+    from blsp.whisper import greedy_decode
+
+    assert decoder_model.speech_decoder is not None and decoder_model.config.speech_states == "decoder"
+    assert "decoder" in decoder_model.config.feature_key
+    mel, lengths = mels([0.5, 3.2, 1.0])
+    states, steps = decoder_model.encode_mel(mel, lengths)
+    assert states.shape[0] == 3 and states.shape[2] == 32 and int(steps.min()) >= 1
+    for row in range(3):  # alone, each clip gives the same states
+        alone, n = decoder_model.encode_mel(mel[row:row + 1, :, : lengths[row]], lengths[row:row + 1])
+        assert int(n[0]) == int(steps[row])
+        torch.testing.assert_close(alone[0, : n[0]], states[row, : steps[row]], atol=1e-5, rtol=1e-5)
+    # the states are those of Whisper's greedy decoding of the clip in its window
+    from blsp.modeling import decoder_window, run_whisper_encoder, with_silence
+
+    width = decoder_window(int(lengths[1]))
+    encoded, _ = run_whisper_encoder(decoder_model.audio_tower, with_silence(mel[1:2], lengths[1:2], width),
+                                     torch.tensor([width]))
+    _, expected, n = greedy_decode(decoder_model.speech_decoder, decoder_model.speech_decoder.embed_tokens.weight,
+                                   encoded, decoder_model.config.decoder_ids, 100)
+    torch.testing.assert_close(states[1, : n[0]], expected[0, : n[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoder_states_model_trains_only_its_adapter_and_round_trips(decoder_model, tmp_path):
+    mel, lengths = mels([0.7, 1.2])
+    states, steps = decoder_model.encode_mel(mel, lengths)
+    proc = decoder_model.processor
+    examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[states[row, : steps[row]]],
+                        target=proc.prompt.target_ids("a b")) for row in range(2)]
+    batch = proc.collate(examples)
+    decoder_model.train()
+    loss = decoder_model(**batch).loss
+    loss.backward()
+    assert all(p.grad is not None for p in decoder_model.adapter.parameters())
+    assert all(not p.requires_grad for p in decoder_model.speech_decoder.parameters())
+    assert not decoder_model.speech_decoder.training
+    decoder_model.eval()
+    decoder_model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.decoder_ids == decoder_model.config.decoder_ids
+    assert loaded.config.feature_key == decoder_model.config.feature_key
+    again, n = loaded.encode_mel(mel, lengths)
+    torch.testing.assert_close(again, states)
+    torch.testing.assert_close(loaded(**batch).loss, decoder_model(**batch).loss)
+
+
+def test_decoder_states_need_whispers_tokenizer_and_keep_the_encoder_frozen(tiny_dirs, decoder_model):
+    # conftest's tiny Whisper has no tokenizer beside it: nothing to prompt its decoder with
+    with pytest.raises(BlspError, match="tokenizer"):
+        BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], speech_states="decoder")
+    with pytest.raises(BlspError, match="unknown speech states"):
+        BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], speech_states="both")
+    with pytest.raises(BlspError, match="speech-states decoder"):
+        decoder_model.unfreeze_encoder_layers(1)

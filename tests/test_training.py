@@ -726,3 +726,29 @@ def test_init_from_refuses_other_settings_and_a_warm_start(tiny_dirs, tmp_path):
         run_train([data], tmp_path / "y", TrainOptions.from_recipe(
             "fast", encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], init_from=first, max_steps=1,
             feature_cache=str(tmp_path / "features"), precision="fp32"))
+
+
+def test_the_decoder_recipe_trains_on_whisper_decoder_states(tiny_dirs, tiny_whisper_dir, tmp_path):
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    opts = TrainOptions.from_recipe("decoder", encoder=tiny_whisper_dir, llm=tiny_dirs["llm"], batch_size=2, lr=1e-2,
+                                    warmup_steps=1, max_steps=3, save_every=2, precision="fp32",
+                                    feature_cache=str(tmp_path / "features"))
+    assert (opts.speech_states, opts.adapter, opts.adapter_downsample, opts.lora_rank) == ("decoder", "stack", 1, 8)
+    run_train([data], tmp_path / "run", opts)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["speech_states"] == "decoder" and config["decoder_ids"]["eot"] >= 0
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3
+    # the cache holds the decoder's states, apart from any encoder features
+    (cached,) = [d.name for d in (tmp_path / "features").iterdir()]
+    assert "-decoder-" in cached and len(list((tmp_path / "features").rglob("*.npy"))) == 4
+
+
+@pytest.mark.parametrize("lever", [dict(warm_start="ctc", warm_start_steps=5), dict(compress_speech="ctc"),
+                                   dict(unfreeze_encoder_layers=1)])
+def test_decoder_states_refuse_the_levers_of_encoder_frames_before_anything_loads(lever):
+    from blsp.errors import BlspError
+
+    with pytest.raises(BlspError, match="not with --speech-states decoder"):
+        TrainOptions(speech_states="decoder", adapter="stack", adapter_downsample=1, **lever)
+    with pytest.raises(BlspError, match="--recipe fast"):  # the fast recipe's warm start, named as the recipe's
+        TrainOptions.from_recipe("fast", speech_states="decoder")

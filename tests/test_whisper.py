@@ -1,0 +1,52 @@
+"""Greedy Whisper decoding: the states it returns chose its tokens, and a row never depends on its batch."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+from blsp.whisper import decoding_ids, greedy_decode
+
+
+def _whisper(path):
+    return WhisperForConditionalGeneration.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_each_state_chose_its_token_and_decoding_stops_at_end_of_text(tiny_whisper_dir):
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    ids = decoding_ids(model, tokenizer, "en")
+    torch.manual_seed(0)
+    encoded = torch.randn(3, 12, model.config.d_model)
+    weight = model.proj_out.weight.detach()
+    tokens, states, steps = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=8)
+    assert states.shape[:2] == (3, int(steps.max()))
+    assert any(tokens), "the tiny Whisper should emit some text, or this test checks nothing"
+    for row in range(3):
+        n = int(steps[row])
+        assert len(tokens[row]) in (n, n - 1)  # n - 1: the last step chose end-of-text
+        logits = states[row, :n] @ weight.T
+        logits[:, ids["first_special"]:] = -torch.inf
+        logits[:, ids["suppress"]] = -torch.inf
+        logits[0, ids["begin_suppress"]] = -torch.inf
+        chosen = logits.argmax(-1).tolist()
+        logits_eot = (states[row, :n] @ weight.T)[:, ids["eot"]]
+        # text tokens never include the text-free ids; each state's best text token is its token
+        assert all(t < ids["first_special"] for t in tokens[row])
+        assert chosen[: len(tokens[row])] == tokens[row]
+        if len(tokens[row]) == n - 1:
+            assert logits_eot[-1] >= (states[row, n - 1] @ weight.T)[: ids["first_special"]].max()
+
+
+def test_a_rows_tokens_and_states_do_not_depend_on_its_batch_or_the_others_limits(tiny_whisper_dir):
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    ids = decoding_ids(model, tokenizer, "en")
+    torch.manual_seed(1)
+    encoded = torch.randn(2, 10, model.config.d_model)
+    decoder, weight = model.get_decoder(), model.proj_out.weight.detach()
+    tokens, states, steps = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=torch.tensor([3, 9]))
+    assert int(steps[0]) <= 3 and len(tokens[0]) <= 3
+    for row, limit in ((0, 3), (1, 9)):
+        alone_tokens, alone_states, alone_steps = greedy_decode(decoder, weight, encoded[row:row + 1], ids, limit)
+        n = int(alone_steps[0])
+        assert alone_tokens[0] == tokens[row] and n == int(steps[row])
+        torch.testing.assert_close(alone_states[0, :n], states[row, :n], atol=1e-5, rtol=1e-5)
