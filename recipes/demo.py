@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """The BLSP demo: speech corpus -> step 1 -> step 2 -> evaluation on held-out speech.
 
-    python recipes/demo.py                  # recipes/demo.yaml
-    python recipes/demo.py --size medium    # recipes/demo-medium.yaml: twice the data, ~36 minutes
-    python recipes/demo.py --size full      # recipes/demo-full.yaml, the larger recipe
-    python recipes/demo.py --size long      # recipes/demo-long.yaml: the larger one, then 4 more rounds
+    python recipes/demo.py                  # recipes/demo.yaml: Whisper's decoder states, ~20 minutes
+    python recipes/demo.py --size full      # recipes/demo-full.yaml: the same, four times the data
+    python recipes/demo.py --size encoder   # recipes/demo-encoder.yaml: the encoder's frames (the paper's)
+    python recipes/demo.py --size medium    # recipes/demo-medium.yaml: that at twice the data, ~36 minutes
+    python recipes/demo.py --size full-encoder  # recipes/demo-full-encoder.yaml: at four times, ~70 minutes
+    python recipes/demo.py --size long      # recipes/demo-long.yaml: that, then 4 more rounds
     python recipes/demo.py --recipe my.yaml
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and
@@ -28,7 +30,8 @@ from blsp.training import RECIPES as TRAIN_RECIPES, draw_loss_curve
 
 
 HERE = Path(__file__).parent
-SIZES = {"default": HERE / "demo.yaml", "medium": HERE / "demo-medium.yaml", "full": HERE / "demo-full.yaml",
+SIZES = {"default": HERE / "demo.yaml", "full": HERE / "demo-full.yaml", "encoder": HERE / "demo-encoder.yaml",
+         "medium": HERE / "demo-medium.yaml", "full-encoder": HERE / "demo-full-encoder.yaml",
          "long": HERE / "demo-long.yaml"}
 
 
@@ -218,12 +221,19 @@ def decoding_words(decoding: dict) -> str:
     return ", ".join(words)
 
 
+def untrained_label(recipe: dict) -> str:
+    """With the token bridge the untrained model already reads Whisper's tokens: say so."""
+    train = recipe["train"]
+    bridge = train.get("speech_states") == "decoder" and train.get("speech_vectors") == "tokens"
+    return "untrained (the token bridge alone)" if bridge else "untrained adapter"
+
+
 def format_report(summary: dict) -> str:
     trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
     al, al_c = trained["alignment"], cascade["alignment"]
     lines = ["behaviour alignment on held-out sentences: loss of the transcript's continuation (nats/token)",
              f"  {'':<34} {'clips':>5} {'instr.':>8} {'speech':>8} {'transcript':>10}   gap closed (95% CI)   KL(text||speech)",
-             _alignment_row("untrained adapter", untrained["alignment"]),
+             _alignment_row(untrained_label(summary["recipe"]), untrained["alignment"]),
              _alignment_row("trained adapter", al)]
     for value, g in al.get("groups", {}).get("voice_seen", {}).items():
         which = "a voice heard in training" if value == "true" else "a voice never heard in training"

@@ -165,7 +165,7 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
 
 
-@pytest.mark.parametrize("size", ["default", "medium", "full", "long"])
+@pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long"])
 def test_every_demo_size_parses_into_the_commands_it_runs(size):
     """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
     from blsp.cli import build_parser, option_flags, train_options
@@ -178,7 +178,8 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
     parser.parse_args(["data", "synth", "--output", "x", *option_flags(data)])
     parser.parse_args(["continue", "--manifest", "m", "--output", "o", *option_flags(cont)])
     train = parser.parse_args(["train", "--data", "d", "--output-dir", "o", *option_flags(recipe["train"]),
-                               *(["--warm-start-data", "m"] if "train_utterances" in recipe["continue"] else [])])
+                               *(["--warm-start-data", "m"] if "train_utterances" in recipe["continue"]
+                                 and demo.warm_starts(recipe["train"]) else [])])
     train_options(train)  # the options' own checks, as `blsp train` runs them
     for spec in recipe.get("more_rounds") or []:
         assert "train_utterances" in spec
