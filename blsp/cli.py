@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the adapter reads: encoder, the Whisper encoder's frames (the paper); decoder, the "
                         "hidden states of Whisper's decoder along its greedy transcript, one per token (the words "
                         "as Whisper heard them; Whisper's decoding runs for every clip)")
+    p.add_argument("--speech-language", default="en", metavar="CODE",
+                   help="with --speech-states decoder: the language Whisper transcribes (en, fr, ...), or auto: "
+                        "Whisper's guess for each clip (multilingual Whispers)")
     p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
     p.add_argument("--adapter-downsample", type=int, default=8, metavar="N",
                    help="encoder frames (50 Hz) per speech vector: 8 is the paper's 6.25 Hz; conv needs a power of 2")

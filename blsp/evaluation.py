@@ -383,6 +383,8 @@ def model_identity(model: BlspModel, model_dir: str | Path | None, untrained_see
         "adapter_seed": untrained_seed,
         "adapter_sha256": file_sha256(adapter_file) if adapter_file else None,
         "adapter_type": cfg.adapter_type,
+        "speech_states": cfg.speech_states,  # encoder frames, or Whisper's decoder states
+        "speech_vectors": cfg.speech_vectors,
         "encoder_name": cfg.encoder_name,
         "encoder_fingerprint": cfg.encoder_fingerprint,
         "llm_name": cfg.llm_name,
@@ -494,7 +496,8 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
         kwargs = {"adapter_type": cfg.adapter_type, "adapter_bottleneck": cfg.adapter_bottleneck,
                   "adapter_downsample": cfg.adapter_downsample, "system_prompt": cfg.system_prompt,
                   "speech_states": cfg.speech_states,
-                  "speech_vectors": cfg.speech_vectors if cfg.speech_states == "decoder" else "adapter"} if cfg else {}
+                  "speech_vectors": cfg.speech_vectors if cfg.speech_states == "decoder" else "adapter",
+                  "speech_language": cfg.speech_language or "en"} if cfg else {}
         model = BlspModel.from_components(encoder, llm, seed=args.seed, **kwargs)
     else:
         if not args.model:

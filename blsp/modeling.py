@@ -323,6 +323,7 @@ class BlspConfig(PretrainedConfig):
         speech_states: str = "encoder",
         decoder_ids: dict | None = None,
         decoder_fingerprint: str | None = None,
+        speech_language: str | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -359,6 +360,8 @@ class BlspConfig(PretrainedConfig):
         self.speech_states = speech_states
         self.decoder_ids = dict(decoder_ids) if decoder_ids else None
         self.decoder_fingerprint = decoder_fingerprint
+        # "decoder": the language Whisper transcribes in ("en", ...), or "auto": its guess per clip
+        self.speech_language = speech_language
         super().__init__(**kwargs)
 
     @property
@@ -695,16 +698,19 @@ class BlspModel(PreTrainedModel):
         seed: int = 0,
         speech_states: str = "encoder",
         speech_vectors: str = "adapter",
+        speech_language: str = "en",
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
-        `speech_states` "decoder": the adapter reads Whisper's decoder states (SPEECH_STATES), and
-        with `speech_vectors` "tokens" corrects the token bridge's vectors (blsp.bridge)."""
+        `speech_states` "decoder": the adapter reads Whisper's decoder states (SPEECH_STATES) as it
+        transcribes `speech_language` ("auto": the language it hears), and with `speech_vectors`
+        "tokens" corrects the token bridge's vectors (blsp.bridge)."""
         if speech_vectors == "tokens" and speech_states != "decoder":
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
         if speech_states not in SPEECH_STATES:
             raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
-        whisper = load_whisper(encoder, torch_dtype, with_decoder=speech_states == "decoder")
+        decoding = speech_states == "decoder"
+        whisper = load_whisper(encoder, torch_dtype, with_decoder=decoding, language=speech_language)
         audio_tower, encoder_config = whisper.encoder, whisper.config
         language_model, tokenizer = load_language_model(llm, torch_dtype)
         config = BlspConfig(
@@ -721,6 +727,7 @@ class BlspModel(PreTrainedModel):
             speech_states=speech_states,
             speech_vectors=speech_vectors,
             decoder_ids=whisper.decoding_ids,
+            speech_language=speech_language if decoding else None,
             decoder_fingerprint=weights_fingerprint(whisper.decoder) if whisper.decoder is not None else None,
         )
         model = cls(config, audio_tower=audio_tower, language_model=language_model, speech_decoder=whisper.decoder)

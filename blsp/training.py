@@ -60,6 +60,7 @@ class TrainOptions:
     # What the adapter reads (blsp.modeling.SPEECH_STATES): encoder (the paper) | decoder (Whisper's
     # decoder states along its greedy transcript, one per token).
     speech_states: str = "encoder"
+    speech_language: str = "en"  # with decoder states: the language Whisper transcribes, or auto (its guess per clip)
     instruction: str = CONTINUATION_INSTRUCTION
     system_prompt: str | None = None
     lr: float = 1e-3
@@ -757,6 +758,15 @@ def check_options(options: TrainOptions) -> None:
             raise BlspError(f"unknown {name} {value!r}; choose from {', '.join(known)}")
     if options.speech_states not in SPEECH_STATES:
         raise BlspError(f"unknown --speech-states {options.speech_states!r}; choose from {', '.join(SPEECH_STATES)}")
+    if options.speech_language != "en":
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        if options.speech_states != "decoder":
+            raise BlspError(f"--speech-language {options.speech_language}: only Whisper's decoder transcribes in a "
+                            "language; add --speech-states decoder (the encoder's frames have none)")
+        if options.speech_language not in (*LANGUAGES, "auto"):
+            raise BlspError(f"--speech-language {options.speech_language!r}: auto, or one of Whisper's language codes "
+                            f"({', '.join(list(LANGUAGES)[:8])}, ...)")
     if options.speech_states == "decoder":
         # the decoder's states come one per token: nothing for CTC to align, no frames to drop
         for name, value, off in (("warm_start", options.warm_start, "none"),
@@ -824,6 +834,7 @@ def init_model(options: TrainOptions) -> BlspModel:
     saved_lora = c.lora or {}
     asked_lora = lora_settings(options).to_dict() if options.lora_rank else {}
     pairs = [("speech_states", c.speech_states, options.speech_states),
+             ("speech_language", c.speech_language or "en", options.speech_language),
              ("adapter", c.adapter_type, options.adapter),
              ("adapter_downsample", c.adapter_downsample, options.adapter_downsample),
              ("compress_speech", c.speech_compression or "none", options.compress_speech),
@@ -1114,7 +1125,8 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
         model = init_model(options) if options.init_from else BlspModel.from_components(
             options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
             system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
-            speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter")
+            speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter",
+            speech_language=options.speech_language)
     place_model(model, options, info)
     if streamed:
         trainer = StreamingTrainer(model, data[0], options, output_dir, info, skip_bad=skip_bad)

@@ -18,12 +18,29 @@ SAMPLE_RATE = 16000
 EOT, SOT, TRANSCRIBE, NO_TIMESTAMPS = "<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>"
 
 
+AUTO = "auto"  # the language: Whisper's own guess, clip by clip
+
+
+def is_multilingual(model) -> bool:
+    return model.config.vocab_size >= MULTILINGUAL_VOCAB_SIZE
+
+
 def prompt_ids(model, tokenizer, language: str) -> list[int]:
     """The forced prefix. English-only models were trained without language and task tokens
-    (as in openai/whisper); given <|transcribe|> anyway, tiny.en drops case and punctuation."""
-    multilingual = model.config.vocab_size >= MULTILINGUAL_VOCAB_SIZE
-    task = [f"<|{language}|>", TRANSCRIBE] if multilingual else []
-    return [special_token_id(tokenizer, t) for t in [SOT, *task, NO_TIMESTAMPS]]
+    (as in openai/whisper); given <|transcribe|> anyway, tiny.en drops case and punctuation.
+    `language` "auto": the prefix without its language token (`decoding_ids` says where it goes)."""
+    if not is_multilingual(model):
+        return [special_token_id(tokenizer, t) for t in [SOT, NO_TIMESTAMPS]]
+    chosen = [] if language == AUTO else [f"<|{language}|>"]
+    return [special_token_id(tokenizer, t) for t in [SOT, *chosen, TRANSCRIBE, NO_TIMESTAMPS]]
+
+
+def language_token_ids(tokenizer) -> list[int]:
+    """The ids of the language tokens (<|en|>, <|zh|>, ...) the tokenizer has."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    ids = (tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in LANGUAGES)
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 def decoding_ids(model, tokenizer, language: str = "en") -> dict:
@@ -31,8 +48,12 @@ def decoding_ids(model, tokenizer, language: str = "en") -> dict:
     that reads Whisper's decoder states keeps this dict in its config, with no tokenizer at hand):
     the forced prefix, end-of-text, the first text-free id (<|startoftranscript|>: every id from it
     up, languages, tasks and timestamps, is never emitted), Whisper's lists of non-speech symbols
-    never emitted, and those not emitted first (blank, end-of-text)."""
+    never emitted, and those not emitted first (blank, end-of-text). With `language` "auto" on a
+    multilingual Whisper, `languages`: the language tokens, one of which Whisper picks for each
+    clip after <|startoftranscript|> (as openai/whisper's detect_language)."""
+    detect = language == AUTO and is_multilingual(model)
     return {"prompt": prompt_ids(model, tokenizer, language),
+            "languages": language_token_ids(tokenizer) if detect else [],
             "eot": special_token_id(tokenizer, EOT),
             "first_special": special_token_id(tokenizer, SOT),
             "suppress": [int(t) for t in model.generation_config.suppress_tokens or []],
@@ -54,20 +75,30 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     Returns (each row's text tokens, end-of-text excluded; the decoder's final hidden state at
     every step [B, S, d]; each row's number of steps, the one that chose end-of-text included).
     Step k's state is the one that chose token k (the first from the forced prefix's last token).
+    With `ids["languages"]`, each row's language token is Whisper's likeliest of them after the
+    prefix's first token, and goes in right after it.
     """
     eot = ids["eot"]
     never = torch.zeros(output_weight.shape[0], dtype=torch.bool, device=encoded.device)
     never[ids["first_special"]:] = True
     never[ids["suppress"]] = True
     batch = encoded.shape[0]
-    room = decoder.config.max_target_positions - len(ids["prompt"])
+    languages = ids.get("languages") or []
+    room = decoder.config.max_target_positions - len(ids["prompt"]) - bool(languages)
     limits = torch.as_tensor(max_new_tokens, device=encoded.device).clamp(max=room).expand(batch)
     cache_kw = _cache_keyword(decoder)
 
     inputs = torch.tensor([ids["prompt"]] * batch, device=encoded.device)
+    cache = None
+    if languages:  # <|startoftranscript|> alone first: its state scores the languages
+        first = decoder(input_ids=inputs[:, :1], encoder_hidden_states=encoded, use_cache=True)
+        cache = first.cache if hasattr(first, "cache") else first.past_key_values
+        candidates = torch.tensor(languages, device=encoded.device)
+        scores = first.last_hidden_state[:, -1] @ output_weight[candidates].T
+        inputs = torch.cat([candidates[scores.argmax(-1)][:, None], inputs[:, 1:]], dim=1)
     done = torch.zeros(batch, dtype=torch.bool, device=encoded.device)
     steps = torch.zeros(batch, dtype=torch.long, device=encoded.device)
-    cache, generated, states = None, [], []
+    generated, states = [], []
     for step in range(int(limits.max())):
         out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True, **{cache_kw: cache})
         cache = out.cache if hasattr(out, "cache") else out.past_key_values

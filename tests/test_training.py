@@ -752,3 +752,13 @@ def test_decoder_states_refuse_the_levers_of_encoder_frames_before_anything_load
         TrainOptions(speech_states="decoder", adapter="stack", adapter_downsample=1, **lever)
     with pytest.raises(BlspError, match="--recipe fast"):  # the fast recipe's warm start, named as the recipe's
         TrainOptions.from_recipe("fast", speech_states="decoder")
+
+
+def test_speech_language_belongs_to_decoder_states_and_must_be_whispers(tiny_dirs):
+    from blsp.errors import BlspError
+
+    with pytest.raises(BlspError, match="add --speech-states decoder"):
+        TrainOptions(speech_language="fr")
+    with pytest.raises(BlspError, match="language codes"):
+        TrainOptions.from_recipe("decoder", speech_language="french")
+    assert TrainOptions.from_recipe("decoder", speech_language="auto").speech_language == "auto"

@@ -50,3 +50,28 @@ def test_a_rows_tokens_and_states_do_not_depend_on_its_batch_or_the_others_limit
         n = int(alone_steps[0])
         assert alone_tokens[0] == tokens[row] and n == int(steps[row])
         torch.testing.assert_close(alone_states[0, :n], states[row, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_with_languages_each_row_gets_whispers_likeliest_language_after_the_first_token(tiny_whisper_dir):
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    ids = decoding_ids(model, tokenizer, "en")
+    decoder, weight = model.get_decoder(), model.proj_out.weight.detach()
+    torch.manual_seed(2)
+    encoded = torch.randn(3, 10, model.config.d_model)
+    # two candidate "languages" (any ids serve the logic): the tiny Whisper is not multilingual
+    candidates = [tokenizer.convert_tokens_to_ids("<|en|>"), tokenizer.convert_tokens_to_ids("<|translate|>")]
+    detecting = {**ids, "languages": candidates}
+    tokens, states, steps = greedy_decode(decoder, weight, encoded, detecting, 6)
+    with torch.inference_mode():
+        first = decoder(input_ids=torch.tensor([ids["prompt"][:1]] * 3), encoder_hidden_states=encoded)
+    chosen = [candidates[i] for i in (first.last_hidden_state[:, -1] @ weight[candidates].T).argmax(-1).tolist()]
+    for row in range(3):  # the same as forcing the chosen language into the prompt
+        forced = {**ids, "prompt": [ids["prompt"][0], chosen[row], *ids["prompt"][1:]]}
+        alone_tokens, alone_states, n = greedy_decode(decoder, weight, encoded[row:row + 1], forced, 6)
+        assert alone_tokens[0] == tokens[row]
+        torch.testing.assert_close(alone_states[0, : n[0]], states[row, : n[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_language_on_an_english_only_whisper_has_nothing_to_detect(tiny_whisper_dir):
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    assert decoding_ids(model, tokenizer, "auto") == {**decoding_ids(model, tokenizer, "en"), "languages": []}
