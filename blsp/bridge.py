@@ -14,6 +14,9 @@ differentiable, and the adapter learns a correction on top of it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +24,23 @@ from torch import nn
 TOP_K = 8  # Whisper tokens mixed per state: the posterior's tail beyond them is noise (and 50k rows' cost)
 
 
-@torch.no_grad()
-def bridge_table(whisper_tokenizer, llm_tokenizer, llm_embeddings: torch.Tensor, n_text: int) -> torch.Tensor:
-    """[n_text, d_llm]: for each of Whisper's text tokens (ids below its first special one), the
-    mean of the LLM's input embeddings of the LLM tokens its text splits into (zeros when none)."""
+def bridge_pieces(whisper_tokenizer, llm_tokenizer, n_text: int) -> list[list[int]]:
+    """For each of Whisper's text tokens (the ids below its end-of-text), the LLM tokens its text splits into."""
     texts = [whisper_tokenizer.decode([i]) for i in range(n_text)]
-    pieces = llm_tokenizer(texts, add_special_tokens=False).input_ids
+    return [list(ids) for ids in llm_tokenizer(texts, add_special_tokens=False).input_ids]
+
+
+def pieces_fingerprint(pieces: list[list[int]]) -> str:
+    """What a trained adapter's correction depends on besides the backbones: which LLM tokens each
+    Whisper token stands for (the embeddings themselves are the LLM's, fingerprinted with it)."""
+    return hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def bridge_table(pieces: list[list[int]], llm_embeddings: torch.Tensor) -> torch.Tensor:
+    """[len(pieces), d_llm]: each Whisper token's row the mean of the LLM's input embeddings of its
+    LLM tokens (zeros when none)."""
+    n_text = len(pieces)
     flat = torch.tensor([t for ids in pieces for t in ids], dtype=torch.long)
     owner = torch.tensor([row for row, ids in enumerate(pieces) for _ in ids], dtype=torch.long)
     counts = torch.bincount(owner, minlength=n_text).clamp(min=1).to(torch.float32)
@@ -48,7 +62,9 @@ class TokenBridge(nn.Module):
 
     @torch.no_grad()
     def forward(self, states: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
-        weight = output_weight[: self.table.shape[0]].to(states.device, states.dtype)
-        scores, ids = (states @ weight.T).float().topk(self.top_k, dim=-1)
-        probs = F.softmax(scores, dim=-1)  # the posterior renormalised over the top k
-        return (probs[..., None] * self.table[ids]).sum(-2)
+        # in float32 whatever the step's autocast: the top k and posterior of a clip stay the same
+        with torch.autocast(states.device.type, enabled=False):
+            weight = output_weight[: self.table.shape[0]].to(states.device, torch.float32)
+            scores, ids = (states.float() @ weight.T).topk(self.top_k, dim=-1)
+            probs = F.softmax(scores, dim=-1)  # the posterior renormalised over the top k
+            return (probs[..., None] * self.table[ids]).sum(-2)

@@ -385,6 +385,8 @@ def model_identity(model: BlspModel, model_dir: str | Path | None, untrained_see
         "adapter_type": cfg.adapter_type,
         "speech_states": cfg.speech_states,  # encoder frames, or Whisper's decoder states
         "speech_vectors": cfg.speech_vectors,
+        "speech_language": cfg.speech_language,
+        "decoder_fingerprint": cfg.decoder_fingerprint,
         "encoder_name": cfg.encoder_name,
         "encoder_fingerprint": cfg.encoder_fingerprint,
         "llm_name": cfg.llm_name,

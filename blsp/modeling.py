@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .errors import BlspError, CheckpointError
-from .bridge import TokenBridge, bridge_table
+from .bridge import TokenBridge, bridge_pieces, bridge_table, pieces_fingerprint
 from .losses import EmbeddingCTCHead
 from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
                    set_lora_dropout)
@@ -172,6 +172,15 @@ def build_adapter(config: "BlspConfig", d_llm: int) -> nn.Module:
 
 COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
+
+
+def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
+    """The token bridge gives one vector per decoder state, and the adapter's correction is added to
+    each: it must keep the states' number (the stack adapter over one state)."""
+    if adapter_type != "stack" or downsample != 1:
+        raise BlspError(f"the token bridge (speech vectors 'tokens' on decoder states) adds the adapter's vector to each "
+                        f"state's: use --adapter stack --adapter-downsample 1, not --adapter {adapter_type} "
+                        f"--adapter-downsample {downsample} (--recipe decoder sets them)")
 
 
 def check_speech_vectors(speech_vectors: str, speech_compression: str | None, speech_states: str = "encoder") -> None:
@@ -324,6 +333,7 @@ class BlspConfig(PretrainedConfig):
         decoder_ids: dict | None = None,
         decoder_fingerprint: str | None = None,
         speech_language: str | None = None,
+        bridge_fingerprint: str | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -357,11 +367,14 @@ class BlspConfig(PretrainedConfig):
             raise BlspError("speech states 'decoder' need Whisper's decoding ids (blsp.whisper.decoding_ids)")
         # "decoder": what Whisper's decoder is prompted and stopped with (its tokenizer's ids, kept
         # here so that a saved model decodes without it) and the fingerprint of its weights.
+        if speech_states == "decoder" and speech_vectors == "tokens":
+            check_bridge_adapter(adapter_type, adapter_downsample)
         self.speech_states = speech_states
         self.decoder_ids = dict(decoder_ids) if decoder_ids else None
         self.decoder_fingerprint = decoder_fingerprint
         # "decoder": the language Whisper transcribes in ("en", ...), or "auto": its guess per clip
         self.speech_language = speech_language
+        self.bridge_fingerprint = bridge_fingerprint  # which LLM tokens stand for each of Whisper's (blsp.bridge)
         super().__init__(**kwargs)
 
     @property
@@ -608,12 +621,18 @@ class BlspModel(PreTrainedModel):
     def reads_token_bridge(self) -> bool:
         return self.config.speech_states == "decoder" and self.config.speech_vectors == "tokens"
 
-    def build_token_bridge(self, whisper_tokenizer: Any) -> None:
+    def build_token_bridge(self, whisper_tokenizer: Any, strict: bool = True) -> None:
         """The bridge from Whisper's decoder states to the LLM's token embeddings (blsp.bridge),
-        from Whisper's tokenizer and the LLM's (attach_processor first)."""
+        from Whisper's tokenizer and the LLM's (attach_processor first). A saved model's bridge
+        must map Whisper's tokens to the LLM's as when it was trained (unless not `strict`)."""
+        pieces = bridge_pieces(whisper_tokenizer, self.processor.tokenizer, self.config.decoder_ids["eot"])
+        found, expected = pieces_fingerprint(pieces), self.config.bridge_fingerprint
+        if strict and expected and found != expected:
+            raise CheckpointError(f"the token bridge was built from other tokenizers (fingerprint {expected}, now "
+                                  f"{found}): load with the tokenizers it was trained with, or pass strict=False")
+        self.config.bridge_fingerprint = found
         embeddings = self.language_model.get_input_embeddings().weight
-        table = bridge_table(whisper_tokenizer, self.processor.tokenizer, embeddings, self.config.decoder_ids["eot"])
-        self.token_bridge = TokenBridge(table).to(embeddings.device)
+        self.token_bridge = TokenBridge(bridge_table(pieces, embeddings)).to(embeddings.device)
 
     def enable_lora(self, settings: LoraSettings) -> None:
         """LoRA on the LLM (blsp.lora): trainable beside the adapter, saved in its checkpoint."""
@@ -821,7 +840,7 @@ class BlspModel(PreTrainedModel):
         model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), path / ADAPTER_WEIGHTS)
         model.attach_processor(tokenizer)
         if bridge:
-            model.build_token_bridge(whisper.tokenizer)
+            model.build_token_bridge(whisper.tokenizer, strict)
         return model
 
     # -- forward -------------------------------------------------------------------------------
@@ -1116,14 +1135,16 @@ def load_whisper(name: str, torch_dtype: torch.dtype = torch.float32, with_decod
     if with_decoder:
         parts.decoder = whisper.get_decoder()
         if tokenizer:
+            from .convert import special_token_id
             from .whisper import decoding_ids
 
             try:
                 parts.tokenizer = AutoTokenizer.from_pretrained(path)
-                parts.decoding_ids = decoding_ids(whisper, parts.tokenizer, language)
+                special_token_id(parts.tokenizer, "<|startoftranscript|>")  # a Whisper tokenizer at all
             except (OSError, ValueError, KeyError, BlspError) as err:
                 raise BlspError(f"speech states 'decoder' need Whisper's tokenizer beside {name!r} ({path}): "
                                 f"{err}") from None
+            parts.decoding_ids = decoding_ids(whisper, parts.tokenizer, language)
     return parts
 
 
@@ -1154,6 +1175,7 @@ def describe(model: BlspModel) -> dict:
     count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
     return {
         "audio_tower": count(model.audio_tower),
+        "speech_decoder": count(model.speech_decoder) if model.speech_decoder is not None else 0,
         "adapter": count(model.adapter),
         "language_model": count(model.language_model),
         "trainable": count(model, trainable=True),

@@ -214,6 +214,11 @@ def check_same_backbones(model: BlspModel, cfg: BlspConfig, path: Path) -> None:
         if theirs and ours and theirs != ours:
             raise CheckpointError(f"{path}: the contrast adapter was trained against another {what} "
                                   f"({theirs}, this model's is {ours}); compare adapters of the same backbones")
+    ours = (model.config.speech_states, model.config.speech_vectors, model.config.decoder_ids)
+    if (cfg.speech_states, cfg.speech_vectors, cfg.decoder_ids) != ours:
+        raise CheckpointError(f"{path}: the contrast reads {cfg.speech_states} states as {cfg.speech_vectors} vectors, "
+                              f"this model {ours[0]} states as {ours[1]} (or Whisper decodes them otherwise); compare "
+                              "models that read the same speech states")
     if cfg.encoder_trainable_layers != model.config.encoder_trainable_layers:
         raise CheckpointError(f"{path}: the contrast trains {cfg.encoder_trainable_layers} encoder layer(s), this "
                               f"model {model.config.encoder_trainable_layers}; compare models that train the same "

@@ -82,7 +82,7 @@ def shard_model(model, device: torch.device) -> None:
         fully_shard(head, mesh=mesh)
     # Not `model.to(device)`: that would visit the sharded weights too; they are placed already.
     embeddings.to(device)
-    for part in (model.audio_tower, model.adapter, model.ctc_head):
+    for part in (model.audio_tower, model.speech_decoder, model.token_bridge, model.adapter, model.ctc_head):
         if part is not None:
             part.to(device)
     model.sharded = True

@@ -37,7 +37,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, default_device, init
 from .errors import BlspError, CheckpointError, InputError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
-from .modeling import ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, shared_prefix
+from .modeling import ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, check_bridge_adapter, shared_prefix
 from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
@@ -628,11 +628,14 @@ class Trainer:
         trained = {id(p) for p in self.model.trainable_parameters()}
         return frozenset(n for n, p in part.named_parameters() if id(p) in trained)
 
+    def frozen_parts(self) -> tuple[str, ...]:
+        return ("audio_tower", "language_model") + (("speech_decoder",) if self.model.speech_decoder is not None else ())
+
     def frozen_digests(self) -> dict[str, str]:
         if is_sharded(self.model):  # nothing of a sharded LLM trains (LoRA is refused with --fsdp)
-            return {name: digest_across_ranks(getattr(self.model, name)) for name in ("audio_tower", "language_model")}
-        return {name: module_digest(part, self.trained_names(part))
-                for name, part in (("audio_tower", self.model.audio_tower), ("language_model", self.model.language_model))}
+            return {name: digest_across_ranks(getattr(self.model, name)) for name in self.frozen_parts()}
+        return {name: module_digest(getattr(self.model, name), self.trained_names(getattr(self.model, name)))
+                for name in self.frozen_parts()}
 
     def check_frozen(self, before: dict[str, str]) -> None:
         for name, digest in self.frozen_digests().items():
@@ -784,7 +787,10 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
     if options.speech_vectors == "tokens" and options.compress_speech != "ctc" and options.speech_states != "decoder":
         raise BlspError("--speech-vectors tokens reads each CTC token run, or each of Whisper's decoder states, as token "
-                        "embeddings: add --compress-speech ctc or --speech-states decoder")
+                        "embeddings: add --compress-speech ctc or --speech-states decoder"
+                        + options.recipe_note("speech_vectors"))
+    if options.speech_vectors == "tokens" and options.speech_states == "decoder":
+        check_bridge_adapter(options.adapter, options.adapter_downsample)
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
     if options.llm_dtype not in LLM_DTYPES:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .convert import MULTILINGUAL_VOCAB_SIZE, special_token_id
+from .errors import BlspError
 
 SAMPLE_RATE = 16000
 EOT, SOT, TRANSCRIBE, NO_TIMESTAMPS = "<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>"
@@ -51,6 +52,9 @@ def decoding_ids(model, tokenizer, language: str = "en") -> dict:
     never emitted, and those not emitted first (blank, end-of-text). With `language` "auto" on a
     multilingual Whisper, `languages`: the language tokens, one of which Whisper picks for each
     clip after <|startoftranscript|> (as openai/whisper's detect_language)."""
+    if not is_multilingual(model) and language not in ("en", AUTO):
+        raise BlspError(f"language {language!r}: this Whisper is English-only (no language tokens); use a "
+                        "multilingual one (whisper-base) or 'en'")
     detect = language == AUTO and is_multilingual(model)
     return {"prompt": prompt_ids(model, tokenizer, language),
             "languages": language_token_ids(tokenizer) if detect else [],

@@ -223,7 +223,7 @@ def decoding_words(decoding: dict) -> str:
 
 def untrained_label(recipe: dict) -> str:
     """With the token bridge the untrained model already reads Whisper's tokens: say so."""
-    train = recipe["train"]
+    train = {**TRAIN_RECIPES[recipe["train"].get("recipe", "fast")], **recipe["train"]}
     bridge = train.get("speech_states") == "decoder" and train.get("speech_vectors") == "tokens"
     return "untrained (the token bridge alone)" if bridge else "untrained adapter"
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from blsp.bridge import TokenBridge, bridge_table
-from blsp.modeling import BlspModel
+from blsp.bridge import TokenBridge, bridge_pieces, bridge_table
+from blsp.errors import BlspError, CheckpointError
+from blsp.modeling import BlspConfig, BlspModel
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def test_each_whisper_token_maps_to_the_mean_embedding_of_its_texts_llm_tokens(t
     n_text = whisper.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(0)
     embeddings = torch.randn(len(llm), 6)
-    table = bridge_table(whisper, llm, embeddings, n_text)
+    table = bridge_table(bridge_pieces(whisper, llm, n_text), embeddings)
     assert table.shape == (n_text, 6)
     checked = 0
     for token in range(n_text):
@@ -65,3 +66,24 @@ def test_a_new_bridge_model_reads_the_bridge_alone_and_its_adapter_learns_a_corr
     loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
     assert loaded.token_bridge is not None
     torch.testing.assert_close(loaded.speech_embeddings(states, lengths)[0], moved)
+
+
+def test_a_saved_bridge_model_refuses_tokenizers_that_map_tokens_otherwise(tiny_whisper_dir, tiny_dirs, tmp_path):
+    model = BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                      speech_states="decoder", speech_vectors="tokens")
+    assert len(model.config.bridge_fingerprint) == 16
+    model.config.bridge_fingerprint = "0" * 16  # as if trained with other tokenizers
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="token bridge was built from other tokenizers"):
+        BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert BlspModel.from_pretrained(tmp_path / "ckpt", strict=False).token_bridge is not None
+
+
+def test_the_bridge_needs_one_adapter_vector_per_state():
+    from blsp.training import TrainOptions
+
+    with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
+        TrainOptions(speech_states="decoder", speech_vectors="tokens")  # the paper's conv adapter at 8
+    with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
+        BlspConfig(adapter_type="stack", adapter_downsample=2, speech_states="decoder", speech_vectors="tokens",
+                   decoder_ids={"prompt": [1], "eot": 0})

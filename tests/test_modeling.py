@@ -502,14 +502,16 @@ def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_b
         assert int(n[0]) == int(steps[row])
         torch.testing.assert_close(alone[0, : n[0]], states[row, : steps[row]], atol=1e-5, rtol=1e-5)
     # the states are those of Whisper's greedy decoding of the clip in its window
-    from blsp.modeling import decoder_window, run_whisper_encoder, with_silence
+    from blsp.modeling import decoder_token_limit, decoder_window, run_whisper_encoder, with_silence
 
     width = decoder_window(int(lengths[1]))
     encoded, _ = run_whisper_encoder(decoder_model.audio_tower, with_silence(mel[1:2], lengths[1:2], width),
                                      torch.tensor([width]))
-    _, expected, n = greedy_decode(decoder_model.speech_decoder, decoder_model.speech_decoder.embed_tokens.weight,
-                                   encoded, decoder_model.config.decoder_ids, 100)
-    torch.testing.assert_close(states[1, : n[0]], expected[0, : n[0]], atol=1e-5, rtol=1e-5)
+    tokens, expected, _ = greedy_decode(decoder_model.speech_decoder, decoder_model.speech_decoder.embed_tokens.weight,
+                                        encoded, decoder_model.config.decoder_ids, decoder_token_limit(int(lengths[1])))
+    kept = max(len(tokens[0]), 1)  # the states that chose its text tokens, not the one that chose to end
+    assert int(steps[1]) == kept
+    torch.testing.assert_close(states[1, :kept], expected[0, :kept], atol=1e-5, rtol=1e-5)
 
 
 def test_a_decoder_states_model_trains_only_its_adapter_and_round_trips(decoder_model, tmp_path):

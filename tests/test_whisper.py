@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
@@ -35,6 +36,31 @@ def test_each_state_chose_its_token_and_decoding_stops_at_end_of_text(tiny_whisp
         assert chosen[: len(tokens[row])] == tokens[row]
         if len(tokens[row]) == n - 1:
             assert logits_eot[-1] >= (states[row, n - 1] @ weight.T)[: ids["first_special"]].max()
+
+
+def test_a_row_stops_at_end_of_text_and_its_last_state_is_the_one_that_chose_it(tiny_whisper_dir):
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    ids = decoding_ids(model, tokenizer, "en")
+    decoder, weight = model.get_decoder(), model.proj_out.weight.detach().clone()
+    torch.manual_seed(0)
+    encoded = torch.randn(2, 12, model.config.d_model)
+    tokens, states, _ = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
+    row = tokens[0]
+    # the last step whose token is new: end-of-text made a hair likelier than that token stops there
+    k = max(i for i, t in enumerate(row) if t not in row[:i])
+    score = float(states[0, k] @ weight[row[k]])
+    weight[ids["eot"]] = weight[row[k]] * (1 + (1e-3 if score > 0 else -1e-3))
+    stopped, states, steps = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
+    assert stopped[0] == row[:k] and int(steps[0]) == k + 1
+    assert int((states[0, k] @ weight.T)[: ids["first_special"]].argmax()) == ids["eot"]  # specials never emitted
+
+
+def test_a_language_an_english_only_whisper_has_no_token_for_is_refused(tiny_whisper_dir):
+    from blsp.errors import BlspError
+
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    with pytest.raises(BlspError, match="English-only"):
+        decoding_ids(model, tokenizer, "fr")
 
 
 def test_a_rows_tokens_and_states_do_not_depend_on_its_batch_or_the_others_limits(tiny_whisper_dir):
