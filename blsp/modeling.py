@@ -174,6 +174,11 @@ COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
 
 
+def check_speech_states(speech_states: str) -> None:
+    if speech_states not in SPEECH_STATES:
+        raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
+
+
 def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
     """The token bridge gives one vector per decoder state, and the adapter's correction is added to
     each: it must keep the states' number (the stack adapter over one state)."""
@@ -361,8 +366,7 @@ class BlspConfig(PretrainedConfig):
         self.lora = dict(lora) if lora else None
         # The encoder's top N layers (and its final norm) train with the adapter; 0: all frozen (the paper).
         self.encoder_trainable_layers = encoder_trainable_layers
-        if speech_states not in SPEECH_STATES:
-            raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
+        check_speech_states(speech_states)
         if speech_states == "decoder" and not decoder_ids:
             raise BlspError("speech states 'decoder' need Whisper's decoding ids (blsp.whisper.decoding_ids)")
         # "decoder": what Whisper's decoder is prompted and stopped with (its tokenizer's ids, kept
@@ -398,6 +402,11 @@ class BlspConfig(PretrainedConfig):
         if first is None:
             return self.encoder_fingerprint
         return f"{self.encoder_fingerprint}-below-layer{first}"
+
+    @property
+    def reads_token_bridge(self) -> bool:
+        """Whether the LLM reads decoder states through the token bridge (blsp.bridge)."""
+        return self.speech_states == "decoder" and self.speech_vectors == "tokens"
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -619,7 +628,7 @@ class BlspModel(PreTrainedModel):
 
     @property
     def reads_token_bridge(self) -> bool:
-        return self.config.speech_states == "decoder" and self.config.speech_vectors == "tokens"
+        return self.config.reads_token_bridge
 
     def build_token_bridge(self, whisper_tokenizer: Any, strict: bool = True) -> None:
         """The bridge from Whisper's decoder states to the LLM's token embeddings (blsp.bridge),
@@ -726,8 +735,7 @@ class BlspModel(PreTrainedModel):
         if speech_vectors == "tokens" and speech_states != "decoder":
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
-        if speech_states not in SPEECH_STATES:
-            raise BlspError(f"unknown speech states {speech_states!r}; known: {', '.join(SPEECH_STATES)}")
+        check_speech_states(speech_states)  # before minutes go into loading
         decoding = speech_states == "decoder"
         whisper = load_whisper(encoder, torch_dtype, with_decoder=decoding, language=speech_language)
         audio_tower, encoder_config = whisper.encoder, whisper.config
@@ -819,8 +827,8 @@ class BlspModel(PreTrainedModel):
         encoder = encoder or config.encoder_name
         llm = llm or config.llm_name
         # the decoding ids come from config.json: the tokenizer need not be there
-        bridge = config.speech_states == "decoder" and config.speech_vectors == "tokens"
-        whisper = load_whisper(encoder, torch_dtype, with_decoder=config.speech_states == "decoder", tokenizer=bridge)
+        whisper = load_whisper(encoder, torch_dtype, with_decoder=config.speech_states == "decoder",
+                               tokenizer=config.reads_token_bridge)
         language_model, tokenizer = load_language_model(llm, torch_dtype)
         for what, name, module, expected in (
             ("encoder", config.encoder_name, whisper.encoder, config.encoder_fingerprint),
@@ -839,7 +847,7 @@ class BlspModel(PreTrainedModel):
         model = cls(config, audio_tower=whisper.encoder, language_model=language_model, speech_decoder=whisper.decoder)
         model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), path / ADAPTER_WEIGHTS)
         model.attach_processor(tokenizer)
-        if bridge:
+        if model.reads_token_bridge:
             model.build_token_bridge(whisper.tokenizer, strict)
         return model
 

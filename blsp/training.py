@@ -756,11 +756,10 @@ def check_options(options: TrainOptions) -> None:
     """Refuse settings that cannot work before any minute is spent on them."""
     mix_shares(options)
     for name, value, known in (("--loss", options.loss, LOSSES), ("--warm-start", options.warm_start, WARM_STARTS),
-                               ("--compress-speech", options.compress_speech, COMPRESSIONS)):
+                               ("--compress-speech", options.compress_speech, COMPRESSIONS),
+                               ("--speech-states", options.speech_states, SPEECH_STATES)):
         if value not in known:
             raise BlspError(f"unknown {name} {value!r}; choose from {', '.join(known)}")
-    if options.speech_states not in SPEECH_STATES:
-        raise BlspError(f"unknown --speech-states {options.speech_states!r}; choose from {', '.join(SPEECH_STATES)}")
     if options.speech_language != "en":
         from transformers.models.whisper.tokenization_whisper import LANGUAGES
 

@@ -65,8 +65,12 @@ def decoding_ids(model, tokenizer, language: str = "en") -> dict:
 
 
 def _cache_keyword(decoder) -> str:
-    # transformers 5 renamed the decoder's `past_key_values` argument to `cache`
+    # transformers 5 renamed the decoder's `past_key_values` argument (and output) to `cache`
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 @torch.inference_mode()
@@ -96,7 +100,7 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     cache = None
     if languages:  # <|startoftranscript|> alone first: its state scores the languages
         first = decoder(input_ids=inputs[:, :1], encoder_hidden_states=encoded, use_cache=True)
-        cache = first.cache if hasattr(first, "cache") else first.past_key_values
+        cache = _cache_of(first)
         candidates = torch.tensor(languages, device=encoded.device)
         scores = first.last_hidden_state[:, -1] @ output_weight[candidates].T
         inputs = torch.cat([candidates[scores.argmax(-1)][:, None], inputs[:, 1:]], dim=1)
@@ -105,7 +109,7 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     generated, states = [], []
     for step in range(int(limits.max())):
         out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True, **{cache_kw: cache})
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = _cache_of(out)
         hidden = out.last_hidden_state[:, -1]
         logits = (hidden @ output_weight.T).float()
         logits[:, never] = -torch.inf
