@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .corpus import add_data_parser
     from .evaluation import add_eval_parser
     from .prompts import CONTINUATION_INSTRUCTION, TASK_INSTRUCTIONS
+    from .training import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(prog="blsp", description="BLSP: teach a text LLM to listen.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="whisper-base")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--recipe", default="fast", choices=["fast", "paper", "decoder"],
-                   help="the defaults of the flags marked [recipe]: fast (default) is the step-2 ablation's "
-                        "winner on held-out speech (docs/ablation.md), paper the original's, decoder the fast "
-                        "recipe's LoRA on Whisper's decoder states (--speech-states decoder)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                   help="the defaults of the flags marked [recipe]: decoder (default), the step-2 ablation's "
+                        "winner on held-out speech (docs/ablation.md), reads Whisper's decoder states through "
+                        "the token bridge; fast is the best recipe over the encoder's frames (what the LLM reads "
+                        "beyond the words, any language at once); paper the original's")
     p.add_argument("--speech-states", default="encoder", choices=["encoder", "decoder"],
                    help="what the adapter reads: encoder, the Whisper encoder's frames (the paper); decoder, the "
                         "hidden states of Whisper's decoder along its greedy transcript, one per token (the words "
@@ -330,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group(
         "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
                  "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp "
-                 "--recipe paper` on each machine (README \"Scale\"); the fast recipe's LoRA cannot run under --fsdp, "
-                 "nor its warm start on --data DIR of shards: add --recipe paper there")
+                 "--recipe paper` on each machine (README \"Scale\"); the decoder and fast recipes' LoRA cannot run under "
+                 "--fsdp, nor the fast recipe's warm start on --data DIR of shards: add --recipe paper there")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
                         "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")

@@ -22,3 +22,7 @@ class InputError(BlspError):
 
 class CheckpointError(BlspError):
     """A checkpoint that does not fit the models or settings it is used with."""
+
+
+class SpeechStatesError(BlspError):
+    """A model that cannot give the speech states asked for (Whisper's decoder states need its tokenizer)."""

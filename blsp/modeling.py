@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from .errors import BlspError, CheckpointError
+from .errors import BlspError, CheckpointError, SpeechStatesError
 from .bridge import TokenBridge, bridge_pieces, bridge_table, pieces_fingerprint
 from .losses import EmbeddingCTCHead
 from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
@@ -1150,7 +1150,7 @@ def load_whisper(name: str, torch_dtype: torch.dtype = torch.float32, with_decod
                 parts.tokenizer = AutoTokenizer.from_pretrained(path)
                 special_token_id(parts.tokenizer, "<|startoftranscript|>")  # a Whisper tokenizer at all
             except (OSError, ValueError, KeyError, BlspError) as err:
-                raise BlspError(f"speech states 'decoder' need Whisper's tokenizer beside {name!r} ({path}): "
+                raise SpeechStatesError(f"speech states 'decoder' need Whisper's tokenizer beside {name!r} ({path}): "
                                 f"{err}") from None
             parts.decoding_ids = decoding_ids(whisper, parts.tokenizer, language)
     return parts

@@ -104,6 +104,7 @@ class StreamingTrainer(Trainer):
         self.index = ShardIndex.load(root)
         self.check_index()
         self.skipped: list[InputError] = []
+        self.feature_timing = {"features_s": 0.0, "clips_encoded": 0}  # `blsp data shards` encoded them
         self.items, self.transcript_tokens, self.warm_start_extra = [], [], []
         self.features: dict = {}
         self.per_rank = options.batch_size * options.grad_accum
@@ -130,7 +131,8 @@ class StreamingTrainer(Trainer):
                             "--unfreeze-encoder-layers trains its top layers: write the shards without features")
         if fp is not None and self.model.config.speech_states == "decoder":
             raise BlspError(f"{self.index.root}: these shards hold the encoder's features, but --speech-states decoder "
-                            "reads Whisper's decoder states: write the shards without features")
+                            "reads Whisper's decoder states: write the shards without features"
+                            + self.options.recipe_note("speech_states"))
         if fp is not None and fp != self.model.config.encoder_fingerprint:
             raise BlspError(f"{self.index.root}: the shards hold features of encoder {fp}, but --encoder "
                             f"{self.options.encoder} is {self.model.config.encoder_fingerprint}")

@@ -34,7 +34,7 @@ from transformers import get_scheduler
 
 from .data import Utterance, is_copy_continuation, read_manifest
 from .distributed import DistInfo, all_reduce_sum, barrier, default_device, init_distributed
-from .errors import BlspError, CheckpointError, InputError
+from .errors import BlspError, CheckpointError, InputError, SpeechStatesError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
 from .modeling import ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, check_bridge_adapter, shared_prefix
@@ -171,26 +171,31 @@ class TrainOptions:
 
 
 # `blsp train --recipe NAME`: the values each recipe gives the options it names (a flag given on the
-# command line wins). `paper`: the original's recipe, the dataclass's own defaults. `fast` (the
-# command line's default): the winner of the step-2 ablation on held-out sentences in an unseen
-# voice (docs/ablation.md, recipes/ablation.yaml): the adapter at 12.5 Hz, a CTC warm start on
-# cached features through the LLM's frozen embeddings, CTC-compressed speech, and rank-8 LoRA on
-# the LLM's attention and MLP projections at speech positions only (text-only prompts keep the
-# frozen LLM's answers; attention and MLP closed 2.2 points more of the gap than attention alone,
-# over two seeds, for 1.1x step 2's time: docs/warm_start_probe.md, "LoRA's size").
-# Its CTC head emits the tokens seen 5+ times, rarer ones spelled with them (blsp.vocabulary): the
-# same gap after step 2 for half the warm start's time (docs/warm_start_probe.md).
-# `decoder`: Whisper's decoder states along its greedy transcript (one per token), each read as the
-# LLM embeddings of Whisper's likeliest tokens (blsp.bridge) plus the adapter's correction (the
-# stack adapter over one state: nothing to downsample), with the same LoRA; no warm start (the
-# states already hold the words) and no compression (one per token already).
+# command line wins). `paper`: the original's recipe, the dataclass's own defaults.
+# `decoder` (the command line's default): the winner of the step-2 ablation on held-out sentences in
+# an unseen voice (docs/ablation.md, recipes/ablation.yaml; 2.5x the gap `fast` closed there, 99-102%
+# against 40%): Whisper's decoder states along its greedy transcript (one per token), each read as
+# the LLM embeddings of Whisper's likeliest tokens (blsp.bridge) plus the adapter's correction (the
+# stack adapter over one state: nothing to downsample); no warm start (the states already hold the
+# words) and no compression (one per token already). 30% of the clips are trained on their
+# transcript under the transcribe instruction, LoRA learning at 3e-3: the same gap (99.2% against
+# 101.9%, within either's CI), and transcription at 15% WER where without them the LLM continues
+# instead (96%).
+# `fast`: the best recipe over the encoder's frames (the words and more: voice, any language at
+# once): the adapter at 12.5 Hz, a CTC warm start on cached features through the LLM's frozen
+# embeddings, CTC-compressed speech, and rank-8 LoRA on the LLM's attention and MLP projections at
+# speech positions only (text-only prompts keep the frozen LLM's answers; attention and MLP closed
+# 2.2 points more of the gap than attention alone, over two seeds, for 1.1x step 2's time:
+# docs/warm_start_probe.md, "LoRA's size"). Its CTC head emits the tokens seen 5+ times, rarer ones
+# spelled with them (blsp.vocabulary): the same gap after step 2 for half the warm start's time.
 RECIPES: dict[str, dict] = {
     "paper": {},
+    "decoder": {"speech_states": "decoder", "speech_vectors": "tokens", "adapter": "stack", "adapter_downsample": 1,
+                "lora_rank": 8, "lora_modules": "all", "mix_transcribe": 0.3, "lora_lr": 3e-3},
     "fast": {"adapter_downsample": 4, "warm_start": "ctc", "warm_start_steps": 500, "warm_start_lr": 3e-3,
              "compress_speech": "ctc", "lora_rank": 8, "lora_modules": "all", "ctc_min_count": 5},
-    "decoder": {"speech_states": "decoder", "speech_vectors": "tokens", "adapter": "stack", "adapter_downsample": 1,
-                "lora_rank": 8, "lora_modules": "all"},
 }
+DEFAULT_RECIPE = "decoder"  # `blsp train` without --recipe
 RECIPE_OPTIONS = sorted({name for values in RECIPES.values() for name in values})
 DEFAULTS = {f.name: f.default for f in fields(TrainOptions)}  # the paper's values (recipe `paper`)
 
@@ -373,6 +378,9 @@ class Trainer:
             memory_mb = 1024 if self.device.type == "cuda" else 0
         self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key,
                                   memory_mb=memory_mb)
+        # What filling the feature cache cost this run (0 where it was filled before): with decoder
+        # states it is a Whisper decoding per clip, a cost the step-2 clock alone would hide.
+        self.feature_timing = {"features_s": 0.0, "clips_encoded": 0}
         self.skipped = self.prepare_features(utterances, skip_bad)
         self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options,
                                  model.config.llm_fingerprint)
@@ -417,9 +425,12 @@ class Trainer:
         With `skip_bad`, clips that cannot be read are left out (every rank then sees the same
         set: whatever has no cached features after the barrier).
         """
+        t0, todo = time.perf_counter(), len({u.audio for u in utterances if not self.cache.has(u.audio)})
         errors = self.cache.fill(self.model, utterances, rank=self.info.rank,
                                  world_size=self.info.world_size, skip_bad=skip_bad)
         barrier()
+        self.feature_timing["features_s"] = round(self.feature_timing["features_s"] + time.perf_counter() - t0, 1)
+        self.feature_timing["clips_encoded"] += todo
         return errors
 
     def read_warm_start_data(self, skip_bad: bool) -> list[Utterance]:
@@ -598,7 +609,7 @@ class Trainer:
                        "warm_start_clips": len(self.warm_start_utterances()) if runs_warm_start(self.options) else 0,
                        "options": asdict(self.options), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), "peak_rss_before_training_mb": self.peak_rss_before_mb,
-                       **self.timings}
+                       **self.feature_timing, **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
             plot_loss(log_path, self.output_dir / "train_loss.png")
         barrier()
@@ -733,12 +744,16 @@ def mix_shares(options: TrainOptions) -> dict[str, float]:
             raise BlspError(f"--mix {options.mix!r}: the continuation is what every utterance not drawn for "
                             "another task trains on; give only the other tasks' shares")
         shares[task.strip()] = value
+    recipe_note = ""
     if options.mix_transcribe:
-        if "transcribe" in shares:
+        if "transcribe" not in shares:
+            shares["transcribe"] = options.mix_transcribe
+            recipe_note = options.recipe_note("mix_transcribe")  # '' where the user typed it
+        elif not options.by_recipe("mix_transcribe"):
             raise BlspError("give the transcribe share once: --mix-transcribe or --mix transcribe=...")
-        shares["transcribe"] = options.mix_transcribe
+        # else a typed --mix transcribe=... wins over the recipe's share
     if sum(shares.values()) > 1 + 1e-9:
-        raise BlspError(f"the --mix shares add up to {sum(shares.values()):g}, more than 1")
+        raise BlspError(f"the --mix shares add up to {sum(shares.values()):g}, more than 1" + recipe_note)
     return {task: share for task, share in shares.items() if share > 0}
 
 
@@ -777,19 +792,23 @@ def check_options(options: TrainOptions) -> None:
             if value != off:
                 raise BlspError(f"--{name.replace('_', '-')} {value}: not with --speech-states decoder (one state per "
                                 f"token of Whisper's transcript); use --{name.replace('_', '-')} {off}"
-                                + options.recipe_note(name))
+                                + options.recipe_note(name, "speech_states"))
+    if options.speech_vectors == "tokens" and options.speech_states == "decoder":
+        try:
+            check_bridge_adapter(options.adapter, options.adapter_downsample)
+        except BlspError as err:  # say so where the recipe, not the user, asked for the bridge
+            raise BlspError(str(err) + options.recipe_note("speech_states", "speech_vectors")) from None
     n = options.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if options.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {options.adapter_downsample}: the conv adapter downsamples by a power "
-                        "of 2 (2, 4, 8, ...), the stack adapter by any positive whole number")
+                        "of 2 (2, 4, 8, ...), the stack adapter by any positive whole number"
+                        + options.recipe_note("adapter_downsample"))
     if options.speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
     if options.speech_vectors == "tokens" and options.compress_speech != "ctc" and options.speech_states != "decoder":
         raise BlspError("--speech-vectors tokens reads each CTC token run, or each of Whisper's decoder states, as token "
                         "embeddings: add --compress-speech ctc or --speech-states decoder"
                         + options.recipe_note("speech_vectors"))
-    if options.speech_vectors == "tokens" and options.speech_states == "decoder":
-        check_bridge_adapter(options.adapter, options.adapter_downsample)
     if options.max_target_tokens is not None and options.max_target_tokens < 1:
         raise BlspError(f"--max-target-tokens {options.max_target_tokens}: keep at least 1 token")
     if options.llm_dtype not in LLM_DTYPES:
@@ -805,7 +824,8 @@ def check_options(options: TrainOptions) -> None:
     if options.encoder_lr is not None and (not options.unfreeze_encoder_layers or options.encoder_lr <= 0):
         raise BlspError(f"--encoder-lr {options.encoder_lr}: needs --unfreeze-encoder-layers N (N > 0) and a rate "
                         "above 0")
-    if options.lora_lr is not None and (not options.lora_rank or options.lora_lr <= 0):
+    # (a recipe's LoRA rate goes unused when a typed --lora-rank 0 turns LoRA off)
+    if options.lora_lr is not None and (options.lora_lr <= 0 or not options.lora_rank and not options.by_recipe("lora_lr")):
         raise BlspError(f"--lora-lr {options.lora_lr}: needs --lora-rank R (R > 0) and a rate above 0")
     if options.lora_rank:
         lora_settings(options)  # its own checks (where, rank, module names)
@@ -1127,11 +1147,14 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
         utterances, skipped = read_behavior_data(data, skip_bad=skip_bad)
         check_behavior_data(utterances, options)  # before minutes go into loading the models
     if model is None:
-        model = init_model(options) if options.init_from else BlspModel.from_components(
-            options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
-            system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
-            speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter",
-            speech_language=options.speech_language)
+        try:
+            model = init_model(options) if options.init_from else BlspModel.from_components(
+                options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
+                system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
+                speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter",
+                speech_language=options.speech_language)
+        except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
+            raise SpeechStatesError(str(err) + options.recipe_note("speech_states")) from None
     place_model(model, options, info)
     if streamed:
         trainer = StreamingTrainer(model, data[0], options, output_dir, info, skip_bad=skip_bad)

@@ -97,6 +97,10 @@ def row_result(row: dict, run: Path) -> dict | None:
         "warm_start_steps": s["options"].get("warm_start_steps", 0) if s["options"].get("warm_start") != "none" else 0,
         "steps": s["steps"],
         "minutes": round((warm + train) / 60, 1) if train is not None else None,
+        # Filling the feature cache: the encoder's (or Whisper's decoding's) cost per clip, paid once
+        # per clip and shared by every row with the same features; None where the row did not pay it.
+        "feature_minutes": round(s["features_s"] / 60, 1) if s.get("clips_encoded") else None,
+        "clips_encoded": s.get("clips_encoded"),
         "peak_rss_gb": round(s["peak_rss_mb"] / 1024, 2) if "peak_rss_mb" in s else None,
         "n_test_utterances": a["n_utterances"],
         **where,
@@ -110,6 +114,13 @@ def previous_rows(docs: Path) -> dict[str, dict]:
         return {}
     meta = json.loads(path.read_text())
     return {r["name"]: {"date": meta.get("date"), "machine": meta.get("machine"), **r} for r in meta.get("rows", [])}
+
+
+def feature_cell(row: dict) -> str:
+    """"4.9 (1,900)": the minutes a row spent filling its feature cache, and for how many clips."""
+    if row.get("feature_minutes") is None:
+        return ""
+    return f"{row['feature_minutes']} ({row['clips_encoded']:,})"
 
 
 def last_elapsed(log: Path) -> float:
@@ -160,15 +171,18 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
           f"({rows[0]['n_test_utterances'] if rows else 0} held-out sentences, a voice no row trained on). "
           "Made by `recipes/ablation.py` from `recipes/ablation.yaml`; numbers in `ablation.json`.", "",
           *([recipe["note"].strip(), ""] if recipe.get("note") else []),
-          "| setting | gap closed % (95% CI) | speech loss | KL text‖speech | transcription WER % | warm-start steps | step-2 steps | minutes | peak RSS GB | measured |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| setting | gap closed % (95% CI) | speech loss | KL text‖speech | transcription WER % | warm-start steps | step-2 steps | minutes | feature minutes (clips) | peak RSS GB | measured |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = r["gap_closed_ci95"]
         ci_text = f" ({pct(ci[0])}–{pct(ci[1])})" if ci else ""
         md.append(f"| **{r['name']}**: {r['what']} | {pct(r['gap_closed'])}{ci_text} | {r['loss']['speech']:.3f} | "
                   f"{r['kl_text_speech']:.3f} | {pct(r['transcription_wer'])} | {r['warm_start_steps']} | {r['steps']} | "
-                  f"{r['minutes']} | {r['peak_rss_gb'] or '—'} | {r.get('date')}, {cpu_label(r.get('machine'))} |")
+                  f"{r['minutes']} | {feature_cell(r)} | {r['peak_rss_gb'] or '—'} | {r.get('date')}, {cpu_label(r.get('machine'))} |")
     if rows:
+        md += ["", "Minutes: the warm start and step 2. Feature minutes: filling the feature cache (the "
+                   "encoder, or Whisper's decoding with decoder states) for the clips named, paid once "
+                   "per clip; blank where the row found them cached (rows before 2026-11-28 did not record it)."]
         md += ["", f"Floor (instruction only) {rows[0]['loss']['instruction']:.3f}, ceiling (transcript) "
                    f"{rows[0]['loss']['transcript']:.3f} nats per continuation token; gap closed = "
                    "(floor - speech) / (floor - ceiling)."]
@@ -180,11 +194,14 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
             continue
         ci = r["gap_closed_ci95"]
         err = [[100 * (r["gap_closed"] - ci[0])], [100 * (ci[1] - r["gap_closed"])]] if ci else None
-        ax.errorbar(r["minutes"], 100 * r["gap_closed"], yerr=err, fmt="o", capsize=3)
-        ax.annotate(r["name"], (r["minutes"], 100 * r["gap_closed"]), textcoords="offset points", xytext=(6, 4),
+        x, y = r["minutes"], 100 * r["gap_closed"]
+        points = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+        if r.get("feature_minutes"):  # a dotted tail: what filling the feature cache added
+            ax.hlines(y, x, x + r["feature_minutes"], colors=points[0].get_color(), linestyles=":")
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
     ax.axhline(50, color="gray", ls="--", lw=0.8)
-    ax.set_xlabel("training minutes (warm start + step 2)")
+    ax.set_xlabel("training minutes (warm start + step 2; dotted: + feature extraction)")
     ax.set_ylabel("gap closed on the unseen voice (%)")
     ax.set_title("step-2 ablation: behaviour alignment at equal budget")
     ax.grid(alpha=0.3)

@@ -26,7 +26,7 @@ import yaml
 from blsp.cli import main as blsp, option_flags as flags
 from blsp.evaluation import _pct
 from blsp.io import atomic_write_json
-from blsp.training import RECIPES as TRAIN_RECIPES, draw_loss_curve
+from blsp.training import DEFAULT_RECIPE, RECIPES as TRAIN_RECIPES, draw_loss_curve
 
 
 HERE = Path(__file__).parent
@@ -86,7 +86,7 @@ def main() -> None:
 
 def warm_starts(train: dict) -> bool:
     """Whether step 2 begins with a warm start (the recipe file's, else its `blsp train --recipe`'s)."""
-    return train.get("warm_start", TRAIN_RECIPES[train.get("recipe", "fast")].get("warm_start", "none")) != "none"
+    return train_settings(train).get("warm_start", "none") != "none"
 
 
 def synth_corpus(stage: str, recipe: dict, data: Path, timings: dict, sentences: int | None = None) -> None:
@@ -223,9 +223,26 @@ def decoding_words(decoding: dict) -> str:
 
 def untrained_label(recipe: dict) -> str:
     """With the token bridge the untrained model already reads Whisper's tokens: say so."""
-    train = {**TRAIN_RECIPES[recipe["train"].get("recipe", "fast")], **recipe["train"]}
+    train = train_settings(recipe["train"])
     bridge = train.get("speech_states") == "decoder" and train.get("speech_vectors") == "tokens"
     return "untrained (the token bridge alone)" if bridge else "untrained adapter"
+
+
+def train_settings(train: dict) -> dict:
+    """A demo recipe's `train:` options over those of the `blsp train --recipe` it names."""
+    return {**TRAIN_RECIPES[train.get("recipe", DEFAULT_RECIPE)], **train}
+
+
+def transcription_label(recipe: dict) -> str:
+    """"zero-shot transcription", or, where step 2 also trained on transcripts, how much of it did."""
+    train = train_settings(recipe["train"])
+    share = train.get("mix_transcribe") or 0
+    for part in str(train.get("mix") or "").split(","):
+        task, _, value = part.partition("=")
+        share += float(value) if task.strip() == "transcribe" else 0
+    if not share:
+        return "zero-shot transcription"
+    return f"transcription ({share:.0%} of step 2's clips trained on their transcript)"
 
 
 def format_report(summary: dict) -> str:
@@ -242,7 +259,8 @@ def format_report(summary: dict) -> str:
               f"the cascade (Whisper's transcript -> the same LLM) {_pct(al_c.get('gap_closed_cascade'))}"]
     tr = cascade["transcription"]
     blsp_row = f"BLSP ('transcribe' over speech; {decoding_words(tr.get('decoding', {}))})"
-    lines += [f"zero-shot transcription on the same {tr['n_utterances']} clips (jiwer; Whisper's English normaliser)",
+    lines += [f"{transcription_label(summary['recipe'])} on the same {tr['n_utterances']} clips "
+              "(jiwer; Whisper's English normaliser)",
               f"  {blsp_row:<47} WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
               f"  {tr['cascade']['asr'] + ' (the cascade ASR)':<47} WER {_pct(tr['cascade']['wer'])}  CER {_pct(tr['cascade']['cer'])}"]
     for ex in trained.get("examples", [])[:3]:
@@ -296,7 +314,8 @@ def plot_report(summary: dict, train_logs: list[Path], png: Path) -> None:
     for bar, (_, v, _) in zip(drawn, wers):
         ax.text(bar.get_x() + bar.get_width() / 2, 100 * v, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("WER (%)")
-    ax.set_title(f"zero-shot transcription, {tr['n_utterances']} held-out clips", fontsize=10)
+    ax.set_title(f"{transcription_label(summary['recipe']).split(' (')[0]}, {tr['n_utterances']} held-out clips",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -201,7 +201,7 @@ def test_train_writes_a_loadable_adapter_and_refuses_to_overwrite(trained, tiny_
     before = (model_dir / "adapter.safetensors").read_bytes()
     code, _, err = run(capsys, "train", "--data", trained["behavior"], "--encoder", tiny_dirs["encoder"],
                        "--llm", tiny_dirs["llm"], "--output-dir", model_dir, "--max-steps", "2",
-                       "--batch-size", "2", "--feature-cache", trained["features"])
+                       "--batch-size", "2", "--feature-cache", trained["features"], "--recipe", "paper")
     assert code == 2
     lines = error_lines(err)
     assert len(lines) == 1 and "Traceback" not in err
@@ -209,7 +209,8 @@ def test_train_writes_a_loadable_adapter_and_refuses_to_overwrite(trained, tiny_
     assert (model_dir / "adapter.safetensors").read_bytes() == before
 
 
-def test_train_defaults_to_the_fast_recipe_and_flags_given_win(trained, tiny_dirs, tmp_path, capsys):
+def test_train_defaults_to_the_decoder_recipe_and_flags_given_win(trained, tiny_dirs, tiny_whisper_dir, tmp_path,
+                                                                   capsys):
     from blsp.training import RECIPES
 
     def parsed(*extra):
@@ -217,19 +218,31 @@ def test_train_defaults_to_the_fast_recipe_and_flags_given_win(trained, tiny_dir
 
         return train_options(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *extra]))
 
-    fast, paper = parsed(), parsed("--recipe", "paper")
+    default, fast, paper = parsed(), parsed("--recipe", "fast"), parsed("--recipe", "paper")
+    assert {k: getattr(default, k) for k in RECIPES["decoder"]} == RECIPES["decoder"]
     assert {k: getattr(fast, k) for k in RECIPES["fast"]} == RECIPES["fast"]
     assert paper == TrainOptions()  # the paper's recipe is the dataclass's own defaults
     assert parsed("--lora-rank", "0").lora_rank == 0  # a flag given wins, even at a default's value
     assert parsed("--recipe", "paper", "--lora-rank", "4").lora_rank == 4
 
-    out = tmp_path / "fast"  # the default recipe end to end, with a short warm start
-    code, _, err = run(capsys, "train", "--data", trained["behavior"], "--encoder", tiny_dirs["encoder"],
-                       "--llm", tiny_dirs["llm"], "--output-dir", out, "--max-steps", "2", "--batch-size", "2",
-                       "--warm-start-steps", "3", "--feature-cache", trained["features"])
+    common = ["train", "--data", trained["behavior"], "--llm", tiny_dirs["llm"], "--max-steps", "2", "--batch-size", "2"]
+    out = tmp_path / "default"  # the default recipe end to end: Whisper's decoder states, the bridge, LoRA
+    code, _, err = run(capsys, *common, "--encoder", tiny_whisper_dir, "--output-dir", out,
+                       "--feature-cache", tmp_path / "decoder-states")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["speech_states"], config["speech_vectors"], config["adapter_type"], config["adapter_downsample"]) == (
+        "decoder", "tokens", "stack", 1)
+    assert config["lora"]["rank"] == 8
+
+    out = tmp_path / "fast"  # the encoder path's recipe end to end, with a short warm start
+    code, _, err = run(capsys, *common, "--encoder", tiny_dirs["encoder"], "--recipe", "fast", "--output-dir", out,
+                       "--warm-start-steps", "3",
+                       "--feature-cache", trained["features"])
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["lora"]["rank"] == 8 and config["adapter_downsample"] == 4 and config["speech_compression"] == "ctc"
+    assert config["speech_states"] == "encoder"
 
 
 @pytest.mark.parametrize("how", ["task", "instruction"])
@@ -362,22 +375,50 @@ def test_option_flags_turn_recipe_options_into_command_flags():
         "--max-steps", "200", "--drop-copies", "--system-prompt", ""]
 
 
-def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(tmp_path, capsys):
+def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(tiny_dirs, tiny_whisper_dir, tmp_path,
+                                                                             capsys):
     from blsp.shards import ShardWriteOptions, write_shards
 
     data = write_corpus(tmp_path / "data", n=2, with_continuation=True)
     code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--fsdp")
     assert code == 2
     assert error_lines(err) == ["blsp: error: --lora-rank with --fsdp is not supported: the sharded LLM must stay "
-                                "frozen (--lora-rank 8 set by --recipe fast, not by a flag: pass --recipe paper, or "
+                                "frozen (--lora-rank 8 set by --recipe decoder, not by a flag: pass --recipe paper, or "
                                 "--lora-rank 0)"]
+    # a flag of the encoder path, typed, against the default recipe's decoder states
+    code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--warm-start", "ctc")
+    assert code == 2
+    assert error_lines(err) == ["blsp: error: --warm-start ctc: not with --speech-states decoder (one state per token "
+                                "of Whisper's transcript); use --warm-start none (--speech-states decoder set by "
+                                "--recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder)"]
+    code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--adapter", "conv")
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "use --adapter stack --adapter-downsample 1, not --adapter conv" in line
+    assert line.endswith("set by --recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder "
+                         "--speech-vectors adapter)")
+
     write_shards([data], tmp_path / "shards", ShardWriteOptions(shard_size=1))
-    code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "run")
+    code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "run",
+                       "--recipe", "fast")
     assert code == 2
     (line,) = error_lines(err)
     assert line.startswith("blsp: error: --warm-start and --compress-speech need every clip's features")
     assert line.endswith("(--warm-start ctc --compress-speech ctc set by --recipe fast, not by a flag: pass "
                          "--recipe paper, or --warm-start none --compress-speech none)")
+    # an encoder saved without Whisper's tokenizer cannot give decoder states: the recipe asked for them
+    code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "streamed",
+                       "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"])
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "need Whisper's tokenizer beside" in line and line.endswith(
+        "(--speech-states decoder set by --recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder)")
+    # the default recipe streams shards of audio: Whisper decodes each clip as it comes
+    code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "streamed",
+                       "--encoder", tiny_whisper_dir, "--llm", tiny_dirs["llm"], "--max-steps", "1",
+                       "--batch-size", "2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["speech_states"] == "decoder"
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--fsdp --recipe paper" in " ".join(capsys.readouterr().out.split())  # the help's scale example

@@ -35,7 +35,7 @@ def test_ablation_selects_the_unseen_voice_with_paths_that_still_resolve(tmp_pat
     assert (dest.parent / line["audio"]).resolve() == (tmp_path / "data" / "wav" / "slt.wav").resolve()
 
 
-def fake_row(run: Path, gap: float, warm_s: float, train_s: float) -> None:
+def fake_row(run: Path, gap: float, warm_s: float, train_s: float, features: tuple[float, int] = (0.0, 0)) -> None:
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "results.json").write_text(json.dumps({
         "alignment": {"gap_closed": gap, "gap_closed_ci95": [gap - 0.02, gap + 0.02], "kl_text_speech": 1.0,
@@ -43,7 +43,8 @@ def fake_row(run: Path, gap: float, warm_s: float, train_s: float) -> None:
         "transcription": {"blsp": {"wer": 0.5}}}))
     (run / "train_summary.json").write_text(json.dumps({
         "steps": 115, "options": {"warm_start": "ctc", "warm_start_steps": 250},
-        "warm_start_s": warm_s, "train_s": train_s, "peak_rss_mb": 3072}))
+        "warm_start_s": warm_s, "train_s": train_s, "peak_rss_mb": 3072,
+        "features_s": features[0], "clips_encoded": features[1]}))
 
 
 def test_ablation_table_reports_every_finished_row_as_markdown_json_and_png(tmp_path):
@@ -52,13 +53,14 @@ def test_ablation_table_reports_every_finished_row_as_markdown_json_and_png(tmp_
             {"name": "b", "what": "second", "train": {"drop_copies": True}},
             {"name": "unfinished", "what": "not run", "train": {}}]
     fake_row(tmp_path / "a", 0.25, 240, 360)
-    fake_row(tmp_path / "b", 0.40, 0, 600)
+    fake_row(tmp_path / "b", 0.40, 0, 600, features=(351.0, 1800))  # it filled its feature cache
     done = [r for row in rows if (r := ablation.row_result(row, tmp_path / row["name"]))]
     assert [r["name"] for r in done] == ["a", "b"] and done[0]["minutes"] == 10.0 and done[1]["peak_rss_gb"] == 3.0
     recipe = {"train_data": "train.jsonl", "test_data": "test.jsonl", "test_where": {"voice_seen": False}}
     ablation.write_table(done, recipe, tmp_path / "docs" / "ablation")
     md = (tmp_path / "docs" / "ablation.md").read_text()
     assert "| **a**: first | 25.0 (23.0–27.0) |" in md and "| **b**: second | 40.0" in md
+    assert "| 10.0 |  | 3.0 |" in md and "| 10.0 | 5.8 (1,800) | 3.0 |" in md  # a's features were cached
     assert json.loads((tmp_path / "docs" / "ablation.json").read_text())["rows"][1]["flags"] == ["--drop-copies"]
     assert (tmp_path / "docs" / "ablation.png").stat().st_size > 5000
 
@@ -202,3 +204,14 @@ def test_a_round_takes_one_window_of_train_clips_or_several():
                 {"from": [], "train_utterances": []}):
         with pytest.raises(SystemExit, match="both be numbers or both lists"):
             demo.round_windows(bad, 0)
+
+
+def test_the_demo_report_says_when_transcription_was_trained_not_zero_shot():
+    demo = load_recipe_module("demo")
+    label = lambda train: demo.transcription_label({"train": train})
+    assert label({}) == "transcription (30% of step 2's clips trained on their transcript)"  # `blsp train`'s default
+    assert label({"recipe": "paper"}) == "zero-shot transcription"
+    assert label({"recipe": "decoder", "mix_transcribe": 0}) == "zero-shot transcription"
+    assert label({"recipe": "paper", "mix": "summarize=0.1, transcribe=0.2"}) == (
+        "transcription (20% of step 2's clips trained on their transcript)")
+    assert demo.warm_starts({"recipe": "fast"}) and not demo.warm_starts({})

@@ -569,6 +569,26 @@ def test_errors_about_a_value_the_recipe_set_say_so(tiny_dirs, tmp_path):
     check_streaming_options(TrainOptions.from_recipe("paper"))
 
 
+def test_flags_typed_over_the_default_recipe_win_over_its_mix_and_lora_rate():
+    from blsp.errors import BlspError
+    from blsp.training import TrainOptions, mix_shares
+
+    assert mix_shares(TrainOptions.from_recipe("decoder")) == {"transcribe": 0.3}
+    # a typed --mix transcribe=... replaces the recipe's share; another task adds to it
+    assert mix_shares(TrainOptions.from_recipe("decoder", mix="transcribe=0.1")) == {"transcribe": 0.1}
+    assert mix_shares(TrainOptions.from_recipe("decoder", mix="summarize=0.2")) == {"summarize": 0.2, "transcribe": 0.3}
+    with pytest.raises(BlspError) as err:
+        TrainOptions.from_recipe("decoder", mix="summarize=0.8")
+    assert str(err.value) == ("the --mix shares add up to 1.1, more than 1 (--mix-transcribe 0.3 set by --recipe "
+                              "decoder, not by a flag: pass --recipe paper, or --mix-transcribe 0.0)")
+    with pytest.raises(BlspError, match="give the transcribe share once"):  # both typed
+        TrainOptions.from_recipe("decoder", mix="transcribe=0.1", mix_transcribe=0.2)
+    # --lora-rank 0 typed: the recipe's LoRA rate goes unused, not refused; a typed one is refused
+    assert TrainOptions.from_recipe("decoder", lora_rank=0).lora_rank == 0
+    with pytest.raises(BlspError, match="--lora-lr 0.003: needs --lora-rank"):
+        TrainOptions.from_recipe("paper", lora_lr=3e-3)
+
+
 def test_a_checkpoint_written_before_newer_options_resumes(tiny_dirs, tmp_path):
     """Options added since a checkpoint was written had their defaults there; the warm start's own
     switches may change (it does not run again)."""
@@ -580,6 +600,9 @@ def test_a_checkpoint_written_before_newer_options_resumes(tiny_dirs, tmp_path):
     opts = options(tiny_dirs, tmp_path, max_steps=4)
     run_train([data], tmp_path / "full", opts)
     run_train([data], tmp_path / "old", opts)
+    # the summary says what filling the feature cache cost: the first run encoded the 4 clips
+    summaries = [json.loads((tmp_path / run / "train_summary.json").read_text()) for run in ("full", "old")]
+    assert [s["clips_encoded"] for s in summaries] == [4, 0] and summaries[0]["features_s"] >= 0
     checkpoints = tmp_path / "old" / "checkpoints"
     shutil.rmtree(checkpoints / "step-4")
     state = torch.load(checkpoints / "step-2" / STATE_FILE, weights_only=False)
