@@ -188,7 +188,7 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
                    "(floor - speech) / (floor - ceiling)."]
     atomic_write_text(docs.with_suffix(".md"), "\n".join(md) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 5.4))
     for r in rows:
         if r["minutes"] is None:
             continue
