@@ -487,7 +487,7 @@ def read_eval_data(paths: Sequence[str | Path], needs_behavior: bool, limit: int
 
 def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
     from .distributed import DistInfo, default_device
-    from .modeling import BlspConfig
+    from .modeling import BlspConfig, initial_speech_vectors
 
     if args.untrained:
         cfg = BlspConfig.from_pretrained(args.model) if args.model else None
@@ -498,7 +498,7 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
         kwargs = {"adapter_type": cfg.adapter_type, "adapter_bottleneck": cfg.adapter_bottleneck,
                   "adapter_downsample": cfg.adapter_downsample, "system_prompt": cfg.system_prompt,
                   "speech_states": cfg.speech_states,
-                  "speech_vectors": cfg.speech_vectors if cfg.speech_states == "decoder" else "adapter",
+                  "speech_vectors": initial_speech_vectors(cfg.speech_states, cfg.speech_vectors),
                   "speech_language": cfg.speech_language or "en"} if cfg else {}
         model = BlspModel.from_components(encoder, llm, seed=args.seed, **kwargs)
     else:

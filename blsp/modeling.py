@@ -188,6 +188,12 @@ def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
                         f"--adapter-downsample {downsample} (--recipe decoder sets them)")
 
 
+def initial_speech_vectors(speech_states: str, speech_vectors: str) -> str:
+    """The speech vectors a new model is built with: over decoder states the token bridge needs no
+    training; over encoder frames token-run vectors need the CTC head training enables later."""
+    return speech_vectors if speech_states == "decoder" else "adapter"
+
+
 def check_speech_vectors(speech_vectors: str, speech_compression: str | None, speech_states: str = "encoder") -> None:
     if speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")

@@ -37,7 +37,8 @@ from .distributed import DistInfo, all_reduce_sum, barrier, default_device, init
 from .errors import BlspError, CheckpointError, InputError, SpeechStatesError
 from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
-from .modeling import ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, check_bridge_adapter, shared_prefix
+from .modeling import (ADAPTER_WEIGHTS, SPEECH_STATES, SPEECH_VECTORS, BlspModel, check_bridge_adapter,
+                       initial_speech_vectors, shared_prefix)
 from .packaged import CACHE_DIR
 from .sharding import digest_across_ranks, is_sharded, shard_model
 from .processing import Example
@@ -1151,7 +1152,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
             model = init_model(options) if options.init_from else BlspModel.from_components(
                 options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
                 system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
-                speech_vectors=options.speech_vectors if options.speech_states == "decoder" else "adapter",
+                speech_vectors=initial_speech_vectors(options.speech_states, options.speech_vectors),
                 speech_language=options.speech_language)
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.recipe_note("speech_states")) from None
