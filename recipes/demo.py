@@ -26,7 +26,7 @@ import yaml
 from blsp.cli import main as blsp, option_flags as flags
 from blsp.evaluation import _pct
 from blsp.io import atomic_write_json
-from blsp.training import DEFAULT_RECIPE, RECIPES as TRAIN_RECIPES, draw_loss_curve
+from blsp.training import DEFAULT_RECIPE, TrainOptions, draw_loss_curve, mix_shares, runs_warm_start
 
 
 HERE = Path(__file__).parent
@@ -86,7 +86,7 @@ def main() -> None:
 
 def warm_starts(train: dict) -> bool:
     """Whether step 2 begins with a warm start (the recipe file's, else its `blsp train --recipe`'s)."""
-    return train_settings(train).get("warm_start", "none") != "none"
+    return runs_warm_start(train_options(train))
 
 
 def synth_corpus(stage: str, recipe: dict, data: Path, timings: dict, sentences: int | None = None) -> None:
@@ -223,23 +223,19 @@ def decoding_words(decoding: dict) -> str:
 
 def untrained_label(recipe: dict) -> str:
     """With the token bridge the untrained model already reads Whisper's tokens: say so."""
-    train = train_settings(recipe["train"])
-    bridge = train.get("speech_states") == "decoder" and train.get("speech_vectors") == "tokens"
+    train = train_options(recipe["train"])
+    bridge = train.speech_states == "decoder" and train.speech_vectors == "tokens"
     return "untrained (the token bridge alone)" if bridge else "untrained adapter"
 
 
-def train_settings(train: dict) -> dict:
-    """A demo recipe's `train:` options over those of the `blsp train --recipe` it names."""
-    return {**TRAIN_RECIPES[train.get("recipe", DEFAULT_RECIPE)], **train}
+def train_options(train: dict) -> TrainOptions:
+    """A demo recipe's `train:` as `blsp train` reads it: its options over the `--recipe`'s it names."""
+    return TrainOptions.from_recipe(train.get("recipe", DEFAULT_RECIPE), **{k: v for k, v in train.items() if k != "recipe"})
 
 
 def transcription_label(recipe: dict) -> str:
     """"zero-shot transcription", or, where step 2 also trained on transcripts, how much of it did."""
-    train = train_settings(recipe["train"])
-    share = train.get("mix_transcribe") or 0
-    for part in str(train.get("mix") or "").split(","):
-        task, _, value = part.partition("=")
-        share += float(value) if task.strip() == "transcribe" else 0
+    share = mix_shares(train_options(recipe["train"])).get("transcribe", 0)
     if not share:
         return "zero-shot transcription"
     return f"transcription ({share:.0%} of step 2's clips trained on their transcript)"

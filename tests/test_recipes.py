@@ -214,4 +214,6 @@ def test_the_demo_report_says_when_transcription_was_trained_not_zero_shot():
     assert label({"recipe": "decoder", "mix_transcribe": 0}) == "zero-shot transcription"
     assert label({"recipe": "paper", "mix": "summarize=0.1, transcribe=0.2"}) == (
         "transcription (20% of step 2's clips trained on their transcript)")
+    # as `blsp train` reads it: a typed --mix transcribe=... replaces the recipe's share, not adds to it
+    assert label({"mix": "transcribe=0.1"}) == "transcription (10% of step 2's clips trained on their transcript)"
     assert demo.warm_starts({"recipe": "fast"}) and not demo.warm_starts({})
