@@ -28,7 +28,7 @@ from blsp.continuation import ContinueOptions, Continuer
 from blsp.corpus import gather_sentences
 from blsp.data import normalize_transcript
 from blsp.io import atomic_write_json
-from blsp.modeling import load_language_model
+from blsp.llm import load_language_model
 
 HERE = Path(__file__).parent
 

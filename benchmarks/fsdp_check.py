@@ -2,7 +2,7 @@
 
 Builds a tiny random Whisper encoder and Llama with an untied output head (from configs: no
 network, no downloads), then takes 3 AdamW steps on the adapter twice: with the whole model on
-every rank (each rank the whole global batch) and with the LLM sharded by `blsp.sharding` (each
+every rank (each rank the whole global batch) and with the LLM sharded by `blsp.fsdp` (each
 rank its share of the batch, gradients all-reduced as `Trainer` does), in fp32. Checks the
 losses, gradients and adapters agree, that the digest of the sharded frozen LLM is unchanged,
 and that a bf16-autocast forward runs. Needs only torch and transformers (no audio libraries:
@@ -108,7 +108,7 @@ def main() -> int:
         print("fsdp_check: no GPU here; add --cpu to check with gloo on the CPU", file=sys.stderr)
         return 2
     from blsp.modeling import BlspModel
-    from blsp.sharding import digest_across_ranks, ensure_process_group, shard_model
+    from blsp.fsdp import digest_across_ranks, ensure_process_group, shard_model
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -30,7 +30,7 @@ import torch
 
 from blsp.cpu import flush_denormals
 from blsp.lora import ADAPTER_NAME, LoraSettings, add_lora, lora_layers, parse_modules
-from blsp.modeling import load_language_model
+from blsp.llm import load_language_model
 
 import presets
 

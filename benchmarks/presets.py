@@ -126,7 +126,8 @@ def build_random_model(device: torch.device, tiny: bool, seed: int) -> Built:
     from transformers import AutoModelForCausalLM
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from blsp.modeling import BlspConfig, BlspModel, weights_fingerprint
+    from blsp.fingerprint import weights_fingerprint
+    from blsp.modeling import BlspConfig, BlspModel
 
     tokenizer = word_tokenizer()
     wcfg, lcfg = random_configs(tiny, tokenizer)

@@ -39,10 +39,14 @@ from blsp.audio import HOP_LENGTH, N_SAMPLES, AudioRef, log_mel_spectrogram
 from blsp.data import Utterance
 from blsp.distributed import DistInfo
 from blsp.features import encode_waveforms
-from blsp.modeling import SPEECH_TOKEN_ID, ConvAdapter, encoder_output_lengths, shared_prefix
+from blsp.adapters import ConvAdapter
+from blsp.llm import shared_prefix
+from blsp.processing import SPEECH_TOKEN_ID
+from blsp.whisper import encoder_output_lengths
 from blsp.processing import Example
-from blsp.training import (LLM_DTYPES, TrainOptions, Trainer, global_batch_indices, micro_batches, padding_waste,
-                           peak_rss_mb, stores_llm_in_bf16)
+from blsp.options import LLM_DTYPES, TrainOptions
+from blsp.sampling import global_batch_indices, micro_batches, padding_waste
+from blsp.trainer import Trainer, peak_rss_mb, stores_llm_in_bf16
 
 
 # ----------------------------------------------------------------------------------------------

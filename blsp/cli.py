@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from typing import Sequence
 
 from .errors import BlspError
+from .flags import add_decoding_flags, add_repetition_flags, repetition_kwargs
 
 EXIT_USER_ERROR = 2
 
@@ -39,20 +39,11 @@ def cmd_continue(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_options(args: argparse.Namespace):
-    """Every TrainOptions field has the flag of the same name (--max-steps -> max_steps); the flags
-    a recipe sets default to None: "the recipe's"."""
-    from .training import RECIPE_OPTIONS, TrainOptions
-
-    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions)}
-    return TrainOptions.from_recipe(args.recipe, **{k: v for k, v in given.items()
-                                                    if not (k in RECIPE_OPTIONS and v is None)})
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from .options import options_from_args
     from .training import run_train
 
-    options = train_options(args)
+    options = options_from_args(args)
     result = run_train(args.data, args.output_dir, options, resume=args.resume, skip_bad=args.skip_bad)
     report_skipped(result["skipped_bad"])
     print(f"step 2: trained {result['steps']} step(s); adapter saved in {result['output_dir']}")
@@ -120,66 +111,11 @@ def report_skipped(skipped: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
-def _add_decoding(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def add_repetition_flags(p: argparse.ArgumentParser) -> None:
-    """The answers' loop guards (`blsp.inference.repetition_guard`); off unless given."""
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
-                   help="no N-gram twice in an answer (e.g. 3: stops a small LLM's loops; 0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
-                   help="P > 1 makes tokens already in the prompt or answer less likely (1: off)")
-
-
-def repetition_kwargs(args: argparse.Namespace) -> dict:
-    from .inference import repetition_guard
-
-    return repetition_guard(args.no_repeat_ngram_size, args.repetition_penalty)
-
-
-def option_flags(options: dict) -> list[str]:
-    """A recipe's options as flags: {"max_steps": 200, "drop_copies": True} -> ["--max-steps", "200",
-    "--drop-copies"] (recipes keep their settings in YAML, and run the commands with them)."""
-    from dataclasses import fields
-
-    from .training import TrainOptions
-
-    # Switches that are on (or unset) by default have a --no-X flag (argparse.BooleanOptionalAction).
-    on_by_default = {f.name for f in fields(TrainOptions) if "bool" in str(f.type) and f.default is not False}
-    out = []
-    for key, value in options.items():
-        flag = f"--{key.replace('_', '-')}"
-        if value is True:
-            out.append(flag)
-        elif value is False and key in on_by_default:
-            out.append(f"--no-{key.replace('_', '-')}")
-        elif value is not False and value is not None:
-            out += [flag, str(value)]
-    return out
-
-
-def recipe_defaults(train: argparse.ArgumentParser) -> None:
-    """The flags a recipe sets default to None ("the recipe's"); their help says each recipe's value."""
-    from .training import RECIPE_OPTIONS, RECIPES, TrainOptions
-
-    for action in train._actions:
-        if action.dest in RECIPE_OPTIONS:
-            values = ", ".join(f"{name} {spec.get(action.dest, TrainOptions.__dataclass_fields__[action.dest].default)}"
-                               for name, spec in RECIPES.items())
-            action.help = f"{action.help or ''} [recipe: {values}]".strip()
-            action.default = None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .corpus import add_data_parser
     from .evaluation import add_eval_parser
     from .prompts import CONTINUATION_INSTRUCTION, TASK_INSTRUCTIONS
-    from .training import DEFAULT_RECIPE, RECIPES
+    from .options import DEFAULT_PRESET, PRESETS, add_option_flags
 
     parser = argparse.ArgumentParser(prog="blsp", description="BLSP: teach a text LLM to listen.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,143 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the manifest's first N utterances: with --limit, a window (`--skip 5600 --limit "
                         "5600`: behaviour data for a further round of step 2, from clips the first did not use)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines and report them")
-    _add_decoding(p, 64)
+    add_decoding_flags(p, 64)
     p.set_defaults(func=cmd_continue)
 
     p = sub.add_parser("train", help="step 2: train the adapter on behavior data")
     p.add_argument("--data", required=True, nargs="+",
                    help="behavior data JSONL from `blsp continue`, or one directory of tar shards from "
                         "`blsp data shard` (streamed: each rank reads only its own shards)")
-    p.add_argument("--encoder", default="whisper-base")
-    p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
-                   help="the defaults of the flags marked [recipe]: decoder (default), the step-2 ablation's "
-                        "winner on held-out speech (docs/ablation.md), reads Whisper's decoder states through "
-                        "the token bridge; fast is the best recipe over the encoder's frames (what the LLM reads "
-                        "beyond the words, any language at once); paper the original's")
-    p.add_argument("--speech-states", default="encoder", choices=["encoder", "decoder"],
-                   help="what the adapter reads: encoder, the Whisper encoder's frames (the paper); decoder, the "
-                        "hidden states of Whisper's decoder along its greedy transcript, one per token (the words "
-                        "as Whisper heard them; Whisper's decoding runs for every clip)")
-    p.add_argument("--speech-language", default="en", metavar="CODE",
-                   help="with --speech-states decoder: the language Whisper transcribes (en, fr, ...), or auto: "
-                        "Whisper's guess for each clip (multilingual Whispers)")
-    p.add_argument("--adapter", default="conv", choices=["conv", "stack"])
-    p.add_argument("--adapter-downsample", type=int, default=8, metavar="N",
-                   help="encoder frames (50 Hz) per speech vector: 8 is the paper's 6.25 Hz; conv needs a power of 2")
-    p.add_argument("--instruction", default=CONTINUATION_INSTRUCTION)
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--lr-schedule", default="cosine", help="linear, cosine, constant_with_warmup, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="per process and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--llm-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="the frozen LLM's weights in memory; auto: bf16 when the step runs in bf16 (half the memory, "
-                        "no per-step weight casts), else as loaded")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features")
-    p.add_argument("--feature-memory-mb", type=float, default=None,
-                   help="keep up to this many MB of cached features in memory after their first read (0: read "
-                        "every clip from disk on every step); default 1024 on a GPU, 0 on a CPU")
+    p.add_argument("--preset", "--recipe", dest="preset", default=DEFAULT_PRESET, metavar="NAME|FILE",
+                   help=f"the values of the flags marked [preset] (a flag typed here wins): {', '.join(PRESETS)}, "
+                        "as in blsp/presets/NAME.yaml, or your own YAML file of option: value. decoder (default): "
+                        "the step-2 ablation's winner (docs/ablation.md), reads Whisper's decoder states through the "
+                        "token bridge; fast: the best over the encoder's frames (the voice beyond the words, any "
+                        "language at once); paper: the original's")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="go on training a saved model (a `blsp train` output directory) on --data: its adapter, CTC "
-                        "head and LoRA, a fresh optimizer and schedule, no warm start; the backbones and adapter "
-                        "settings must be the saved ones")
     p.add_argument("--skip-bad", action="store_true")
-    g = p.add_argument_group("what the adapter learns from")
-    g.add_argument("--loss", default="ce", choices=["ce", "kl", "ce+kl"],
-                   help="ce: cross-entropy on the continuation (the paper); kl: KL(LLM on transcript || "
-                        "LLM on speech) over the continuation (BLSP-KD); ce+kl: both")
-    g.add_argument("--kl-temperature", type=float, default=1.0)
-    g.add_argument("--kl-weight", type=float, default=1.0)
-    g.add_argument("--mix-transcribe", type=float, default=0.0, metavar="SHARE",
-                   help="share of utterances trained to transcribe instead of continue (the paper's 9:1 is 0.1)")
-    g.add_argument("--mix", default="", metavar="TASK=SHARE,...",
-                   help="shares of utterances trained on other tasks instead of the continuation: transcribe, or a "
-                        "task of step 1's --instruction-set (e.g. transcribe=0.1,summarize=0.2)")
-    g.add_argument("--drop-copies", action="store_true",
-                   help="leave out continuations that merely repeat the transcript")
-    g.add_argument("--max-target-tokens", type=int, default=None, metavar="N",
-                   help="train on each continuation's first N tokens only (its end-of-turn token goes if cut)")
-    g.add_argument("--warm-start", default="none", choices=["none", "ctc", "embed"],
-                   help="ctc: first train the adapter with CTC through the LLM's frozen embeddings, on cached "
-                        "features alone (no LLM forward), then step 2; embed: the same, and pull each speech "
-                        "vector CTC aligns to a token onto that token's embedding")
-    g.add_argument("--warm-start-steps", type=int, default=0)
-    g.add_argument("--warm-start-lr", type=float, default=2e-3)
-    g.add_argument("--warm-start-batch-size", type=int, default=32)
-    g.add_argument("--warm-start-data", nargs="+", default=(), metavar="MANIFEST",
-                   help="more utterances (audio + transcript; no step 1 needed) for the warm start only")
-    g.add_argument("--embed-weight", type=float, default=1.0, help="weight of the pull of --warm-start embed")
-    g.add_argument("--warm-start-time-masks", type=int, default=0, metavar="N",
-                   help="SpecAugment in the warm start: N time spans of up to 0.2 s zeroed in each clip's features")
-    g.add_argument("--warm-start-feature-masks", type=int, default=0, metavar="N",
-                   help="SpecAugment in the warm start: N bands of up to 1/16 of the feature channels zeroed")
-    g.add_argument("--compress-speech", default="none", choices=["none", "ctc"],
-                   help="ctc: the LLM reads one speech vector per token the CTC head hears (blank frames "
-                        "dropped, repeats merged); needs --warm-start ctc|embed; the head is saved")
-    g.add_argument("--ctc-weight", type=float, default=0.5,
-                   help="with --compress-speech ctc: weight of CTC on the transcript beside step 2's loss")
-    g.add_argument("--ctc-min-count", type=int, default=1, metavar="N",
-                   help="the CTC head's tokens (warm start and compression): the transcripts' tokens seen at least N "
-                        "times and every single byte; a rarer token is spelled with them by undoing its BPE merges, "
-                        "so unheard words can be emitted and the head is smaller (1: every token seen)")
-    g.add_argument("--speech-vectors", default="adapter", choices=["adapter", "tokens"],
-                   help="with --compress-speech ctc: adapter: the LLM reads the adapter's vector of each token run; "
-                        "tokens: the mix of the LLM's own token embeddings the CTC head hears there. With "
-                        "--speech-states decoder: adapter: the adapter's vector of each decoder state; tokens: the "
-                        "LLM embeddings of Whisper's likeliest tokens there, plus the adapter's vector as a correction")
-    g = p.add_argument_group("training more than the adapter")
-    g.add_argument("--lora-rank", type=int, default=0, metavar="R",
-                   help="LoRA of rank R on the LLM's projections (peft), trained with the adapter and saved in its "
-                        "checkpoint; 0: the LLM stays frozen, as in the paper")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's scale is alpha / rank")
-    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
-                   help="dropout on LoRA's input while training (peft's lora_dropout); 0: none")
-    g.add_argument("--lora-where", default="speech", choices=["speech", "all"],
-                   help="speech: LoRA acts at speech positions only, so text-only prompts get the frozen LLM's "
-                        "answers; all: at every position")
-    g.add_argument("--lora-modules", default="attention", metavar="NAMES",
-                   help="attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated module names")
-    g.add_argument("--unfreeze-encoder-layers", type=int, default=0, metavar="N",
-                   help="train the Whisper encoder's top N layers (and its final norm) too, saved in the checkpoint; "
-                        "features are cached below them and the N layers run in every step")
-    g.add_argument("--encoder-lr", type=float, default=None, metavar="LR",
-                   help="the unfrozen encoder layers' peak learning rate, in the warm start and step 2 (default: "
-                        "each stage's own; pretrained layers want ~10x less than a fresh adapter)")
-    g.add_argument("--lora-lr", type=float, default=None, metavar="LR",
-                   help="LoRA's peak learning rate (default: --lr, the adapter's)")
-    g = p.add_argument_group(
-        "scale", "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
-                 "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp "
-                 "--recipe paper` on each machine (README \"Scale\"); the decoder and fast recipes' LoRA cannot run under "
-                 "--fsdp, nor the fast recipe's warm start on --data DIR of shards: add --recipe paper there")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the frozen LLM's decoder layers across ranks (PyTorch FSDP2), for an LLM too "
-                        "large for one GPU; the adapter stays replicated; NCCL on GPU, gloo on CPU")
-    g.add_argument("--shuffle-buffer", type=int, default=1000, metavar="N",
-                   help="with --data DIR of shards: items mixed within each rank's stream (shards are "
-                        "shuffled per epoch too)")
-    g = p.add_argument_group("speed and memory (benchmarks/train_step.py)")
-    g.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch sequences of similar length together (less padding), in step 2 and in the warm "
-                        "start; still deterministic from the step and seed, the same on every rank and on resume")
-    g.add_argument("--warm-start-bucket-by-length", action=argparse.BooleanOptionalAction, default=None,
-                   help="the warm start's batches alone (default: as --bucket-by-length)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute the frozen LLM's layers in the backward pass: less memory, more time")
-    recipe_defaults(p)
+    add_option_flags(p, scale_help=(
+        "several processes or machines: launch with torchrun, e.g. `torchrun --nnodes=2 --nproc_per_node=8 "
+        "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=blsp -m blsp.cli train ... --fsdp --preset paper` "
+        "on each machine (docs/scale.md); the decoder and fast presets' LoRA cannot run under --fsdp, nor the fast "
+        "preset's warm start on --data DIR of shards: add --preset paper there"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="any instruction over the speech of a manifest")
@@ -362,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--no-strict", action="store_true", help="allow backbones other than the trained ones")
-    _add_decoding(p, 64)
+    add_decoding_flags(p, 64)
     add_repetition_flags(p)
     p.set_defaults(func=cmd_generate)
 

@@ -33,7 +33,8 @@ from .data import Utterance, normalize_transcript, read_jsonl, read_manifest
 from .distributed import barrier, default_device, init_distributed
 from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
-from .modeling import load_language_model, weights_fingerprint
+from .fingerprint import weights_fingerprint
+from .llm import load_language_model
 from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
 
 
@@ -510,7 +511,7 @@ def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str] | None
     """
     from transformers import AutoTokenizer
 
-    from .modeling import checkpoint_fingerprint
+    from .fingerprint import checkpoint_fingerprint
     from .packaged import resolve
 
     path = resolve(options.llm)

@@ -45,15 +45,15 @@ from .errors import BlspError
 from .io import atomic_write_json, atomic_write_text
 
 SPLITS = ("train", "dev", "test")
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo.yaml"
+DEMO_CORPUS_SPEC = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo.yaml"
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipe
+# Corpus spec
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Recipe:
-    """What `blsp data synth` builds. Sizes and voices have no defaults: a recipe file states them.
+class CorpusSpec:
+    """What `blsp data synth` builds. Sizes and voices have no defaults: a spec file states them.
 
     `duration_stretch` (>1 is slower) and `pitch_scale` (times the voice's own mean F0) are
     ranges sampled uniformly per utterance, so one voice does not always sound the same.
@@ -83,7 +83,7 @@ class Recipe:
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise BlspError(f"recipe: {message}")
+                raise BlspError(f"corpus spec: {message}")
 
         need(self.train_sentences >= 1, "train_sentences must be at least 1")
         need(self.dev_sentences >= 0 and self.test_sentences >= 1, "dev_sentences >= 0 and test_sentences >= 1")
@@ -102,25 +102,25 @@ class Recipe:
         need(not unknown, f"unknown text source {', '.join(unknown)} (known: {', '.join(SOURCES)})")
 
 
-def load_recipe(path: str | os.PathLike, **overrides: Any) -> Recipe:
-    """A recipe from YAML; `overrides` (CLI flags, None meaning not given) win over the file."""
+def load_corpus_spec(path: str | os.PathLike, **overrides: Any) -> CorpusSpec:
+    """A corpus spec from YAML; `overrides` (CLI flags, None meaning not given) win over the file."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise BlspError(f"recipe not found: {path}") from None
+        raise BlspError(f"corpus spec not found: {path}") from None
     except yaml.YAMLError as err:
-        raise BlspError(f"recipe {path} is not valid YAML: {err}") from None
+        raise BlspError(f"corpus spec {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise BlspError(f"recipe {path} must be a mapping of settings")
-    fields = {f.name for f in dataclasses.fields(Recipe)}
+        raise BlspError(f"corpus spec {path} must be a mapping of settings")
+    fields = {f.name for f in dataclasses.fields(CorpusSpec)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise BlspError(f"recipe {path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        raise BlspError(f"corpus spec {path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Recipe(**data)
+        return CorpusSpec(**data)
     except TypeError as err:  # a required setting missing
-        raise BlspError(f"recipe {path}: {err}") from None
+        raise BlspError(f"corpus spec {path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,31 +278,31 @@ class PlannedUtterance:
                 "duration_stretch": self.duration_stretch, "pitch_scale": self.pitch_scale}
 
 
-def split_sentences(sentences: list[str], recipe: Recipe) -> dict[str, list[str]]:
+def split_sentences(sentences: list[str], spec: CorpusSpec) -> dict[str, list[str]]:
     """Shuffle with the seed and cut test, then dev, then train: by sentence, never by clip.
 
     Test and dev come first so that growing `train_sentences` keeps them (and their audio) as
     they were. With fewer sentences than asked, train gets what is left.
     """
     pool = list(sentences)
-    random.Random(recipe.seed).shuffle(pool)
-    n_test, n_dev = recipe.test_sentences, recipe.dev_sentences
+    random.Random(spec.seed).shuffle(pool)
+    n_test, n_dev = spec.test_sentences, spec.dev_sentences
     if len(pool) < n_test + n_dev + 1:
         raise BlspError(f"only {len(pool)} usable sentence(s): not enough for {n_test} test + {n_dev} dev + "
                         "some train (give more text, or lower the split sizes)")
     held = n_test + n_dev
-    return {"train": pool[held: held + recipe.train_sentences], "dev": pool[n_test:held], "test": pool[:n_test]}
+    return {"train": pool[held: held + spec.train_sentences], "dev": pool[n_test:held], "test": pool[:n_test]}
 
 
-def _split_voices(split: str, rng: random.Random, recipe: Recipe) -> list[str]:
+def _split_voices(split: str, rng: random.Random, spec: CorpusSpec) -> list[str]:
     """Train and dev: some training voices. Test: every held-out voice and some training ones."""
-    count = {"train": recipe.voices_per_sentence, "dev": recipe.dev_voices_per_sentence,
-             "test": recipe.test_seen_voices}[split]
-    chosen = rng.sample(recipe.voices, min(count, len(recipe.voices)))
-    return chosen if split != "test" else [*recipe.test_voices, *chosen]
+    count = {"train": spec.voices_per_sentence, "dev": spec.dev_voices_per_sentence,
+             "test": spec.test_seen_voices}[split]
+    chosen = rng.sample(spec.voices, min(count, len(spec.voices)))
+    return chosen if split != "test" else [*spec.test_voices, *chosen]
 
 
-def plan_utterances(splits: dict[str, list[str]], recipe: Recipe) -> list[PlannedUtterance]:
+def plan_utterances(splits: dict[str, list[str]], spec: CorpusSpec) -> list[PlannedUtterance]:
     """Every clip to make. Voices, speed and pitch are drawn from generators seeded by the seed
     and the text, so a clip's settings do not depend on which other sentences are in the corpus;
     the wav is named by a hash of everything that shapes it, so a reused file is always right."""
@@ -310,10 +310,10 @@ def plan_utterances(splits: dict[str, list[str]], recipe: Recipe) -> list[Planne
     for split in SPLITS:
         for index, text in enumerate(splits[split]):
             sentence = f"{split}{index:05d}"
-            for voice in _split_voices(split, random.Random(f"{recipe.seed}:{text}"), recipe):
-                rng = random.Random(f"{recipe.seed}:{voice}:{text}")
-                stretch = round(rng.uniform(*recipe.duration_stretch), 3)
-                pitch = round(rng.uniform(*recipe.pitch_scale), 3) if Voice.parse(voice).has_pitch else 1.0
+            for voice in _split_voices(split, random.Random(f"{spec.seed}:{text}"), spec):
+                rng = random.Random(f"{spec.seed}:{voice}:{text}")
+                stretch = round(rng.uniform(*spec.duration_stretch), 3)
+                pitch = round(rng.uniform(*spec.pitch_scale), 3) if Voice.parse(voice).has_pitch else 1.0
                 digest = hashlib.sha1(f"{voice}|{stretch}|{pitch}|{text}".encode()).hexdigest()[:16]
                 planned.append(PlannedUtterance(
                     id=f"{sentence}-{_safe_name(voice)}", sentence=sentence, text=text, voice=voice, split=split,
@@ -338,7 +338,7 @@ _PIPER_LOCK = Lock()  # piper phonemises through espeak-ng's C library, which is
 
 @dataclass(frozen=True)
 class Voice:
-    """A voice as named in a recipe: `awb` (flite), `espeak:en-us+m3`, `piper:joe`."""
+    """A voice as named in a corpus spec: `awb` (flite), `espeak:en-us+m3`, `piper:joe`."""
 
     name: str
     engine: str
@@ -482,8 +482,8 @@ def _durations(planned: list[PlannedUtterance], out_dir: Path) -> dict[str, dict
             "voice": {k: round(v, 1) for k, v in sorted(per_voice.items())}}
 
 
-def build_corpus(out_dir: str | os.PathLike, recipe: Recipe, *, text_files: Iterable[str] = (),
-                 workers: int = 2, recipe_file: str | None = None) -> dict:
+def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: Iterable[str] = (),
+                 workers: int = 2, spec_file: str | None = None) -> dict:
     """Sentences -> splits -> clips -> manifests and corpus.json; returns the corpus.json summary.
 
     Resumable: clips already made are reused, and manifests are written (atomically) only once
@@ -491,18 +491,18 @@ def build_corpus(out_dir: str | os.PathLike, recipe: Recipe, *, text_files: Iter
     """
     out_dir = Path(out_dir)
     text_files = list(text_files)
-    sentences, per_source = gather_sentences(recipe.sources, text_files, recipe.min_words, recipe.max_words)
-    splits = split_sentences(sentences, recipe)
-    planned = plan_utterances(splits, recipe)
+    sentences, per_source = gather_sentences(spec.sources, text_files, spec.min_words, spec.max_words)
+    splits = split_sentences(sentences, spec)
+    planned = plan_utterances(splits, spec)
     synthesis = synthesize(planned, out_dir, workers)
     for split in SPLITS:
-        lines = [json.dumps(u.manifest_record(recipe.voices)) + "\n" for u in planned if u.split == split]
+        lines = [json.dumps(u.manifest_record(spec.voices)) + "\n" for u in planned if u.split == split]
         atomic_write_text(out_dir / f"{split}.jsonl", "".join(lines))
     durations = _durations(planned, out_dir)
     summary = {
-        "recipe": dataclasses.asdict(recipe), "recipe_file": recipe_file, "seed": recipe.seed,
+        "spec": dataclasses.asdict(spec), "spec_file": spec_file, "seed": spec.seed,
         "text": {"sources": per_source, "usable_sentences": len(sentences)},
-        "voices": {"train": list(recipe.voices), "test": list(recipe.test_voices)},
+        "voices": {"train": list(spec.voices), "test": list(spec.test_voices)},
         "counts": {s: {"sentences": len(splits[s]), "utterances": sum(u.split == s for u in planned)} for s in SPLITS},
         "durations_s": durations,
         "hours": round(sum(durations["split"].values()) / 3600, 3),
@@ -715,20 +715,20 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    recipe_file = args.recipe or str(DEMO_RECIPE)
-    recipe = load_recipe(
-        recipe_file, train_sentences=args.sentences, dev_sentences=args.dev_sentences,
+    spec_file = args.spec or str(DEMO_CORPUS_SPEC)
+    spec = load_corpus_spec(
+        spec_file, train_sentences=args.sentences, dev_sentences=args.dev_sentences,
         test_sentences=args.test_sentences, voices=args.voices, test_voices=args.test_voices,
         voices_per_sentence=args.voices_per_sentence, seed=args.seed,
     )
-    summary = build_corpus(args.output, recipe, text_files=args.text or (), workers=args.workers,
-                           recipe_file=recipe_file)
+    summary = build_corpus(args.output, spec, text_files=args.text or (), workers=args.workers,
+                           spec_file=spec_file)
     counts, synthesis = summary["counts"], summary["synthesis"]
     sizes = ", ".join(f"{s} {counts[s]['sentences']} sentences / {counts[s]['utterances']} clips" for s in SPLITS)
     print(f"data synth: {sizes}; {summary['hours']:.2f} h of audio in {args.output} "
           f"({synthesis['made']} clips made in {synthesis['seconds']} s, {synthesis['reused']} reused)")
-    if counts["train"]["sentences"] < recipe.train_sentences:
-        print(f"note: only {counts['train']['sentences']} of {recipe.train_sentences} train sentences were available")
+    if counts["train"]["sentences"] < spec.train_sentences:
+        print(f"note: only {counts['train']['sentences']} of {spec.train_sentences} train sentences were available")
     return 0
 
 
@@ -765,7 +765,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
 
     p = data_sub.add_parser("synth", help="speak packaged (or your) sentences with TTS voices: train/dev/test")
     p.add_argument("--output", required=True, help="corpus directory (wav/, {train,dev,test}.jsonl, corpus.json)")
-    p.add_argument("--recipe", default=None, help=f"YAML recipe (default: {DEMO_RECIPE}); flags below override it")
+    p.add_argument("--spec", default=None, metavar="SPEC.yaml",
+                   help=f"YAML corpus spec (default: {DEMO_CORPUS_SPEC}); flags below override it")
     p.add_argument("--sentences", type=int, default=None, help="train sentences")
     p.add_argument("--dev-sentences", type=int, default=None)
     p.add_argument("--test-sentences", type=int, default=None)

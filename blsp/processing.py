@@ -13,8 +13,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .modeling import IGNORE_INDEX, SPEECH_TOKEN_ID
 from .prompts import AudioSlot, ChatPrompt, Piece, speech_message, transcript_message
+
+# The input id of a speech slot: a negative sentinel no vocabulary uses (as LLaVA's
+# IMAGE_TOKEN_INDEX); the model scatters the speech vectors into the embedded prompt there.
+SPEECH_TOKEN_ID = -200
+IGNORE_INDEX = -100  # a label the loss skips: a real long -100 (the original filled a bool tensor: token 1)
 
 
 @dataclass

@@ -125,8 +125,8 @@ def plot_task(name: str, result: dict, png_path: str | Path) -> None:
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:
     """`<task>.png` per task (and `<task>_alignment.png` for continuation tasks); the file names."""
-    from .evaluation import plot_alignment
     from .representation import plot_representation
+    from .scoring import plot_alignment
 
     written = []
     for name, result in results["tasks"].items():

@@ -37,8 +37,11 @@ from tqdm import tqdm
 
 from .errors import CheckpointError
 from .io import file_sha256
-from .losses import EmbeddingCTCHead
-from .modeling import ADAPTER_WEIGHTS, SPEECH_TOKEN_ID, build_adapter, BlspConfig, BlspModel
+from .adapters import build_adapter
+from .config import BlspConfig
+from .modeling import ADAPTER_WEIGHTS, BlspModel
+from .processing import SPEECH_TOKEN_ID
+from .readers import build_reader
 from .processing import Example
 from .prompts import AudioSlot, pieces_to_ids
 
@@ -188,20 +191,22 @@ def swapped_adapter(model: BlspModel, path: str | Path) -> Iterator[dict]:
     check_same_backbones(model, cfg, path)
     embeddings = model.language_model.get_input_embeddings().weight
     adapter = build_adapter(cfg, embeddings.shape[1])
-    head = EmbeddingCTCHead(embeddings, cfg.ctc_vocab) if cfg.speech_compression == "ctc" else None
+    reader = build_reader(cfg, embeddings)
+    if model.token_bridge is not None:  # no weights of its own: the same speech states read the same way
+        reader.bridge = model.token_bridge
     param = next(model.adapter.parameters())
-    own = (model.adapter, model.ctc_head)
+    own = (model.adapter, model.speech_reader)
     # The contrast's LoRA and encoder layers load into the model's own modules (shared with it):
     # a copy of their weights puts them back afterwards.
     own_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
     model.adapter = adapter.to(param.device, param.dtype).eval()
-    model.ctc_head = head.to(param.device).eval() if head is not None else None
+    model.speech_reader = reader.to(param.device).eval()
     try:
         model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), path / ADAPTER_WEIGHTS)
         yield {"model_dir": str(path), "adapter_sha256": file_sha256(path / ADAPTER_WEIGHTS),
                "adapter_type": cfg.adapter_type, "speech_compression": cfg.speech_compression}
     finally:
-        model.adapter, model.ctc_head = own
+        model.adapter, model.speech_reader = own
         model.load_trainable_state_dict(own_state, Path("(the model's own weights)"))
 
 

@@ -218,13 +218,15 @@ class _EncoderOnly:
     """What `FeatureCache.fill` needs of a BlspModel, without loading an LLM."""
 
     def __init__(self, name: str):
-        from .modeling import load_audio_tower, weights_fingerprint
+        from .fingerprint import weights_fingerprint
+        from .whisper import load_whisper
 
-        self.tower, whisper_config = load_audio_tower(name)
-        self.config = SimpleNamespace(encoder_config=whisper_config, encoder_fingerprint=weights_fingerprint(self.tower))
+        whisper = load_whisper(name)
+        self.tower = whisper.get_encoder()
+        self.config = SimpleNamespace(encoder_config=whisper.config, encoder_fingerprint=weights_fingerprint(self.tower))
 
     def encode_mel(self, mel: torch.Tensor, lengths: torch.Tensor):
-        from .modeling import run_whisper_encoder
+        from .whisper import run_whisper_encoder
 
         with torch.no_grad():
             return run_whisper_encoder(self.tower, mel, lengths)

@@ -42,8 +42,10 @@ from .features import encode_waveforms
 from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
-from .training import (BehaviorItem, TrainOptions, Trainer, behavior_item, choose_task, peak_rss_mb,
-                       mix_shares, sample_order, speech_prompts, step_record, truncate_log, unfreeze_encoder)
+from .options import TrainOptions, choose_task, mix_shares
+from .behavior import BehaviorItem, behavior_item, speech_prompts
+from .sampling import sample_order
+from .trainer import Trainer, peak_rss_mb, step_record, truncate_log, unfreeze_encoder
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -132,7 +134,7 @@ class StreamingTrainer(Trainer):
         if fp is not None and self.model.config.speech_states == "decoder":
             raise BlspError(f"{self.index.root}: these shards hold the encoder's features, but --speech-states decoder "
                             "reads Whisper's decoder states: write the shards without features"
-                            + self.options.recipe_note("speech_states"))
+                            + self.options.preset_note("speech_states"))
         if fp is not None and fp != self.model.config.encoder_fingerprint:
             raise BlspError(f"{self.index.root}: the shards hold features of encoder {fp}, but --encoder "
                             f"{self.options.encoder} is {self.model.config.encoder_fingerprint}")
@@ -259,6 +261,6 @@ def check_streaming_options(options: TrainOptions) -> None:
     if options.warm_start != "none" or options.compress_speech != "none":
         raise BlspError("--warm-start and --compress-speech need every clip's features before step 2; with "
                         "--data DIR of shards use neither (or train on JSONL manifests)"
-                        + options.recipe_note("warm_start", "compress_speech"))
+                        + options.preset_note("warm_start", "compress_speech"))
     if options.shuffle_buffer < 1:
         raise BlspError("--shuffle-buffer must be at least 1")

@@ -336,10 +336,6 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
                     max_new_tokens=common.get("max_new_tokens"))
 
 
-def _common_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(_TaskKeys)]
-
-
 def default_instruction(spec: TaskSpec, labels: tuple[str, ...] = (),
                         continuation: str = CONTINUATION_INSTRUCTION) -> str:
     """The instruction a task asks when the suite gives none."""
@@ -370,7 +366,7 @@ class TaskData:
 def load_task_data(spec: TaskSpec, limit: int | None = None) -> TaskData:
     """Read the task's manifest and check what the task needs of every line (file:line errors)."""
     if spec.type == "continuation":
-        from .training import read_behavior_data
+        from .behavior import read_behavior_data
 
         utterances, _ = read_behavior_data([spec.manifest])
     else:

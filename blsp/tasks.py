@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from .data import Utterance, prompt_transcript
 from .errors import BlspError
-from .evaluation import (
+from .scoring import (
     SpeechFeatures,
     _as_prompted,
     alignment_report,
-    load_whisper,
+    load_cascade_asr,
     speech_generate,
     whisper_transcripts,
 )
@@ -39,7 +39,8 @@ from .metrics import (
     map_label,
     translation_scores,
 )
-from .modeling import BlspModel, weights_fingerprint
+from .fingerprint import weights_fingerprint
+from .modeling import BlspModel
 from .processing import Example
 from .suites import ASR_FIELD, Suite, TaskData, TaskSpec, default_instruction
 
@@ -119,7 +120,7 @@ class Runner:
             name = self.asr_model or self.model.config.encoder_name
             if not name:
                 raise BlspError("cascade: the model's config names no encoder; give the suite an `asr_model`")
-            self._whisper = load_whisper(name)
+            self._whisper = load_cascade_asr(name)
             self._whisper[0].to(self.model.language_model.device)
             self.asr_identity = {"source": "whisper", "name": name,
                                  "fingerprint": weights_fingerprint(self._whisper[0]),

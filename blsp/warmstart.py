@@ -24,12 +24,14 @@ from tqdm import tqdm
 
 from .data import Utterance, normalize_transcript
 from .features import FeatureCache
-from .losses import EmbeddingCTCHead
+from .options import WARM_STARTS
+from .readers.ctc import EmbeddingCTCHead
 from .vocabulary import Speller, ctc_vocabulary
 from .processing import pad_features
+from .sampling import global_batch_indices
 
 
-METHODS = ("none", "ctc", "embed")
+METHODS = WARM_STARTS  # none | ctc | embed
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,6 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     throw-away one. Deterministic given the seed, so under torchrun every rank computes the
     same warm start.
     """
-    from .training import global_batch_indices
 
     if options.method not in ("ctc", "embed"):
         raise ValueError(f"unknown warm start {options.method!r}; choose from {', '.join(METHODS)}")

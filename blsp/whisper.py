@@ -1,16 +1,21 @@
-"""Greedy Whisper transcription, written out by hand.
+"""Whisper: loading it, its encoder on a clip's actual length, and greedy transcription.
 
-Why: it is the ASR half of the cascade baseline and the check that a converted Whisper really
-works. A short explicit loop (forced prefix, token suppression, KV cache, stop at
+The encoder runs without the 30 s padding HF insists on (most of the original's training time
+went into encoding padding). Greedy decoding is written out by hand: it is the ASR half of the
+cascade baseline, the check that a converted Whisper really works, and what the decoder-states
+speech source reads; a short explicit loop (forced prefix, token suppression, KV cache, stop at
 <|endoftext|>) is easier to trust than `generate`'s many Whisper-specific options.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .convert import MULTILINGUAL_VOCAB_SIZE, special_token_id
 from .errors import BlspError
@@ -20,6 +25,99 @@ EOT, SOT, TRANSCRIBE, NO_TIMESTAMPS = "<|endoftext|>", "<|startoftranscript|>", 
 
 
 AUTO = "auto"  # the language: Whisper's own guess, clip by clip
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def load_whisper(name: str, torch_dtype: torch.dtype = torch.float32):
+    """A frozen WhisperForConditionalGeneration (packaged name, local dir or hub id), in eval mode."""
+    from transformers import WhisperForConditionalGeneration
+
+    from .packaged import resolve
+
+    path = resolve(name)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    except OSError as err:
+        raise BlspError(f"cannot load the speech encoder {name!r}: {err}") from None
+    return model.requires_grad_(False).eval()
+
+
+def load_whisper_tokenizer(name: str, purpose: str = "cannot load", error: type[BlspError] = BlspError) -> Any:
+    """The tokenizer beside a Whisper checkpoint, checked to be a Whisper tokenizer; else `error`
+    saying "{purpose} Whisper's tokenizer beside NAME (PATH): why"."""
+    from transformers import AutoTokenizer
+
+    from .packaged import resolve
+
+    path = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        special_token_id(tokenizer, SOT)  # a Whisper tokenizer at all
+    except (OSError, ValueError, KeyError, BlspError) as err:
+        raise error(f"{purpose} Whisper's tokenizer beside {name!r} ({path}): {err}") from None
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder on the clip's actual length
+# ----------------------------------------------------------------------------------------------
+def mask_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero frames past each length ([B, T, C]) so convolutions see exactly what an unbatched,
+    zero-padded clip would: batching then never changes a clip's output."""
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return x * keep[..., None].to(x.dtype)
+
+
+def encoder_output_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
+    """Whisper's conv2 has stride 2: 100 mel frames a second become 50 encoder frames."""
+    return (mel_lengths - 1) // 2 + 1
+
+
+def run_whisper_encoder(
+    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor, stop: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whisper's encoder without the 30 s padding.
+
+    Slices the positional embedding to the actual length. Padded frames are zeroed before each
+    conv and masked as keys in attention, so a clip's frames do not depend on what it was batched
+    with. `mel`: [B, n_mels, T] (T <= 3000), `mel_lengths`: [B]. Returns ([B, T', d], lengths).
+    `stop`: run only the layers before it and return their hidden state (no final norm): the
+    frozen part of an encoder whose top layers train (`run_whisper_top` runs the rest).
+    """
+    if mel.shape[-1] > encoder.config.max_source_positions * 2:
+        raise ValueError("mel input longer than 30 s: split it first (blsp.audio.split_for_encoder)")
+    x = mask_padding(mel.transpose(1, 2), mel_lengths).transpose(1, 2)
+    x = F.gelu(encoder.conv1(x))
+    x = mask_padding(x.transpose(1, 2), mel_lengths).transpose(1, 2)
+    x = F.gelu(encoder.conv2(x)).transpose(1, 2)
+    lengths = encoder_output_lengths(mel_lengths)
+    x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
+    x = run_whisper_layers(encoder, x, lengths, 0, stop)
+    return (x if stop is not None else encoder.layer_norm(x)), lengths
+
+
+def run_whisper_top(encoder: WhisperEncoder, hidden: torch.Tensor, lengths: torch.Tensor,
+                    start: int) -> torch.Tensor:
+    """The encoder's layers from `start` on and its final norm, over the hidden state before them."""
+    return encoder.layer_norm(run_whisper_layers(encoder, hidden, lengths, start, None))
+
+
+def run_whisper_layers(encoder: WhisperEncoder, x: torch.Tensor, lengths: torch.Tensor, start: int,
+                       stop: int | None) -> torch.Tensor:
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+    mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
+    for layer in encoder.layers[start:stop]:
+        x = layer(x, mask)
+        x = x[0] if isinstance(x, tuple) else x
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy decoding
+# ----------------------------------------------------------------------------------------------
 
 
 def is_multilingual(model) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from blsp.audio import AudioRef
-from blsp.cli import option_flags
+from blsp.options import option_flags
 from blsp.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

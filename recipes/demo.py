@@ -23,10 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from blsp.cli import main as blsp, option_flags as flags
+from blsp.cli import main as blsp
 from blsp.evaluation import _pct
 from blsp.io import atomic_write_json
-from blsp.training import DEFAULT_RECIPE, TrainOptions, draw_loss_curve, mix_shares, runs_warm_start
+from blsp.options import DEFAULT_PRESET, TrainOptions, mix_shares, option_flags as flags
+from blsp.trainer import draw_loss_curve, runs_warm_start
 
 
 HERE = Path(__file__).parent
@@ -85,7 +86,7 @@ def main() -> None:
 
 
 def warm_starts(train: dict) -> bool:
-    """Whether step 2 begins with a warm start (the recipe file's, else its `blsp train --recipe`'s)."""
+    """Whether step 2 begins with a warm start (the recipe file's, else its `blsp train --preset`'s)."""
     return runs_warm_start(train_options(train))
 
 
@@ -93,8 +94,8 @@ def synth_corpus(stage: str, recipe: dict, data: Path, timings: dict, sentences:
     """`blsp data synth` with the recipe's data settings; `sentences` train sentences instead of
     the recipe's grows the corpus (its clips are reused, its test split stays as it is)."""
     settings = dict(recipe["data"])
-    data_recipe = HERE.parent / settings.pop("recipe")  # recipe paths are relative to the repository
-    run(stage, ["data", "synth", "--recipe", str(data_recipe), "--output", str(data),
+    corpus_spec = HERE.parent / settings.pop("spec")  # paths are relative to the repository
+    run(stage, ["data", "synth", "--spec", str(corpus_spec), "--output", str(data),
                 *flags({**settings, **({"sentences": sentences} if sentences else {})})], timings)
 
 
@@ -229,8 +230,9 @@ def untrained_label(recipe: dict) -> str:
 
 
 def train_options(train: dict) -> TrainOptions:
-    """A demo recipe's `train:` as `blsp train` reads it: its options over the `--recipe`'s it names."""
-    return TrainOptions.from_recipe(train.get("recipe", DEFAULT_RECIPE), **{k: v for k, v in train.items() if k != "recipe"})
+    """A demo recipe's `train:` as `blsp train` reads it: its options over those of the `--preset` it names."""
+    return TrainOptions.from_preset(train.get("preset", DEFAULT_PRESET),
+                                    **{k: v for k, v in train.items() if k != "preset"})
 
 
 def transcription_label(recipe: dict) -> str:

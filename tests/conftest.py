@@ -63,12 +63,12 @@ def whisper_tokenizer_json(path: Path):
 def private_cache(tmp_path, monkeypatch):
     """Nothing a test using this may write to the real ~/.cache/blsp."""
     import blsp.packaged
-    import blsp.training
+    import blsp.trainer
 
     cache = tmp_path / "blsp-cache"
     monkeypatch.setenv("BLSP_CACHE", str(cache))
     monkeypatch.setattr(blsp.packaged, "CACHE_DIR", cache)
-    monkeypatch.setattr(blsp.training, "CACHE_DIR", cache)
+    monkeypatch.setattr(blsp.trainer, "CACHE_DIR", cache)
     return cache
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from blsp.bridge import TokenBridge, bridge_pieces, bridge_table
+from blsp.readers.bridge import TokenBridge, bridge_pieces, bridge_table
 from blsp.errors import BlspError, CheckpointError
 from blsp.modeling import BlspConfig, BlspModel
 
@@ -80,7 +80,7 @@ def test_a_saved_bridge_model_refuses_tokenizers_that_map_tokens_otherwise(tiny_
 
 
 def test_the_bridge_needs_one_adapter_vector_per_state():
-    from blsp.training import TrainOptions
+    from blsp.options import TrainOptions
 
     with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
         TrainOptions(speech_states="decoder", speech_vectors="tokens")  # the paper's conv adapter at 8

@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 
 import blsp.packaged
-import blsp.training
+import blsp.trainer
 from blsp.cli import build_parser, main
 from blsp.prompts import task_instruction
-from blsp.training import TrainOptions
+from blsp.options import TrainOptions
 
 from conftest import tone, write_corpus
 
@@ -165,12 +165,12 @@ def trained(tiny_dirs, tmp_path_factory):
     features = root / "features"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(blsp.packaged, "CACHE_DIR", root / "cache")
-        mp.setattr(blsp.training, "CACHE_DIR", root / "cache")
+        mp.setattr(blsp.trainer, "CACHE_DIR", root / "cache")
         assert main(["continue", "--manifest", str(manifest), "--output", str(behavior),
                      "--llm", tiny_dirs["llm"], *CONTINUE]) == 0
         assert main(["train", "--data", str(behavior), "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"],
                      "--output-dir", str(model_dir), "--max-steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-                     "--feature-cache", str(features), "--recipe", "paper"]) == 0
+                     "--feature-cache", str(features), "--preset", "paper"]) == 0
     assert not (root / "cache").exists()
     return {"manifest": manifest, "behavior": behavior, "model": model_dir, "features": features,
             "ids": ["u0", "u1", "u2", "stereo", "narrow"]}
@@ -180,7 +180,7 @@ def test_stereo_44k_and_8k_audio_are_resampled_not_refused(trained):
     from blsp.audio import AudioRef
     from blsp.data import read_manifest
     from blsp.features import FeatureCache
-    from blsp.modeling import BlspConfig
+    from blsp.config import BlspConfig
 
     assert sorted(read_ids(trained["behavior"])) == sorted(trained["ids"])
     fingerprint = BlspConfig.from_pretrained(trained["model"]).encoder_fingerprint
@@ -201,7 +201,7 @@ def test_train_writes_a_loadable_adapter_and_refuses_to_overwrite(trained, tiny_
     before = (model_dir / "adapter.safetensors").read_bytes()
     code, _, err = run(capsys, "train", "--data", trained["behavior"], "--encoder", tiny_dirs["encoder"],
                        "--llm", tiny_dirs["llm"], "--output-dir", model_dir, "--max-steps", "2",
-                       "--batch-size", "2", "--feature-cache", trained["features"], "--recipe", "paper")
+                       "--batch-size", "2", "--feature-cache", trained["features"], "--preset", "paper")
     assert code == 2
     lines = error_lines(err)
     assert len(lines) == 1 and "Traceback" not in err
@@ -211,19 +211,19 @@ def test_train_writes_a_loadable_adapter_and_refuses_to_overwrite(trained, tiny_
 
 def test_train_defaults_to_the_decoder_recipe_and_flags_given_win(trained, tiny_dirs, tiny_whisper_dir, tmp_path,
                                                                    capsys):
-    from blsp.training import RECIPES
+    from blsp.options import PRESETS as RECIPES
 
     def parsed(*extra):
-        from blsp.cli import train_options
+        from blsp.options import options_from_args as train_options
 
         return train_options(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *extra]))
 
-    default, fast, paper = parsed(), parsed("--recipe", "fast"), parsed("--recipe", "paper")
+    default, fast, paper = parsed(), parsed("--preset", "fast"), parsed("--preset", "paper")
     assert {k: getattr(default, k) for k in RECIPES["decoder"]} == RECIPES["decoder"]
     assert {k: getattr(fast, k) for k in RECIPES["fast"]} == RECIPES["fast"]
     assert paper == TrainOptions()  # the paper's recipe is the dataclass's own defaults
     assert parsed("--lora-rank", "0").lora_rank == 0  # a flag given wins, even at a default's value
-    assert parsed("--recipe", "paper", "--lora-rank", "4").lora_rank == 4
+    assert parsed("--preset", "paper", "--lora-rank", "4").lora_rank == 4
 
     common = ["train", "--data", trained["behavior"], "--llm", tiny_dirs["llm"], "--max-steps", "2", "--batch-size", "2"]
     out = tmp_path / "default"  # the default recipe end to end: Whisper's decoder states, the bridge, LoRA
@@ -236,7 +236,7 @@ def test_train_defaults_to_the_decoder_recipe_and_flags_given_win(trained, tiny_
     assert config["lora"]["rank"] == 8
 
     out = tmp_path / "fast"  # the encoder path's recipe end to end, with a short warm start
-    code, _, err = run(capsys, *common, "--encoder", tiny_dirs["encoder"], "--recipe", "fast", "--output-dir", out,
+    code, _, err = run(capsys, *common, "--encoder", tiny_dirs["encoder"], "--preset", "fast", "--output-dir", out,
                        "--warm-start-steps", "3",
                        "--feature-cache", trained["features"])
     assert code == 0, err
@@ -363,7 +363,7 @@ def test_help_exits_0(command, capsys):
 
 
 def test_option_flags_turn_recipe_options_into_command_flags():
-    from blsp.cli import option_flags
+    from blsp.options import option_flags
 
     # A switch that is on by default is turned off by its --no- flag, not by leaving it out.
     assert option_flags({"bucket_by_length": False, "drop_copies": False}) == ["--no-bucket-by-length"]
@@ -383,36 +383,36 @@ def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(ti
     code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--fsdp")
     assert code == 2
     assert error_lines(err) == ["blsp: error: --lora-rank with --fsdp is not supported: the sharded LLM must stay "
-                                "frozen (--lora-rank 8 set by --recipe decoder, not by a flag: pass --recipe paper, or "
+                                "frozen (--lora-rank 8 set by --preset decoder, not by a flag: pass --preset paper, or "
                                 "--lora-rank 0)"]
     # a flag of the encoder path, typed, against the default recipe's decoder states
     code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--warm-start", "ctc")
     assert code == 2
     assert error_lines(err) == ["blsp: error: --warm-start ctc: not with --speech-states decoder (one state per token "
                                 "of Whisper's transcript); use --warm-start none (--speech-states decoder set by "
-                                "--recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder)"]
+                                "--preset decoder, not by a flag: pass --preset paper, or --speech-states encoder)"]
     code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--adapter", "conv")
     assert code == 2
     (line,) = error_lines(err)
     assert "use --adapter stack --adapter-downsample 1, not --adapter conv" in line
-    assert line.endswith("set by --recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder "
+    assert line.endswith("set by --preset decoder, not by a flag: pass --preset paper, or --speech-states encoder "
                          "--speech-vectors adapter)")
 
     write_shards([data], tmp_path / "shards", ShardWriteOptions(shard_size=1))
     code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "run",
-                       "--recipe", "fast")
+                       "--preset", "fast")
     assert code == 2
     (line,) = error_lines(err)
     assert line.startswith("blsp: error: --warm-start and --compress-speech need every clip's features")
-    assert line.endswith("(--warm-start ctc --compress-speech ctc set by --recipe fast, not by a flag: pass "
-                         "--recipe paper, or --warm-start none --compress-speech none)")
+    assert line.endswith("(--warm-start ctc --compress-speech ctc set by --preset fast, not by a flag: pass "
+                         "--preset paper, or --warm-start none --compress-speech none)")
     # an encoder saved without Whisper's tokenizer cannot give decoder states: the recipe asked for them
     code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "streamed",
                        "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"])
     assert code == 2
     (line,) = error_lines(err)
     assert "need Whisper's tokenizer beside" in line and line.endswith(
-        "(--speech-states decoder set by --recipe decoder, not by a flag: pass --recipe paper, or --speech-states encoder)")
+        "(--speech-states decoder set by --preset decoder, not by a flag: pass --preset paper, or --speech-states encoder)")
     # the default recipe streams shards of audio: Whisper decodes each clip as it comes
     code, _, err = run(capsys, "train", "--data", tmp_path / "shards", "--output-dir", tmp_path / "streamed",
                        "--encoder", tiny_whisper_dir, "--llm", tiny_dirs["llm"], "--max-steps", "1",
@@ -421,4 +421,4 @@ def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(ti
     assert json.loads((tmp_path / "streamed" / "config.json").read_text())["speech_states"] == "decoder"
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "--fsdp --recipe paper" in " ".join(capsys.readouterr().out.split())  # the help's scale example
+    assert "--fsdp --preset paper" in " ".join(capsys.readouterr().out.split())  # the help's scale example

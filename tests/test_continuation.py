@@ -305,7 +305,7 @@ def test_save_topk_writes_the_teachers_top_k_at_each_continuation_token(tmp_path
     import torch
 
     from blsp.continuation import prompt_digest
-    from blsp.modeling import weights_fingerprint
+    from blsp.fingerprint import weights_fingerprint
 
     model, _ = llm
     manifest = write_corpus(tmp_path / "data", n=3)
@@ -335,7 +335,7 @@ def test_auto_backend_runs_on_transformers_where_vllm_cannot_do_the_job(tmp_path
     import torch
 
     import blsp.continuation
-    import blsp.modeling
+    import blsp.fingerprint
     from blsp.continuation import choose_backend
 
     vllm = _fake_vllm(tiny_dirs["llm"])
@@ -348,7 +348,7 @@ def test_auto_backend_runs_on_transformers_where_vllm_cannot_do_the_job(tmp_path
     def no_safetensors(path, *args):
         raise BlspError(f"{path}: no *.safetensors weights to fingerprint")
 
-    monkeypatch.setattr(blsp.modeling, "checkpoint_fingerprint", no_safetensors)  # a hub id, .bin weights
+    monkeypatch.setattr(blsp.fingerprint, "checkpoint_fingerprint", no_safetensors)  # a hub id, .bin weights
     monkeypatch.setattr(blsp.continuation, "default_device", lambda info: torch.device("cpu"))  # no GPU here
     manifest = write_corpus(tmp_path / "data", n=2)
     common = dict(llm=tiny_dirs["llm"], max_new_tokens=4)

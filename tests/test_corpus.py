@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,10 @@ from blsp import corpus
 from blsp.audio import SAMPLE_RATE
 from blsp.cli import main
 from blsp.corpus import (
-    Recipe,
+    CorpusSpec,
     clean_sentence,
     fortune_candidates,
-    load_recipe,
+    load_corpus_spec,
     plan_utterances,
     select_sentences,
     split_sentences,
@@ -107,20 +108,20 @@ def test_packaged_text_sources_give_thousands_of_sentences():
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes and splits
+# Corpus specs and splits
 # ----------------------------------------------------------------------------------------------
-def small_recipe(**kw) -> Recipe:
+def small_spec(**kw) -> CorpusSpec:
     base = dict(train_sentences=200, dev_sentences=20, test_sentences=30, voices=("awb", "rms", "kal16"),
                 test_voices=("slt",), voices_per_sentence=2, test_seen_voices=1,
                 duration_stretch=(0.9, 1.1), pitch_scale=(0.9, 1.1))
-    return Recipe(**{**base, **kw})
+    return CorpusSpec(**{**base, **kw})
 
 
 def test_splits_are_disjoint_by_sentence_and_test_voices_never_train():
     words = "one two three four five six seven".split()
     sentences = [f"Sentence {a} {b} {c} is here." for a in words for b in words for c in words][:260]
-    recipe = small_recipe()
-    planned = plan_utterances(split_sentences(sentences, recipe), recipe)
+    spec = small_spec()
+    planned = plan_utterances(split_sentences(sentences, spec), spec)
     by_split = {s: [u for u in planned if u.split == s] for s in ("train", "dev", "test")}
     texts = {s: {u.text for u in us} for s, us in by_split.items()}
     assert [len(texts[s]) for s in ("train", "dev", "test")] == [200, 20, 30]
@@ -129,29 +130,36 @@ def test_splits_are_disjoint_by_sentence_and_test_voices_never_train():
     assert len(by_split["train"]) == 400  # two training voices per train sentence
     for sentence in {u.sentence for u in by_split["test"]}:  # each test sentence: unseen + seen voice
         voices = [u.voice for u in by_split["test"] if u.sentence == sentence]
-        assert voices[0] == "slt" and voices[1] in recipe.voices and len(voices) == 2
+        assert voices[0] == "slt" and voices[1] in spec.voices and len(voices) == 2
     assert len({u.id for u in planned}) == len({u.audio for u in planned}) == len(planned)
     assert {u.pitch_scale for u in planned if u.voice == "rms"} == {1.0}  # rms has no pitch control
     assert len({u.pitch_scale for u in planned if u.voice == "awb"}) > 10
     # more train sentences later: dev and test (and their clips) stay as they were
-    bigger = small_recipe(train_sentences=210)
+    bigger = small_spec(train_sentences=210)
     again = plan_utterances(split_sentences(sentences, bigger), bigger)
     assert [u for u in again if u.split != "train"] == [u for u in planned if u.split != "train"]
 
 
-def test_recipe_files_load_and_flags_override(tmp_path):
-    demo = load_recipe(REPO / "recipes" / "data" / "demo.yaml")
-    full = load_recipe(REPO / "recipes" / "data" / "full.yaml")
+def test_corpus_spec_files_load_and_flags_override(tmp_path):
+    demo = load_corpus_spec(REPO / "recipes" / "data" / "demo.yaml")
+    full = load_corpus_spec(REPO / "recipes" / "data" / "full.yaml")
     assert "slt" in demo.test_voices and not set(demo.test_voices) & set(demo.voices)
     assert full.train_sentences > demo.train_sentences
-    assert load_recipe(REPO / "recipes" / "data" / "demo.yaml", train_sentences=7, seed=None).train_sentences == 7
+    assert load_corpus_spec(REPO / "recipes" / "data" / "demo.yaml", train_sentences=7, seed=None).train_sentences == 7
     bad = tmp_path / "bad.yaml"
     bad.write_text("train_sentences: 5\nvoice: [awb]\n")
     with pytest.raises(BlspError, match="unknown setting.*voice"):
-        load_recipe(bad)
+        load_corpus_spec(bad)
     bad.write_text("train_sentences: 5\ndev_sentences: 1\ntest_sentences: 1\nvoices: [awb]\ntest_voices: [awb]\n")
-    with pytest.raises(BlspError, match="awb is in both"):
-        load_recipe(bad)
+    with pytest.raises(BlspError, match="corpus spec: test voices must never train, but awb is in both"):
+        load_corpus_spec(bad)
+
+
+def test_synth_takes_its_corpus_spec_by_spec():
+    parser = argparse.ArgumentParser()
+    corpus.add_data_parser(parser.add_subparsers())
+    assert parser.parse_args(["data", "synth", "--output", "out", "--spec", "my.yaml"]).spec == "my.yaml"
+    assert parser.parse_args(["data", "synth", "--output", "out"]).spec is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +197,7 @@ def test_synth_makes_16k_mono_manifests_and_resumes(tmp_path, capsys):
     assert [(u.extra["voice"], u.extra["voice_seen"]) for u in manifests["test"]] == [("slt", False), ("kal", True)]
     summary = json.loads((out / "corpus.json").read_text())
     assert summary["counts"]["train"] == {"sentences": 4, "utterances": 4}
+    assert summary["spec"]["voices"] == ["kal"] and summary["spec_file"].endswith("demo.yaml")
     assert summary["synthesis"]["made"] == 7 and summary["text"]["usable_sentences"] == 6
 
     wavs = sorted((out / "wav").rglob("*.wav"))

@@ -32,7 +32,7 @@ def test_two_process_training_equals_one_process_with_the_same_global_batch(tiny
     data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
     common = ["train", "--data", str(data), "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"],
               "--max-steps", "3", "--lr", "5e-3", "--warmup-steps", "1", "--feature-cache", str(tmp_path / "f"),
-              "--recipe", "paper"]
+              "--preset", "paper"]
     blsp(common + ["--output-dir", str(tmp_path / "one"), "--batch-size", "4"], 1, tmp_path)
     blsp(common + ["--output-dir", str(tmp_path / "two"), "--batch-size", "2"], 2, tmp_path)
     one = load_file(str(tmp_path / "one" / "adapter.safetensors"))
@@ -70,7 +70,7 @@ def test_two_process_fsdp_training_equals_one_process_without_it(tiny_dirs, tmp_
     data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
     common = ["train", "--data", str(data), "--encoder", tiny_dirs["encoder"], "--llm", tiny_dirs["llm"],
               "--max-steps", "3", "--lr", "5e-3", "--warmup-steps", "1", "--feature-cache", str(tmp_path / "f"),
-              "--loss", "ce+kl", "--recipe", "paper"]
+              "--loss", "ce+kl", "--preset", "paper"]
     blsp(common + ["--output-dir", str(tmp_path / "one"), "--batch-size", "4"], 1, tmp_path)
     proc = blsp(common + ["--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--fsdp"], 2, tmp_path)
     assert "fsdp: 2 decoder layers of the LLM sharded across 2 rank(s)" in proc.stderr
@@ -90,7 +90,7 @@ def test_two_processes_stream_their_own_shards_each_utterance_once_per_epoch(tin
     assert len(list((tmp_path / "shards").glob("shard-*.tar"))) == 4
     common = ["train", "--data", str(tmp_path / "shards"), "--encoder", tiny_dirs["encoder"], "--llm",
               tiny_dirs["llm"], "--epochs", "2", "--batch-size", "2", "--lr", "5e-3", "--warmup-steps", "1",
-              "--shuffle-buffer", "2", "--recipe", "paper"]
+              "--shuffle-buffer", "2", "--preset", "paper"]
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         blsp(common + ["--output-dir", str(run)], 2, tmp_path)

@@ -13,13 +13,12 @@ from conftest import write_corpus
 
 from blsp.cli import main
 from blsp.data import load_utterance_audio, normalize_transcript
-from blsp.evaluation import (
+from blsp.io import file_sha256
+from blsp.metrics import bootstrap_gap_ci, error_rates, gap_closed
+from blsp.scoring import (
+    SpeechFeatures,
     alignment_report,
-    bootstrap_gap_ci,
     continuation_examples,
-    error_rates,
-    file_sha256,
-    gap_closed,
     instruction_only_prompt,
     token_scores,
     transcription_report,
@@ -27,7 +26,7 @@ from blsp.evaluation import (
 from blsp.features import encode_waveforms
 from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION
-from blsp.training import read_behavior_data
+from blsp.behavior import read_behavior_data
 
 
 
@@ -169,7 +168,6 @@ def test_a_feature_cache_of_other_features_than_the_model_reads_is_refused(tiny_
     """With trained top encoder layers the model reads features cut below them (config.feature_key);
     a cache opened by the encoder's fingerprint holds the whole encoder's: refused, not read."""
     from blsp.errors import BlspError
-    from blsp.evaluation import SpeechFeatures
     from blsp.features import FeatureCache
 
     utts, _ = read_behavior_data([behavior_data(tmp_path / "data", n=3)])
@@ -200,7 +198,8 @@ def test_examples_and_transcription_report(tiny_model, tiny_whisper_dir, tmp_pat
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_dir(tiny_dirs, tmp_path_factory):
-    from blsp.training import TrainOptions, run_train
+    from blsp.options import TrainOptions
+    from blsp.training import run_train
 
     root = tmp_path_factory.mktemp("eval-run")
     data = behavior_data(root / "data", n=4)

@@ -10,7 +10,8 @@ import blsp.inference as inference
 from blsp.audio import ENCODER_FRAMES_PER_SECOND, N_SAMPLES, SAMPLE_RATE
 from blsp.features import encode_waveforms
 from blsp.inference import ChatSession, conversation_examples
-from blsp.modeling import SPEECH_TOKEN_ID, encoder_output_lengths
+from blsp.processing import SPEECH_TOKEN_ID
+from blsp.whisper import encoder_output_lengths
 from blsp.prompts import AudioSlot
 
 from conftest import tone

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from blsp.errors import BlspError
 from blsp.lora import LoraSettings, parse_modules
-from blsp.modeling import SPEECH_TOKEN_ID, BlspModel
+from blsp.modeling import BlspModel
+from blsp.processing import SPEECH_TOKEN_ID
 from blsp.processing import Example
 from blsp.training import run_train
 
@@ -131,7 +132,7 @@ def test_lora_dropout_acts_while_training_only_and_never_on_text(tiny_model):
 def test_the_shared_prefix_and_checkpointing_give_the_full_forwards_gradients(tiny_model, where):
     """The cached text prefix is the frozen LLM's: valid for speech-only LoRA, recomputed when
     LoRA acts on text; a checkpointed layer is recomputed under the positions its forward saw."""
-    from blsp.modeling import shared_prefix
+    from blsp.llm import shared_prefix
 
     tiny_model.enable_lora(LoraSettings(rank=4, where=where))
     _randomise_lora(tiny_model)
@@ -179,7 +180,7 @@ def test_lora_is_refused_with_fsdp_and_unknown_modules_name_the_llms_layers(tiny
 
 
 def test_lora_lr_gives_lora_its_own_rate_and_needs_lora(tiny_dirs, tmp_path, tiny_model):
-    from blsp.training import parameter_groups
+    from blsp.trainer import parameter_groups
 
     tiny_model.enable_lora(LoraSettings(rank=2))
     groups = parameter_groups(tiny_model, options(tiny_dirs, tmp_path, lr=1e-3, lora_rank=2, lora_lr=5e-3))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blsp.losses import EmbeddingCTCHead, ForwardKLLoss, TopKKLLoss
+from blsp.losses import ForwardKLLoss, TopKKLLoss
+from blsp.readers.ctc import EmbeddingCTCHead
 
 
 def test_kl_of_identical_distributions_is_zero():

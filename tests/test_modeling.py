@@ -5,16 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blsp.modeling import (
-    IGNORE_INDEX,
-    SPEECH_TOKEN_ID,
-    BlspModel,
-    ConvAdapter,
-    FrameStackAdapter,
-    ctc_compress,
-    shared_prefix,
-    run_whisper_encoder,
-)
+from blsp.adapters import ConvAdapter, FrameStackAdapter
+from blsp.llm import shared_prefix
+from blsp.modeling import BlspModel
+from blsp.processing import IGNORE_INDEX, SPEECH_TOKEN_ID
+from blsp.readers.ctc import ctc_compress
+from blsp.whisper import run_whisper_encoder
 from blsp.errors import BlspError
 from blsp.processing import Example
 from blsp.prompts import AudioSlot, CONTINUATION_INSTRUCTION
@@ -291,7 +287,7 @@ def test_conv_adapter_downsamples_by_its_factor(downsample):
 
 @pytest.mark.parametrize("frames", [1, 7, 40])
 def test_the_cpu_convolution_as_a_matrix_product_equals_conv1d_with_its_gradients(frames):
-    from blsp.modeling import _conv_as_matmul
+    from blsp.adapters import conv_as_matmul as _conv_as_matmul
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 10, 5, stride=2, padding=2)
@@ -338,23 +334,25 @@ def test_a_cached_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, co
 def test_prompts_taking_turns_keep_their_prefixes_cached(tiny_model, monkeypatch):
     """The alignment report's prompts alternate batch after batch: each prefix is computed once
     while at most PREFIX_CACHE_SIZE are in use, the least recently used one going first."""
-    from blsp import modeling
+    from blsp import llm
 
     decoder = tiny_model.language_model.get_decoder()
     calls = []
     monkeypatch.setattr(decoder, "forward", lambda *a, _f=decoder.forward, **k: calls.append(1) or _f(*a, **k))
     prefixes = [(1, 2, 3), (1, 2, 4), (5, 6)]
+    get = lambda model, prefix, batch: model.prefix_cache.get(model.language_model, prefix, batch, torch.float32,
+                                                              model.lora_off)
     for _ in range(3):
         for p in prefixes:
-            tiny_model._prefix_cache(p, 2, torch.float32)
+            get(tiny_model, p, 2)
     assert len(calls) == len(prefixes)
-    tiny_model._prefix_cache(prefixes[0], 2, torch.float32)  # used again: now the most recent
-    tiny_model._prefix_cache((9,), 1, torch.float32)  # a fourth: all kept
-    tiny_model._prefix_cache((10,), 1, torch.float32)  # a fifth: the least recently used goes
-    assert len(calls) == len(prefixes) + 2 and len(tiny_model._prefix_kv) == modeling.PREFIX_CACHE_SIZE
-    tiny_model._prefix_cache(prefixes[0], 2, torch.float32)
+    get(tiny_model, prefixes[0], 2)  # used again: now the most recent
+    get(tiny_model, (9,), 1)  # a fourth: all kept
+    get(tiny_model, (10,), 1)  # a fifth: the least recently used goes
+    assert len(calls) == len(prefixes) + 2 and len(tiny_model.prefix_cache) == llm.PREFIX_CACHE_SIZE
+    get(tiny_model, prefixes[0], 2)
     assert len(calls) == len(prefixes) + 2  # kept: used after prefixes[1] was
-    tiny_model._prefix_cache(prefixes[1], 2, torch.float32)
+    get(tiny_model, prefixes[1], 2)
     assert len(calls) == len(prefixes) + 3  # crowded out, computed again
 
 
@@ -451,7 +449,7 @@ def test_silence_after_the_clip_is_the_log_mel_of_zeros_after_its_audio():
     import numpy as np
 
     from blsp.audio import log_mel_spectrogram
-    from blsp.modeling import with_silence
+    from blsp.speech_sources import with_silence
 
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(8000)).astype(np.float32)
@@ -465,7 +463,7 @@ def test_silence_after_the_clip_is_the_log_mel_of_zeros_after_its_audio():
 
 
 def test_decoder_windows_grow_with_the_clip_in_whole_seconds_between_5_and_30():
-    from blsp.modeling import decoder_window
+    from blsp.speech_sources import decoder_window
 
     assert [decoder_window(n) for n in (1, 100, 249, 251, 301, 1400, 1600, 3000)] == \
         [500, 500, 500, 600, 700, 2800, 3000, 3000]
@@ -502,7 +500,8 @@ def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_b
         assert int(n[0]) == int(steps[row])
         torch.testing.assert_close(alone[0, : n[0]], states[row, : steps[row]], atol=1e-5, rtol=1e-5)
     # the states are those of Whisper's greedy decoding of the clip in its window
-    from blsp.modeling import decoder_token_limit, decoder_window, run_whisper_encoder, with_silence
+    from blsp.speech_sources import decoder_token_limit, decoder_window, with_silence
+    from blsp.whisper import run_whisper_encoder
 
     width = decoder_window(int(lengths[1]))
     encoded, _ = run_whisper_encoder(decoder_model.audio_tower, with_silence(mel[1:2], lengths[1:2], width),

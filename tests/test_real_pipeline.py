@@ -16,7 +16,9 @@ from blsp.continuation import ContinueOptions, run_continue
 from blsp.modeling import BlspModel
 from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION, task_instruction
-from blsp.training import TrainOptions, read_behavior_data, run_train
+from blsp.behavior import read_behavior_data
+from blsp.options import TrainOptions
+from blsp.training import run_train
 
 from conftest import speak
 

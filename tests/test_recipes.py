@@ -87,11 +87,11 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     recipe = tmp_path / "demo.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tiny",
-        "data": {"recipe": str(data_recipe), "text": str(text)},
+        "data": {"spec": str(data_recipe), "text": str(text)},
         "models": {"encoder": tiny_whisper_dir, "llm": tiny_dirs["llm"]},
         # step 1 on 3 of the 4 train clips; the warm start hears all 4
         "continue": {"batch_size": 4, "max_new_tokens": 6, "train_max_new_tokens": 2, "train_utterances": 3},
-        "train": {"recipe": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
+        "train": {"preset": "paper", "warm_start": "ctc", "warm_start_steps": 2, "warm_start_batch_size": 2,
                   "max_steps": 2, "batch_size": 2, "save_every": 1},
         # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left (as two
         # windows of one clip each), 1 more step
@@ -147,7 +147,7 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     old = {k: v for k, v in ablation.row_result({"name": "old", "what": "ran elsewhere", "train": {}}, elsewhere).items()
            if k not in ("date", "machine")}
     docs = tmp_path / "docs" / "ablation"
-    docs.parent.mkdir()  # the table as an earlier session left it: one date and machine for all rows
+    docs.parent.mkdir()  # the table as an earlier run left it: one date and machine for all rows
     docs.with_suffix(".json").write_text(json.dumps({"date": "2026-11-22", "machine": "2 CPU cores (AMD EPYC), Linux",
                                                      "rows": [old]}))
     fake_row(tmp_path / "runs" / "new", 0.30, 100, 200)
@@ -170,12 +170,13 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
 @pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long"])
 def test_every_demo_size_parses_into_the_commands_it_runs(size):
     """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
-    from blsp.cli import build_parser, option_flags, train_options
+    from blsp.cli import build_parser
+    from blsp.options import option_flags, options_from_args as train_options
 
     demo = load_recipe_module("demo")
     recipe = demo.load_recipe(demo.SIZES[size])
     parser = build_parser()
-    data = {k: v for k, v in recipe["data"].items() if k != "recipe"}
+    data = {k: v for k, v in recipe["data"].items() if k != "spec"}
     cont = {k: v for k, v in recipe["continue"].items() if k not in ("train_utterances", "train_max_new_tokens")}
     parser.parse_args(["data", "synth", "--output", "x", *option_flags(data)])
     parser.parse_args(["continue", "--manifest", "m", "--output", "o", *option_flags(cont)])
@@ -192,7 +193,7 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
         train_options(again)
     assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS}
     parser.parse_args(["eval", "--data", "d", "--output-dir", "o", *demo.guard_flags(recipe["eval"])])
-    assert (demo.HERE.parent / recipe["data"]["recipe"]).exists()
+    assert (demo.HERE.parent / recipe["data"]["spec"]).exists()
 
 
 def test_a_round_takes_one_window_of_train_clips_or_several():
@@ -210,10 +211,10 @@ def test_the_demo_report_says_when_transcription_was_trained_not_zero_shot():
     demo = load_recipe_module("demo")
     label = lambda train: demo.transcription_label({"train": train})
     assert label({}) == "transcription (30% of step 2's clips trained on their transcript)"  # `blsp train`'s default
-    assert label({"recipe": "paper"}) == "zero-shot transcription"
-    assert label({"recipe": "decoder", "mix_transcribe": 0}) == "zero-shot transcription"
-    assert label({"recipe": "paper", "mix": "summarize=0.1, transcribe=0.2"}) == (
+    assert label({"preset": "paper"}) == "zero-shot transcription"
+    assert label({"preset": "decoder", "mix_transcribe": 0}) == "zero-shot transcription"
+    assert label({"preset": "paper", "mix": "summarize=0.1, transcribe=0.2"}) == (
         "transcription (20% of step 2's clips trained on their transcript)")
-    # as `blsp train` reads it: a typed --mix transcribe=... replaces the recipe's share, not adds to it
+    # as `blsp train` reads it: a typed --mix transcribe=... replaces the preset's share, not adds to it
     assert label({"mix": "transcribe=0.1"}) == "transcription (10% of step 2's clips trained on their transcript)"
-    assert demo.warm_starts({"recipe": "fast"}) and not demo.warm_starts({})
+    assert demo.warm_starts({"preset": "fast"}) and not demo.warm_starts({})

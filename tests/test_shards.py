@@ -119,7 +119,8 @@ def test_streamed_training_resumes_where_an_uninterrupted_run_ends(tiny_dirs, tm
     from safetensors.torch import load_file
 
     from blsp.streaming import StreamingTrainer
-    from blsp.training import TrainOptions, run_train
+    from blsp.options import TrainOptions
+    from blsp.training import run_train
 
     shard_corpus(tmp_path, n=5, size=2)
     opts = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, lr=5e-3, warmup_steps=1,
@@ -146,7 +147,8 @@ def test_streamed_training_resumes_where_an_uninterrupted_run_ends(tiny_dirs, tm
 
 
 def test_streaming_refuses_what_it_cannot_do(tiny_dirs, tmp_path, private_cache):
-    from blsp.training import TrainOptions, run_train
+    from blsp.options import TrainOptions
+    from blsp.training import run_train
 
     shard_corpus(tmp_path, n=3, size=2)
     opts = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], max_steps=1, warm_start="ctc",

@@ -9,8 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blsp.training import (BehaviorItem, TrainOptions, Trainer, build_items, global_batch_indices, micro_batches,
-                           padding_waste, read_behavior_data, run_train)
+from blsp.behavior import BehaviorItem, build_items, read_behavior_data
+from blsp.options import TrainOptions
+from blsp.sampling import global_batch_indices, micro_batches, padding_waste
+from blsp.trainer import Trainer
+from blsp.training import run_train
 from blsp.distributed import DistInfo
 
 from conftest import write_corpus
@@ -197,17 +200,17 @@ def test_ctc_warm_start_lowers_its_loss_and_then_trains(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("bucketed", [True, False])
 def test_the_warm_start_batches_clips_of_similar_length_unless_told_not_to(tiny_dirs, tmp_path, monkeypatch, bucketed):
-    import blsp.training
+    import blsp.warmstart
 
     data = write_corpus(tmp_path / "data", n=6, with_continuation=True, seconds=1.0)
     seen = []
-    real = blsp.training.global_batch_indices
+    real = blsp.warmstart.global_batch_indices
 
     def spy(step, n, batch, seed, lengths=None, frames=None):
         seen.append(lengths)
         return real(step, n, batch, seed, lengths, frames)
 
-    monkeypatch.setattr(blsp.training, "global_batch_indices", spy)
+    monkeypatch.setattr(blsp.warmstart, "global_batch_indices", spy)
     opts = options(tiny_dirs, tmp_path, max_steps=1, warm_start="ctc", warm_start_steps=3, warm_start_batch_size=2,
                    bucket_by_length=bucketed)
     run_train([data], tmp_path / "run", opts)
@@ -302,16 +305,16 @@ def test_compression_without_a_warm_start_is_refused_before_training(tiny_dirs, 
 
 def test_warm_start_data_without_a_warm_start_is_refused_before_any_clip_is_encoded(tmp_path):
     from blsp.errors import BlspError
-    from blsp.training import TrainOptions
+    from blsp.options import TrainOptions
 
     with pytest.raises(BlspError, match="--warm-start-data is heard by the warm start only"):
         TrainOptions(warm_start_data=[str(tmp_path / "more.jsonl")])
     with pytest.raises(BlspError, match="--warm-start-data"):
-        TrainOptions.from_recipe("fast", warm_start_steps=0, compress_speech="none", warm_start_data=["more.jsonl"])
+        TrainOptions.from_preset("fast", warm_start_steps=0, compress_speech="none", warm_start_data=["more.jsonl"])
 
 
 def test_drop_copies_leaves_out_continuations_that_repeat_the_transcript(tiny_dirs, tmp_path, tiny_model):
-    from blsp.training import build_items
+    from blsp.behavior import build_items
 
     data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
     utts, _ = read_behavior_data([data])
@@ -322,7 +325,7 @@ def test_drop_copies_leaves_out_continuations_that_repeat_the_transcript(tiny_di
 
 def test_max_target_tokens_keeps_each_continuations_first_tokens(tiny_dirs, tmp_path, tiny_model):
     from blsp.errors import BlspError
-    from blsp.training import build_items
+    from blsp.behavior import build_items
 
     data = write_corpus(tmp_path / "data", n=3, with_continuation=True)
     utts, _ = read_behavior_data([data])
@@ -336,7 +339,7 @@ def test_max_target_tokens_keeps_each_continuations_first_tokens(tiny_dirs, tmp_
 
 
 def test_kl_loss_logs_kl_and_mixed_transcription_changes_prompts_and_targets(tiny_dirs, tmp_path, tiny_model):
-    from blsp.training import build_items
+    from blsp.behavior import build_items
 
     data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
     run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, max_steps=2, loss="ce+kl"))
@@ -353,7 +356,8 @@ def test_kl_loss_logs_kl_and_mixed_transcription_changes_prompts_and_targets(tin
 
 def test_mix_trains_shares_on_step_1s_other_answers_and_names_a_line_without_one(tiny_dirs, tmp_path, tiny_model):
     from blsp.errors import BlspError, InputError
-    from blsp.training import build_items, choose_task, mix_shares
+    from blsp.behavior import build_items
+    from blsp.options import choose_task, mix_shares
 
     assert mix_shares(options(tiny_dirs, tmp_path, mix="summarize=0.2, transcribe=0.1")) == \
         {"summarize": 0.2, "transcribe": 0.1}
@@ -408,7 +412,7 @@ def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(t
 def test_encoder_lr_moves_the_unfrozen_layers_at_their_own_rate_in_both_stages(tiny_dirs, tmp_path):
     from blsp.errors import BlspError
     from blsp.modeling import BlspModel
-    from blsp.training import parameter_groups
+    from blsp.trainer import parameter_groups
 
     base = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"]).audio_tower.state_dict()
 
@@ -517,14 +521,14 @@ def test_kl_mixes_saved_top_k_and_the_live_teacher_item_by_item(tiny_dirs, tmp_p
 
     # Under a sharded LLM (every forward a collective) a rank whose items are all saved still runs
     # the teacher when another rank needs it, and ignores its logits.
-    import blsp.training
+    import blsp.trainer
 
-    monkeypatch.setattr(blsp.training, "is_sharded", lambda model: True)
-    monkeypatch.setattr(blsp.training, "all_reduce_sum", lambda flag: flag + 1)  # another rank needs it
+    monkeypatch.setattr(blsp.trainer, "is_sharded", lambda model: True)
+    monkeypatch.setattr(blsp.trainer, "all_reduce_sum", lambda flag: flag + 1)  # another rank needs it
     saved_only = trainer.distillation(items, student)
     assert forwards == [4, 2, 1]
     torch.testing.assert_close(saved_only, all_live, atol=1e-3, rtol=1e-3)
-    monkeypatch.setattr(blsp.training, "all_reduce_sum", lambda flag: flag)  # no rank needs it
+    monkeypatch.setattr(blsp.trainer, "all_reduce_sum", lambda flag: flag)  # no rank needs it
     trainer.distillation(items, student)
     assert forwards == [4, 2, 1]
 
@@ -551,42 +555,42 @@ def test_top_k_saved_by_another_llm_is_refused_with_its_line(tiny_dirs, tmp_path
 def test_errors_about_a_value_the_recipe_set_say_so(tiny_dirs, tmp_path):
     from blsp.errors import BlspError
     from blsp.streaming import check_streaming_options
-    from blsp.training import TrainOptions
+    from blsp.options import TrainOptions
 
     with pytest.raises(BlspError, match="--lora-rank with --fsdp") as err:
-        TrainOptions.from_recipe("fast", fsdp=True)
-    assert "(--lora-rank 8 set by --recipe fast, not by a flag: pass --recipe paper, or --lora-rank 0)" in str(err.value)
+        TrainOptions.from_preset("fast", fsdp=True)
+    assert "(--lora-rank 8 set by --preset fast, not by a flag: pass --preset paper, or --lora-rank 0)" in str(err.value)
     with pytest.raises(BlspError) as err:  # the user typed --lora-rank: nothing to blame on the recipe
-        TrainOptions.from_recipe("fast", fsdp=True, lora_rank=8)
+        TrainOptions.from_preset("fast", fsdp=True, lora_rank=8)
     assert "recipe" not in str(err.value)
     with pytest.raises(BlspError) as err:
-        check_streaming_options(TrainOptions.from_recipe("fast"))
-    assert str(err.value).endswith("(--warm-start ctc --compress-speech ctc set by --recipe fast, not by a flag: "
-                                   "pass --recipe paper, or --warm-start none --compress-speech none)")
+        check_streaming_options(TrainOptions.from_preset("fast"))
+    assert str(err.value).endswith("(--warm-start ctc --compress-speech ctc set by --preset fast, not by a flag: "
+                                   "pass --preset paper, or --warm-start none --compress-speech none)")
     with pytest.raises(BlspError) as err:  # a warm start given, compression the recipe's
-        check_streaming_options(TrainOptions.from_recipe("fast", warm_start="ctc"))
-    assert "(--compress-speech ctc set by --recipe fast" in str(err.value)
-    check_streaming_options(TrainOptions.from_recipe("paper"))
+        check_streaming_options(TrainOptions.from_preset("fast", warm_start="ctc"))
+    assert "(--compress-speech ctc set by --preset fast" in str(err.value)
+    check_streaming_options(TrainOptions.from_preset("paper"))
 
 
 def test_flags_typed_over_the_default_recipe_win_over_its_mix_and_lora_rate():
     from blsp.errors import BlspError
-    from blsp.training import TrainOptions, mix_shares
+    from blsp.options import TrainOptions, mix_shares
 
-    assert mix_shares(TrainOptions.from_recipe("decoder")) == {"transcribe": 0.3}
+    assert mix_shares(TrainOptions.from_preset("decoder")) == {"transcribe": 0.3}
     # a typed --mix transcribe=... replaces the recipe's share; another task adds to it
-    assert mix_shares(TrainOptions.from_recipe("decoder", mix="transcribe=0.1")) == {"transcribe": 0.1}
-    assert mix_shares(TrainOptions.from_recipe("decoder", mix="summarize=0.2")) == {"summarize": 0.2, "transcribe": 0.3}
+    assert mix_shares(TrainOptions.from_preset("decoder", mix="transcribe=0.1")) == {"transcribe": 0.1}
+    assert mix_shares(TrainOptions.from_preset("decoder", mix="summarize=0.2")) == {"summarize": 0.2, "transcribe": 0.3}
     with pytest.raises(BlspError) as err:
-        TrainOptions.from_recipe("decoder", mix="summarize=0.8")
-    assert str(err.value) == ("the --mix shares add up to 1.1, more than 1 (--mix-transcribe 0.3 set by --recipe "
-                              "decoder, not by a flag: pass --recipe paper, or --mix-transcribe 0.0)")
+        TrainOptions.from_preset("decoder", mix="summarize=0.8")
+    assert str(err.value) == ("the --mix shares add up to 1.1, more than 1 (--mix-transcribe 0.3 set by --preset "
+                              "decoder, not by a flag: pass --preset paper, or --mix-transcribe 0.0)")
     with pytest.raises(BlspError, match="give the transcribe share once"):  # both typed
-        TrainOptions.from_recipe("decoder", mix="transcribe=0.1", mix_transcribe=0.2)
+        TrainOptions.from_preset("decoder", mix="transcribe=0.1", mix_transcribe=0.2)
     # --lora-rank 0 typed: the recipe's LoRA rate goes unused, not refused; a typed one is refused
-    assert TrainOptions.from_recipe("decoder", lora_rank=0).lora_rank == 0
+    assert TrainOptions.from_preset("decoder", lora_rank=0).lora_rank == 0
     with pytest.raises(BlspError, match="--lora-lr 0.003: needs --lora-rank"):
-        TrainOptions.from_recipe("paper", lora_lr=3e-3)
+        TrainOptions.from_preset("paper", lora_lr=3e-3)
 
 
 def test_a_checkpoint_written_before_newer_options_resumes(tiny_dirs, tmp_path):
@@ -594,7 +598,7 @@ def test_a_checkpoint_written_before_newer_options_resumes(tiny_dirs, tmp_path):
     switches may change (it does not run again)."""
     import shutil
 
-    from blsp.training import STATE_FILE
+    from blsp.trainer import STATE_FILE
 
     data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
     opts = options(tiny_dirs, tmp_path, max_steps=4)
@@ -621,17 +625,17 @@ def test_a_refused_resume_names_the_recipe_the_run_started_with(tmp_path):
     from dataclasses import asdict
 
     from blsp.errors import CheckpointError
-    from blsp.training import TrainOptions, check_resumable
+    from blsp.options import TrainOptions, check_resumable
 
-    paper = TrainOptions.from_recipe("paper")
+    paper = TrainOptions.from_preset("paper")
     check_resumable(tmp_path, {"lr": paper.lr}, paper)  # every other option at its default
     with pytest.raises(CheckpointError) as err:
-        check_resumable(tmp_path, asdict(paper), TrainOptions.from_recipe("fast"))
+        check_resumable(tmp_path, asdict(paper), TrainOptions.from_preset("fast"))
     assert "adapter_downsample: 8 -> 4" in str(err.value)
-    assert "--recipe sets --adapter-downsample, --warm-start" in str(err.value)
-    assert str(err.value).endswith("pass --recipe paper, whose values it started with")
+    assert "--preset sets --adapter-downsample, --warm-start" in str(err.value)
+    assert str(err.value).endswith("pass --preset paper, whose values it started with")
     with pytest.raises(CheckpointError) as err:
-        check_resumable(tmp_path, asdict(paper), TrainOptions.from_recipe("paper", lr=1.0))
+        check_resumable(tmp_path, asdict(paper), TrainOptions.from_preset("paper", lr=1.0))
     assert "recipe" not in str(err.value)
 
 
@@ -669,7 +673,7 @@ def test_mix_tasks_and_top_k_width_are_checked_before_any_clip_is_encoded(tiny_d
 
 
 def test_a_steps_record_reads_its_parts_per_target_token():
-    from blsp.training import step_record
+    from blsp.trainer import step_record
 
     record = step_record({"loss": torch.tensor(6.0), "ctc": torch.tensor(3.0, dtype=torch.float64)},
                          torch.tensor(0.5), n_tokens=3)
@@ -744,16 +748,16 @@ def test_init_from_refuses_other_settings_and_a_warm_start(tiny_dirs, tmp_path):
                                                   init_from=first))
     with pytest.raises(BlspError, match="without a warm start: drop --warm-start"):
         options(tiny_dirs, tmp_path, init_from=first, warm_start="ctc", warm_start_steps=5)
-    # --recipe fast's warm start is skipped, not refused; its other settings still must match the model
-    with pytest.raises(BlspError, match=r"set by --recipe fast, not by a flag"):
-        run_train([data], tmp_path / "y", TrainOptions.from_recipe(
+    # --preset fast's warm start is skipped, not refused; its other settings still must match the model
+    with pytest.raises(BlspError, match=r"set by --preset fast, not by a flag"):
+        run_train([data], tmp_path / "y", TrainOptions.from_preset(
             "fast", encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], init_from=first, max_steps=1,
             feature_cache=str(tmp_path / "features"), precision="fp32"))
 
 
 def test_the_decoder_recipe_trains_on_whisper_decoder_states(tiny_dirs, tiny_whisper_dir, tmp_path):
     data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
-    opts = TrainOptions.from_recipe("decoder", encoder=tiny_whisper_dir, llm=tiny_dirs["llm"], batch_size=2, lr=1e-2,
+    opts = TrainOptions.from_preset("decoder", encoder=tiny_whisper_dir, llm=tiny_dirs["llm"], batch_size=2, lr=1e-2,
                                     warmup_steps=1, max_steps=3, save_every=2, precision="fp32",
                                     feature_cache=str(tmp_path / "features"))
     assert (opts.speech_states, opts.adapter, opts.adapter_downsample, opts.lora_rank) == ("decoder", "stack", 1, 8)
@@ -773,8 +777,8 @@ def test_decoder_states_refuse_the_levers_of_encoder_frames_before_anything_load
 
     with pytest.raises(BlspError, match="not with --speech-states decoder"):
         TrainOptions(speech_states="decoder", adapter="stack", adapter_downsample=1, **lever)
-    with pytest.raises(BlspError, match="--recipe fast"):  # the fast recipe's warm start, named as the recipe's
-        TrainOptions.from_recipe("fast", speech_states="decoder")
+    with pytest.raises(BlspError, match="--preset fast"):  # the fast preset's warm start, named as the preset's
+        TrainOptions.from_preset("fast", speech_states="decoder")
 
 
 def test_speech_language_belongs_to_decoder_states_and_must_be_whispers(tiny_dirs):
@@ -783,5 +787,5 @@ def test_speech_language_belongs_to_decoder_states_and_must_be_whispers(tiny_dir
     with pytest.raises(BlspError, match="add --speech-states decoder"):
         TrainOptions(speech_language="fr")
     with pytest.raises(BlspError, match="language codes"):
-        TrainOptions.from_recipe("decoder", speech_language="french")
-    assert TrainOptions.from_recipe("decoder", speech_language="auto").speech_language == "auto"
+        TrainOptions.from_preset("decoder", speech_language="french")
+    assert TrainOptions.from_preset("decoder", speech_language="auto").speech_language == "auto"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blsp.losses import EmbeddingCTCHead
+from blsp.readers.ctc import EmbeddingCTCHead
 from blsp.warmstart import ctc_viterbi, embedding_pull
 
 

@@ -82,9 +82,8 @@ def shard_model(model, device: torch.device) -> None:
         fully_shard(head, mesh=mesh)
     # Not `model.to(device)`: that would visit the sharded weights too; they are placed already.
     embeddings.to(device)
-    for part in (model.audio_tower, model.speech_decoder, model.token_bridge, model.adapter, model.ctc_head):
-        if part is not None:
-            part.to(device)
+    for part in (model.speech_source, model.adapter, model.speech_reader):
+        part.to(device)
     model.sharded = True
     if dist.get_rank() == 0:
         print(f"fsdp: {len(decoder_layers(lm))} decoder layers of the LLM sharded across {dist.get_world_size()} "

@@ -7,7 +7,7 @@ transcript's place (the alignment report's cascade condition): maps the WER of w
 to the gap it closes, the bar any speech representation has to pass. The adapter is not used for
 these numbers; any trained model directory supplies the LLM and prompt.
 
-    .venv/bin/python recipes/text_error_curve.py --model runs/demo/adapter --rates 0 0.1 0.2 0.3 0.45
+    .venv/bin/python experiments/text_error_curve.py --model runs/demo/adapter --rates 0 0.1 0.2 0.3 0.45
 """
 
 from __future__ import annotations

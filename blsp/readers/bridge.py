@@ -1,6 +1,6 @@
 """From Whisper's decoder states to the LLM's own token embeddings, through the two vocabularies.
 
-Why: an adapter that reads Whisper's decoder states (`speech_states="decoder"`) must learn which
+Why: an adapter that reads Whisper's decoder states (speech states "decoder", blsp.speech_sources) must learn which
 of the LLM's ~50k embeddings each of Whisper's ~50k tokens stands for, and step 2 on a few
 thousand clips teaches it too few of them: on the default demo's data a fresh adapter over the
 decoder states closed 17.7% of the gap (docs/warm_start_probe.md, "Whisper's decoder"). Yet that
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import BlspError, CheckpointError
+from .base import SpeechReader
 
 TOP_K = 8  # Whisper tokens mixed per state: the posterior's tail beyond them is noise (and 50k rows' cost)
 
@@ -68,3 +72,43 @@ class TokenBridge(nn.Module):
             scores, ids = (states.float() @ weight.T).topk(self.top_k, dim=-1)
             probs = F.softmax(scores, dim=-1)  # the posterior renormalised over the top k
             return (probs[..., None] * self.table[ids]).sum(-2)
+
+
+def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
+    """The token bridge gives one vector per decoder state, and the adapter's correction is added to
+    each: it must keep the states' number (the stack adapter over one state)."""
+    if adapter_type != "stack" or downsample != 1:
+        raise BlspError(f"the token bridge (speech vectors 'tokens' on decoder states) adds the adapter's vector to each "
+                        f"state's: use --adapter stack --adapter-downsample 1, not --adapter {adapter_type} "
+                        f"--adapter-downsample {downsample} (--preset decoder sets them)")
+
+
+class TokenBridgeReader(SpeechReader):
+    """Decoder states read as the LLM's own token embeddings (`TokenBridge`), plus the adapter's
+    vector as a learned correction (it starts at zero: `BlspModel.init_adapter`). The bridge is
+    built from the two tokenizers (`build`), never saved; the config keeps its fingerprint."""
+
+    name = "bridge"
+
+    def __init__(self, config, embeddings: torch.Tensor):
+        super().__init__(config, embeddings)
+        check_bridge_adapter(config.adapter_type, config.adapter_downsample)
+        self.config = config
+        self.bridge: TokenBridge | None = None
+
+    def build(self, whisper_tokenizer: Any, llm_tokenizer: Any, embeddings: torch.Tensor, strict: bool = True) -> None:
+        """The bridge from Whisper's tokenizer and the LLM's. A saved model's bridge must map Whisper's
+        tokens to the LLM's as when it was trained (unless not `strict`)."""
+        pieces = bridge_pieces(whisper_tokenizer, llm_tokenizer, self.config.decoder_ids["eot"])
+        found, expected = pieces_fingerprint(pieces), self.config.bridge_fingerprint
+        if strict and expected and found != expected:
+            raise CheckpointError(f"the token bridge was built from other tokenizers (fingerprint {expected}, now "
+                                  f"{found}): load with the tokenizers it was trained with, or pass strict=False")
+        self.config.bridge_fingerprint = found
+        self.bridge = TokenBridge(bridge_table(pieces, embeddings)).to(embeddings.device)
+
+    def correct(self, states: torch.Tensor, vectors: torch.Tensor, source: nn.Module) -> torch.Tensor:
+        if self.bridge is None:
+            raise BlspError("this model reads Whisper's decoder through its token bridge: build it "
+                            "(BlspModel.from_pretrained / from_components do)")
+        return vectors + self.bridge(states, source.output_weight).to(vectors.dtype)

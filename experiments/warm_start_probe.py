@@ -6,8 +6,8 @@ forward), then measures on held-out speech: the CTC head's own greedy transcript
 after Whisper's English normaliser) and the gap the LLM closes when it reads the CTC-compressed
 speech with no step 2 at all. Saves the model (a `--model` for `blsp eval`, or a start for step 2).
 
-    .venv/bin/python recipes/warm_start_probe.py --output runs/probe/ds4 --adapter-downsample 4
-    .venv/bin/python recipes/warm_start_probe.py --output runs/probe/more --extra runs/wsdata/train.jsonl
+    .venv/bin/python experiments/warm_start_probe.py --output runs/probe/ds4 --adapter-downsample 4
+    .venv/bin/python experiments/warm_start_probe.py --output runs/probe/more --extra runs/wsdata/train.jsonl
 """
 
 from __future__ import annotations

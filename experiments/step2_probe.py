@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Step 2 from a saved warm start (issue #9's diagnostics; results in docs/warm_start_probe.md).
 
-Loads a model saved by `recipes/warm_start_probe.py` (adapter and CTC head after the warm start
+Loads a model saved by `experiments/warm_start_probe.py` (adapter and CTC head after the warm start
 only), runs step 2 on behavior data as `blsp train` would after its warm start (rank-8 LoRA at
 speech positions, CTC-compressed speech, batch 8), then measures on held-out speech the gap the
 LLM closes and the CTC head's WER. Step-2 settings compared from one and the same warm start:
 
-    .venv/bin/python recipes/step2_probe.py --model runs/probe/e2 --data runs/demo2/behavior/train.jsonl --out runs/s2/s0
-    .venv/bin/python recipes/step2_probe.py --model runs/probe/e2 --data more.jsonl --steps 200 --out runs/s2/s5
+    .venv/bin/python experiments/step2_probe.py --model runs/probe/e2 --data runs/demo2/behavior/train.jsonl --out runs/s2/s0
+    .venv/bin/python experiments/step2_probe.py --model runs/probe/e2 --data more.jsonl --steps 200 --out runs/s2/s5
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -17,14 +17,15 @@ import torch
 from blsp.cpu import flush_denormals
 flush_denormals()
 from blsp.modeling import BlspModel
-from blsp.training import TrainOptions, Trainer
+from blsp.options import TrainOptions
+from blsp.trainer import Trainer
 from blsp.distributed import DistInfo
 from blsp.data import read_manifest
 from blsp.evaluation import alignment_report, transcription_report
 from blsp.features import FeatureCache
 from blsp.packaged import CACHE_DIR
 from blsp.metrics import error_rates
-from blsp.training import read_behavior_data
+from blsp.behavior import read_behavior_data
 from warm_start_probe import ctc_transcripts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
