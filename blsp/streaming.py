@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from .data import Utterance, is_copy_continuation
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import all_reduce_sum
 from .errors import BlspError, InputError
 from .features import encode_waveforms
 from .io import append_jsonl
@@ -45,7 +45,7 @@ from .shards import ShardIndex, ShardItem, iter_shard
 from .options import TrainOptions, choose_task, mix_shares
 from .behavior import BehaviorItem, behavior_item, speech_prompts
 from .sampling import sample_order
-from .trainer import Trainer, peak_rss_mb, step_record, truncate_log, unfreeze_encoder
+from .trainer import Trainer, step_record, truncate_log
 
 ORDER_DIR = "data_order"  # per rank, per step: the ids it trained on (an audit of the order)
 
@@ -88,40 +88,26 @@ def rank_count(index: ShardIndex, epoch: int, seed: int, rank: int, world: int) 
 # The trainer
 # ----------------------------------------------------------------------------------------------
 class StreamingTrainer(Trainer):
-    """`Trainer` with its data from a shard stream instead of an in-memory list.
+    """`Trainer` with its data from a shard stream instead of an in-memory list (`load_data`,
+    `train_step`); `self.items` holds only the current micro-batch (what `micro_batch_loss` indexes).
+    `blsp data shard` encoded the features, so `feature_timing` stays 0 here."""
 
-    `self.items` holds only the current micro-batch (what `Trainer.micro_batch_loss` indexes).
-    """
-
-    def __init__(self, model, root: str | Path, options: TrainOptions, output_dir: str | Path,
-                 info: DistInfo | None = None, skip_bad: bool = False):
-        check_streaming_options(options)
-        self.peak_rss_before_mb = peak_rss_mb()  # as Trainer's
-        self.model, self.options = model, options
-        unfreeze_encoder(model, options)
-        self.output_dir = Path(output_dir)
-        self.info = info or DistInfo()
-        self.skip_bad = skip_bad
-        self.device = next(model.adapter.parameters()).device
+    def load_data(self, root: str | Path) -> None:
+        """The shard index; nothing is read of the items until their step comes."""
+        check_streaming_options(self.options)
         self.index = ShardIndex.load(root)
         self.check_index()
-        self.skipped: list[InputError] = []
-        self.feature_timing = {"features_s": 0.0, "clips_encoded": 0}  # `blsp data shards` encoded them
-        self.items, self.transcript_tokens, self.warm_start_extra = [], [], []
-        self.features: dict = {}
-        self.per_rank = options.batch_size * options.grad_accum
-        self.global_batch = self.per_rank * self.info.world_size
+        self.features: dict = {}  # the current step's, by audio reference
+        self.per_rank = self.options.batch_size * self.options.grad_accum
         self.n_examples = self.index.n_utterances
-        self.total_steps = options.max_steps or self.steps_for_epochs(options.epochs)
+        self.total_steps = self.options.max_steps or self.steps_for_epochs(self.options.epochs)
         self.stream: Iterator[ShardItem] | None = None
         self.stream_at: tuple[int, int] | None = None  # (epoch, step in epoch) the stream is at
         self.stand_in: ShardItem | None = None
-        self.prompts = speech_prompts(model.processor, options)
-        self.shares = mix_shares(options)
-        self.setup_optimization()
+        self.prompts = speech_prompts(self.model.processor, self.options)
+        self.shares = mix_shares(self.options)
         # The stream's order is the shard shuffle and the shuffle buffer's (--bucket-by-length
         # needs every length up front, so it applies to manifests only).
-        model.set_llm_checkpointing(options.gradient_checkpointing)
 
     def check_index(self) -> None:
         if len(self.index.shards) < self.info.world_size:

@@ -90,32 +90,54 @@ def module_digest(module: torch.nn.Module, trained: frozenset[str] = frozenset()
 # The trainer
 # ----------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, model: BlspModel, utterances: list[Utterance], options: TrainOptions,
-                 output_dir: str | Path, info: DistInfo | None = None, skip_bad: bool = False):
+    """Step 2's loop over behaviour items held in memory (JSONL lines), their features in the cache.
+
+    Where the items come from is `load_data`'s, and how each step draws them `train_step`'s: a
+    subclass changes those two (blsp.streaming.StreamingTrainer reads tar shards as a stream), and
+    everything else (the model's preparation, optimisation, checkpoints, resume, the frozen check,
+    the summary) is this class's, set up here for both.
+    """
+
+    def __init__(self, model: BlspModel, data, options: TrainOptions, output_dir: str | Path,
+                 info: DistInfo | None = None, skip_bad: bool = False):
         # ru_maxrss is the process's lifetime peak: when other work ran in this process first (the
         # demo runs every stage in one), the summary's peak may be that work's, not training's.
         self.peak_rss_before_mb = peak_rss_mb()
         self.model, self.options = model, options
         self.output_dir = Path(output_dir)
         self.info = info or DistInfo()
+        self.skip_bad = skip_bad
         self.device = next(model.adapter.parameters()).device
         unfreeze_encoder(model, options)
+        self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
+        self.skipped: list[InputError] = []
+        # What filling the feature cache cost this run (0 where it was filled before): with decoder
+        # states it is a Whisper decoding per clip, a cost the step-2 clock alone would hide.
+        self.feature_timing = {"features_s": 0.0, "clips_encoded": 0}
+        self.items: list[BehaviorItem] = []
+        self.warm_start_extra: list[Utterance] = []  # clips only the warm start hears
+        self.ctc_targets: list[list[int]] | None = None  # per item, where a CTC head trains beside step 2
+        self.load_data(data)  # sets n_examples and total_steps
+        model.set_llm_checkpointing(options.gradient_checkpointing)
+        self.setup_optimization()
+
+    def load_data(self, utterances: list[Utterance]) -> None:
+        """Behaviour lines: every clip encoded once into the feature cache, the items built, the CTC
+        head's vocabulary and targets where speech is CTC-compressed, the lengths to bucket by."""
+        model, options = self.model, self.options
         check_behavior_data(utterances, options)  # before every clip is encoded
         memory_mb = options.feature_memory_mb
         if memory_mb is None:
             memory_mb = 1024 if self.device.type == "cuda" else 0
         self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key,
                                   memory_mb=memory_mb)
-        # What filling the feature cache cost this run (0 where it was filled before): with decoder
-        # states it is a Whisper decoding per clip, a cost the step-2 clock alone would hide.
-        self.feature_timing = {"features_s": 0.0, "clips_encoded": 0}
-        self.skipped = self.prepare_features(utterances, skip_bad)
+        self.skipped += self.prepare_features(utterances, self.skip_bad)
         self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options,
                                  model.config.llm_fingerprint)
         if not self.items:
             raise BlspError("no utterance with readable audio to train on")
         self.transcript_tokens = [transcript_tokens(model.processor.tokenizer, it.utterance) for it in self.items]
-        self.warm_start_extra = self.read_warm_start_data(skip_bad)
+        self.warm_start_extra = self.read_warm_start_data(self.skip_bad)
         if options.compress_speech == "ctc" and model.ctc_head is None:
             extra = [transcript_tokens(model.processor.tokenizer, u) for u in self.warm_start_extra]
             model.enable_ctc_compression(ctc_vocabulary(self.transcript_tokens + extra, model.processor.tokenizer,
@@ -124,13 +146,10 @@ class Trainer:
                             if model.ctc_head is not None else None)
         self.n_examples = len(self.items)
         self.lengths, self.frames = self.bucketing_lengths() if options.bucket_by_length else (None, None)
-        model.set_llm_checkpointing(options.gradient_checkpointing)
-        self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
         self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
-        self.setup_optimization()
 
     def setup_optimization(self) -> None:
-        """Loss, optimizer, schedule and precision (needs `total_steps`; shared with blsp.streaming)."""
+        """Loss, optimizer, schedule and precision (needs `total_steps`)."""
         model, options = self.model, self.options
         if options.lora_rank and model.lora_gate is None:
             model.enable_lora(lora_settings(options))
