@@ -21,10 +21,21 @@ COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
 
 
+def reads_tokens(speech_vectors: str, speech_states: str) -> bool:
+    """Whether Whisper's decoder states are read through the token bridge (blsp.readers.bridge)."""
+    return speech_states == "decoder" and speech_vectors == "tokens"
+
+
+def tokens_unreadable(speech_vectors: str, speech_compression: str | None, speech_states: str) -> bool:
+    """Token vectors come from a CTC head's token runs or from Whisper's decoder states: without
+    either there is nothing to read as tokens."""
+    return speech_vectors == "tokens" and speech_compression != "ctc" and speech_states != "decoder"
+
+
 def check_speech_vectors(speech_vectors: str, speech_compression: str | None, speech_states: str = "encoder") -> None:
     if speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown speech vectors {speech_vectors!r}; known: {', '.join(SPEECH_VECTORS)}")
-    if speech_vectors == "tokens" and speech_compression != "ctc" and speech_states != "decoder":
+    if tokens_unreadable(speech_vectors, speech_compression, speech_states):
         raise BlspError("speech vectors 'tokens' are read through the CTC head or Whisper's decoder: they need "
                         "speech compression 'ctc' or speech states 'decoder'")
 
@@ -98,7 +109,7 @@ class BlspConfig(PretrainedConfig):
         check_speech_states(speech_states)
         if speech_states == "decoder" and not decoder_ids:
             raise BlspError("speech states 'decoder' need Whisper's decoding ids (blsp.whisper.decoding_ids)")
-        if speech_states == "decoder" and speech_vectors == "tokens":
+        if reads_tokens(speech_vectors, speech_states):
             check_bridge_adapter(adapter_type, adapter_downsample)
         self.speech_states = speech_states
         # "decoder": what Whisper's decoder is prompted and stopped with (its tokenizer's ids, kept
@@ -124,7 +135,7 @@ class BlspConfig(PretrainedConfig):
     @property
     def reads_token_bridge(self) -> bool:
         """Whether the LLM reads decoder states through the token bridge (blsp.readers.bridge)."""
-        return self.speech_states == "decoder" and self.speech_vectors == "tokens"
+        return reads_tokens(self.speech_vectors, self.speech_states)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .adapters import build_adapter, init_adapter
-from .config import BlspConfig, check_speech_vectors
+from .config import BlspConfig, check_speech_vectors, tokens_unreadable
 from .errors import BlspError, CheckpointError
 from .fingerprint import weights_fingerprint
 from .fsdp import is_sharded
@@ -259,7 +259,7 @@ class BlspModel(PreTrainedModel):
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
         states as it transcribes `speech_language`, "auto": the language it hears), and with
         `speech_vectors` "tokens" the adapter corrects the token bridge's vectors."""
-        if speech_vectors == "tokens" and speech_states != "decoder":
+        if tokens_unreadable(speech_vectors, None, speech_states):  # a new model has no CTC head yet
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
         check_speech_states(speech_states)  # before minutes go into loading

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import SPEECH_VECTORS
+from .config import SPEECH_VECTORS, reads_tokens, tokens_unreadable
 from .errors import BlspError, CheckpointError
 from .lora import LoraSettings, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION
@@ -398,7 +398,7 @@ def check_options(options: TrainOptions) -> None:
                 raise BlspError(f"--{name.replace('_', '-')} {value}: not with --speech-states decoder (one state per "
                                 f"token of Whisper's transcript); use --{name.replace('_', '-')} {off}"
                                 + options.preset_note(name, "speech_states"))
-    if options.speech_vectors == "tokens" and options.speech_states == "decoder":
+    if reads_tokens(options.speech_vectors, options.speech_states):
         try:
             check_bridge_adapter(options.adapter, options.adapter_downsample)
         except BlspError as err:  # say so where the preset, not the user, asked for the bridge
@@ -410,7 +410,7 @@ def check_options(options: TrainOptions) -> None:
                         + options.preset_note("adapter_downsample"))
     if options.speech_vectors not in SPEECH_VECTORS:
         raise BlspError(f"unknown --speech-vectors {options.speech_vectors!r}; choose from {', '.join(SPEECH_VECTORS)}")
-    if options.speech_vectors == "tokens" and options.compress_speech != "ctc" and options.speech_states != "decoder":
+    if tokens_unreadable(options.speech_vectors, options.compress_speech, options.speech_states):
         raise BlspError("--speech-vectors tokens reads each CTC token run, or each of Whisper's decoder states, as token "
                         "embeddings: add --compress-speech ctc or --speech-states decoder"
                         + options.preset_note("speech_vectors"))
