@@ -298,7 +298,7 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None, help="with --untrained and no --model")
     p.add_argument("--llm", default=None, help="with --untrained and no --model")
     p.add_argument("--suite", default=None, metavar="SUITE.yaml",
-                   help="a suite of tasks (README, Evaluation; recipes/eval/*.yaml); checked whole before any "
+                   help="a suite of tasks (docs/evaluation.md; recipes/eval/*.yaml); checked whole before any "
                         "model loads")
     p.add_argument("--data", default=None, nargs="+", help="the quick form: behavior data JSONL (held-out), or a "
                    "manifest for transcribe/cascade only")

@@ -28,7 +28,7 @@ def repetition_guard(no_repeat_ngram_size: int = 0, repetition_penalty: float = 
     to have to get a to hold in the public I'm going to ..."), as keyword arguments: only those set,
     so that with neither greedy answers stay what they were. `no_repeat_ngram_size` N: no N-gram
     twice in an answer; `repetition_penalty` P > 1: tokens already in the prompt or the answer made
-    less likely (P = 1: none). On the larger recipe's model, zero-shot transcription WER 59.9% ->
+    less likely (P = 1: none). On the encoder path's larger demo model, zero-shot transcription WER 59.9% ->
     49.8% (N = 3) and 54.6% (P = 1.2) on 100 held-out clips (docs/warm_start_probe.md)."""
     if no_repeat_ngram_size < 0:
         raise BlspError(f"--no-repeat-ngram-size must be 0 (off) or more, not {no_repeat_ngram_size}")

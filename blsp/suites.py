@@ -1,6 +1,6 @@
 """Evaluation suites: a YAML file listing tasks, validated whole before any model is loaded.
 
-A suite names, per task, a manifest, the task type and its options (README, "Evaluation").
+A suite names, per task, a manifest, the task type and its options (docs/evaluation.md).
 Every mistake a user can make in it (a missing manifest, an unknown task, metric or option, a
 value of the wrong kind) is reported as `SUITE.yaml:LINE: ...`, the line coming from the YAML
 node; a bad manifest line is reported as `MANIFEST:LINE: ...`. Both happen before the minutes

@@ -28,7 +28,7 @@ def test_conv_adapter_output_lengths_follow_the_formula():
 
 
 def test_conv_adapter_parameter_count_matches_the_paper_scale():
-    # Whisper-small (768) into a 4096-wide LLM: "about 47 M parameters" (DESIGN.md).
+    # Whisper-small (768) into a 4096-wide LLM: "about 47 M parameters" (the paper's 7B setting).
     adapter = ConvAdapter(768, 4096)
     n = sum(p.numel() for p in adapter.parameters())
     assert 47_000_000 < n < 48_000_000
