@@ -217,9 +217,9 @@ class FloorStep:
         t = self.trainer
         embed = self.model.language_model.get_input_embeddings()
         for step in steps:
-            idx = global_batch_indices(step, len(t.items), t.global_batch, t.options.seed, t.lengths)
+            idx = global_batch_indices(step, len(t.items), t.global_batch, t.options.optim.seed, t.lengths)
             self.batches[step] = []
-            for mb in micro_batches(idx, t.options.batch_size, DistInfo()):
+            for mb in micro_batches(idx, t.options.optim.batch_size, DistInfo()):
                 b = {k: v.to(t.device) for k, v in t.model.processor.collate([t.example(t.items[i]) for i in mb]).items()}
                 with torch.no_grad():
                     ids = b["input_ids"].masked_fill(b["input_ids"] == SPEECH_TOKEN_ID, 0)
@@ -249,8 +249,8 @@ def waste_report(trainer: Trainer, speech_frames: list[int]) -> dict:
     out = {}
     for name, lengths, frames in (("bucketed", t.lengths, t.frames), ("random", None, None)):
         mbs = [mb for s in range(steps)
-               for mb in micro_batches(global_batch_indices(s, n, t.global_batch, t.options.seed, lengths, frames),
-                                       t.options.batch_size, DistInfo())]
+               for mb in micro_batches(global_batch_indices(s, n, t.global_batch, t.options.optim.seed, lengths, frames),
+                                       t.options.optim.batch_size, DistInfo())]
         out[name] = {"llm_positions_pct": round(100 * padding_waste(mbs, t.lengths), 1),
                      "speech_frames_pct": round(100 * padding_waste(mbs, speech_frames), 1)}
     return out
@@ -321,11 +321,11 @@ def main() -> None:
     # auto), so the original's way gets its own copy of the same weights, made before that.
     original_model = None
     if not args.no_original:
-        bf16_llm = stores_llm_in_bf16(TrainOptions(llm_dtype=args.llm_dtype), device)
+        bf16_llm = stores_llm_in_bf16(TrainOptions.from_flat(llm_dtype=args.llm_dtype), device)
         original_model = copy.deepcopy(model) if bf16_llm else model
 
     def trainer_for(**kw) -> Trainer:
-        options = TrainOptions(batch_size=batch_size, max_steps=args.warmup + steps, warmup_steps=0, seed=args.seed,
+        options = TrainOptions.from_flat(batch_size=batch_size, max_steps=args.warmup + steps, warmup_steps=0, seed=args.seed,
                                feature_cache=str(tmp / "features"), llm_dtype=args.llm_dtype, **kw)
         return Trainer(model, utterances, options, tmp / "run", DistInfo())
 

@@ -40,13 +40,13 @@ def child(data: str, steps: int, flush: bool) -> None:
     from blsp.features import FeatureCache
     from blsp.modeling import BlspModel
     from blsp.packaged import CACHE_DIR
-    from blsp.warmstart import WarmStartOptions, ctc_warm_start
+    from blsp.warmstart import WarmStartRun, ctc_warm_start
 
     utterances = read_manifest(data).utterances
     model = BlspModel.from_components("whisper-base", "smollm2-135m-instruct", adapter_downsample=4, seed=0)
     cache = FeatureCache(CACHE_DIR / "features", model.config.feature_key)
     cache.fill(model, utterances)
-    options = WarmStartOptions(method="ctc", steps=steps, lr=3e-3, batch_size=32, seed=0)
+    options = WarmStartRun(method="ctc", steps=steps, lr=3e-3, batch_size=32, seed=0)
     elapsed = [0.0] + [r["elapsed_s"] for r in ctc_warm_start(model, utterances, cache, options, show_progress=False)]
     times = [b - a for a, b in zip(elapsed, elapsed[1:])]
     print(json.dumps({"flush": flush, "flushed": flushed, "threads": torch.get_num_threads(), "step_s": times}))

@@ -64,7 +64,7 @@ def read_behavior_data(paths: Sequence[str | Path], skip_bad: bool = False) -> t
 
 def speech_prompts(proc, options: TrainOptions) -> dict[str, list]:
     """The speech prompt of each instruction step 2 trains under, built once (others on first use)."""
-    return {i: proc.speech_prompt(i) for i in (options.instruction, task_instruction("transcribe"))}
+    return {i: proc.speech_prompt(i) for i in (options.model.instruction, task_instruction("transcribe"))}
 
 
 def step1_answer(utt: Utterance, task: str) -> dict | None:
@@ -95,7 +95,7 @@ def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) 
     for task in mix_shares(options):
         if task != "transcribe":
             check_mixed_task(utterances, task)
-    if "kl" in options.loss:
+    if "kl" in options.objective.loss:
         check_topk_width(utterances)
 
 
@@ -140,16 +140,16 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     LLM, which a saved top-k must come from (None: not checked)."""
     transcript = utt.extra.get("prompt_transcript") or utt.text
     if task is None:
-        instruction, text, truncated = options.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
+        instruction, text, truncated = options.model.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
     else:
         instruction, text, truncated = task_target(utt, task)
     target = proc.prompt.target_ids(text, truncated)
     if task is None:
-        target = target[: options.max_target_tokens]
+        target = target[: options.objective.max_target_tokens]
     if instruction not in prompts:
         prompts[instruction] = proc.speech_prompt(instruction)
     teacher_prompt = proc.transcript_prompt(instruction, transcript)
-    saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.loss else None
+    saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.objective.loss else None
     topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
     return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk)
 
@@ -193,10 +193,10 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
     """Training sequences: continuation targets, and with `--mix` seeded shares of the utterances
     trained instead on another task: `transcribe` (the paper's variant; it keeps the exact words in
     view) or an instruction of step 1's instruction set (summarise, answer, ...)."""
-    rng = random.Random(options.seed)
+    rng = random.Random(options.optim.seed)
     prompts = speech_prompts(proc, options)
     shares = mix_shares(options)
-    if options.drop_copies:
+    if options.objective.drop_copies:
         kept = [u for u in utterances if not is_copy_continuation(u)]
         print(f"step 2: left out {len(utterances) - len(kept)} of {len(utterances)} continuations that repeat "
               "the transcript (--drop-copies)", file=sys.stderr)

@@ -98,9 +98,9 @@ class StreamingTrainer(Trainer):
         self.index = ShardIndex.load(root)
         self.check_index()
         self.features: dict = {}  # the current step's, by audio reference
-        self.per_rank = self.options.batch_size * self.options.grad_accum
+        self.per_rank = self.options.optim.batch_size * self.options.optim.grad_accum
         self.n_examples = self.index.n_utterances
-        self.total_steps = self.options.max_steps or self.steps_for_epochs(self.options.epochs)
+        self.total_steps = self.options.optim.max_steps or self.steps_for_epochs(self.options.optim.epochs)
         self.stream: Iterator[ShardItem] | None = None
         self.stream_at: tuple[int, int] | None = None  # (epoch, step in epoch) the stream is at
         self.stand_in: ShardItem | None = None
@@ -123,13 +123,13 @@ class StreamingTrainer(Trainer):
                             + self.options.preset_note("speech_states"))
         if fp is not None and fp != self.model.config.encoder_fingerprint:
             raise BlspError(f"{self.index.root}: the shards hold features of encoder {fp}, but --encoder "
-                            f"{self.options.encoder} is {self.model.config.encoder_fingerprint}")
+                            f"{self.options.model.encoder} is {self.model.config.encoder_fingerprint}")
 
     # -- the schedule --------------------------------------------------------------------------
     @lru_cache(maxsize=None)
     def epoch_steps(self, epoch: int) -> int:
         """Steps of an epoch: enough for the rank with the most items (all ranks know the counts)."""
-        most = max(rank_count(self.index, epoch, self.options.seed, r, self.info.world_size)
+        most = max(rank_count(self.index, epoch, self.options.optim.seed, r, self.info.world_size)
                    for r in range(self.info.world_size))
         return math.ceil(most / self.per_rank)
 
@@ -149,7 +149,7 @@ class StreamingTrainer(Trainer):
         epoch, k = self.locate(step)
         if self.stream_at != (epoch, k):  # a new epoch, or a resumed run: rebuild and skip
             o, info = self.options, self.info
-            self.stream = rank_stream(self.index, epoch, o.seed, info.rank, info.world_size, o.shuffle_buffer)
+            self.stream = rank_stream(self.index, epoch, o.optim.seed, info.rank, info.world_size, o.run.shuffle_buffer)
             for _ in islice(self.stream, k * self.per_rank):
                 pass
         self.stream_at = (epoch, k + 1)
@@ -162,9 +162,9 @@ class StreamingTrainer(Trainer):
         if not isinstance(cont, str):
             raise InputError("no `continuation` (is this step 1's output? run `blsp continue` first)", utt.source,
                              utt.line)
-        if not cont.strip() or (self.options.drop_copies and is_copy_continuation(utt)):
+        if not cont.strip() or (self.options.objective.drop_copies and is_copy_continuation(utt)):
             return None
-        task = choose_task(random.Random(f"{self.options.seed}/{utt.id}").random(), self.shares)
+        task = choose_task(random.Random(f"{self.options.optim.seed}/{utt.id}").random(), self.shares)
         return behavior_item(self.model.processor, utt, self.options, task, self.prompts,
                              self.model.config.llm_fingerprint)
 
@@ -207,8 +207,8 @@ class StreamingTrainer(Trainer):
         self.model.adapter.train()
         sums: dict[str, torch.Tensor] = {}
         scale = self.info.world_size / max(1, n_tokens)
-        for m in range(self.options.grad_accum):
-            chunk = items[m * self.options.batch_size : (m + 1) * self.options.batch_size]
+        for m in range(self.options.optim.grad_accum):
+            chunk = items[m * self.options.optim.batch_size : (m + 1) * self.options.optim.batch_size]
             weight = 1.0 if chunk else 0.0  # a rank out of items still runs its forwards (FSDP)
             self.items = chunk or [self.stand_in_item()]
             loss, parts = self.micro_batch_loss(list(range(len(self.items))))
@@ -216,7 +216,7 @@ class StreamingTrainer(Trainer):
             for name, value in parts.items():
                 sums[name] = sums[name] + value * weight if name in sums else value * weight
         self.all_reduce_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if n_tokens:  # every rank agrees (the count is all-reduced): no target at all, no update
             self.optimizer.step()
@@ -230,7 +230,7 @@ class StreamingTrainer(Trainer):
         of its epoch-0 stream (fixed, so runs and resumed runs use the same)."""
         if self.stand_in is None:
             o, info = self.options, self.info
-            for raw in rank_stream(self.index, 0, o.seed, info.rank, info.world_size, o.shuffle_buffer):
+            for raw in rank_stream(self.index, 0, o.optim.seed, info.rank, info.world_size, o.run.shuffle_buffer):
                 if self.load_step([raw]):
                     self.stand_in = raw
                     break
@@ -244,9 +244,9 @@ class StreamingTrainer(Trainer):
 
 
 def check_streaming_options(options: TrainOptions) -> None:
-    if options.warm_start != "none" or options.compress_speech != "none":
+    if options.warm_start.method != "none" or options.objective.compress_speech != "none":
         raise BlspError("--warm-start and --compress-speech need every clip's features before step 2; with "
                         "--data DIR of shards use neither (or train on JSONL manifests)"
                         + options.preset_note("warm_start", "compress_speech"))
-    if options.shuffle_buffer < 1:
+    if options.run.shuffle_buffer < 1:
         raise BlspError("--shuffle-buffer must be at least 1")

@@ -21,7 +21,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -47,7 +46,7 @@ from .packaged import CACHE_DIR
 from .processing import Example
 from .sampling import global_batch_indices, micro_batches
 from .vocabulary import ctc_vocabulary
-from .warmstart import WarmStartOptions, ctc_targets, ctc_warm_start, transcript_tokens
+from .warmstart import WarmStartRun, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -109,7 +108,7 @@ class Trainer:
         self.skip_bad = skip_bad
         self.device = next(model.adapter.parameters()).device
         unfreeze_encoder(model, options)
-        self.global_batch = options.batch_size * options.grad_accum * self.info.world_size
+        self.global_batch = options.optim.batch_size * options.optim.grad_accum * self.info.world_size
         self.skipped: list[InputError] = []
         # What filling the feature cache cost this run (0 where it was filled before): with decoder
         # states it is a Whisper decoding per clip, a cost the step-2 clock alone would hide.
@@ -118,7 +117,7 @@ class Trainer:
         self.warm_start_extra: list[Utterance] = []  # clips only the warm start hears
         self.ctc_targets: list[list[int]] | None = None  # per item, where a CTC head trains beside step 2
         self.load_data(data)  # sets n_examples and total_steps
-        model.set_llm_checkpointing(options.gradient_checkpointing)
+        model.set_llm_checkpointing(options.run.gradient_checkpointing)
         self.setup_optimization()
 
     def load_data(self, utterances: list[Utterance]) -> None:
@@ -126,10 +125,10 @@ class Trainer:
         head's vocabulary and targets where speech is CTC-compressed, the lengths to bucket by."""
         model, options = self.model, self.options
         check_behavior_data(utterances, options)  # before every clip is encoded
-        memory_mb = options.feature_memory_mb
+        memory_mb = options.run.feature_memory_mb
         if memory_mb is None:
             memory_mb = 1024 if self.device.type == "cuda" else 0
-        self.cache = FeatureCache(options.feature_cache or CACHE_DIR / "features", model.config.feature_key,
+        self.cache = FeatureCache(options.run.feature_cache or CACHE_DIR / "features", model.config.feature_key,
                                   memory_mb=memory_mb)
         self.skipped += self.prepare_features(utterances, self.skip_bad)
         self.items = build_items(model.processor, [u for u in utterances if self.cache.has(u.audio)], options,
@@ -138,27 +137,29 @@ class Trainer:
             raise BlspError("no utterance with readable audio to train on")
         self.transcript_tokens = [transcript_tokens(model.processor.tokenizer, it.utterance) for it in self.items]
         self.warm_start_extra = self.read_warm_start_data(self.skip_bad)
-        if options.compress_speech == "ctc" and model.ctc_head is None:
+        if options.objective.compress_speech == "ctc" and model.ctc_head is None:
             extra = [transcript_tokens(model.processor.tokenizer, u) for u in self.warm_start_extra]
             model.enable_ctc_compression(ctc_vocabulary(self.transcript_tokens + extra, model.processor.tokenizer,
-                                                        options.ctc_min_count), options.speech_vectors)
+                                                        options.objective.ctc_min_count), options.model.speech_vectors)
         self.ctc_targets = (ctc_targets(model.ctc_head, model.processor.tokenizer, self.transcript_tokens)
                             if model.ctc_head is not None else None)
         self.n_examples = len(self.items)
-        self.lengths, self.frames = self.bucketing_lengths() if options.bucket_by_length else (None, None)
-        self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * len(self.items) / self.global_batch))
+        self.lengths, self.frames = self.bucketing_lengths() if options.run.bucket_by_length else (None, None)
+        optim = options.optim
+        self.total_steps = optim.max_steps or max(1, math.ceil(optim.epochs * len(self.items) / self.global_batch))
 
     def setup_optimization(self) -> None:
         """Loss, optimizer, schedule and precision (needs `total_steps`)."""
         model, options = self.model, self.options
-        if options.lora_rank and model.lora_gate is None:
+        if options.lora.rank and model.lora_gate is None:
             model.enable_lora(lora_settings(options))
-        self.kl = ForwardKLLoss(options.kl_temperature) if "kl" in options.loss else None
-        self.topk_kl = TopKKLLoss(options.kl_temperature)
+        self.kl = ForwardKLLoss(options.objective.kl_temperature) if "kl" in options.objective.loss else None
+        self.topk_kl = TopKKLLoss(options.objective.kl_temperature)
         self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.lr,
-                                           weight_decay=options.weight_decay)
-        self.scheduler = get_scheduler(options.lr_schedule, self.optimizer, options.warmup_steps, self.total_steps)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.optim.lr,
+                                           weight_decay=options.optim.weight_decay)
+        self.scheduler = get_scheduler(options.optim.lr_schedule, self.optimizer, options.optim.warmup_steps,
+                                       self.total_steps)
         self.step = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=runs_in_bf16(options, self.device))
@@ -188,7 +189,7 @@ class Trainer:
         # continued a part) is heard once, not twice as often as the rest.
         heard = {_clip(it.utterance) for it in self.items}
         extra: list[Utterance] = []
-        for path in self.options.warm_start_data:
+        for path in self.options.warm_start.data:
             result = read_manifest(path, skip_bad=skip_bad)
             self.skipped += result.skipped
             for u in result.utterances:
@@ -210,7 +211,8 @@ class Trainer:
         return positions, frames
 
     def example(self, item: BehaviorItem) -> Example:
-        return Example(pieces=item.prompt, features=[self.cache.load(item.utterance.audio, dtype=None)], target=item.target)
+        features = self.cache.load(item.utterance.audio, dtype=None)
+        return Example(pieces=item.prompt, features=[features], target=item.target)
 
     def micro_batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss to backpropagate, summed parts by name, detached) over the items' target tokens."""
@@ -218,20 +220,20 @@ class Trainer:
         batch, prefix = self.on_device(self.model.processor.collate([self.example(it) for it in items]))
         with self.autocast:
             out = self.model(**batch, return_target_logits=self.kl is not None, shared_prefix=prefix)
-        loss = out.loss_sum if "ce" in self.options.loss.split("+") else out.loss_sum * 0
+        loss = out.loss_sum if "ce" in self.options.objective.loss.split("+") else out.loss_sum * 0
         # Parts stay on the device until the step ends: reading one here would make the CPU wait
         # for the GPU's forward before it may queue the backward.
         parts = {"loss": out.loss_sum.detach()}
         if self.kl is not None:
             kl = self.distillation(items, out.target_logits)
-            loss = loss + self.options.kl_weight * kl
+            loss = loss + self.options.objective.kl_weight * kl
             parts["kl"] = kl.detach()
         head = self.model.ctc_head
-        if head is not None and self.options.ctc_weight > 0:
+        if head is not None and self.options.objective.ctc_weight > 0:
             # Keeps the head that decides what the LLM sees in step with the adapter it reads.
             targets = [self.ctc_targets[i] for i in indices]
             ctc = head.loss(*out.speech, targets) * sum(map(len, targets))
-            loss = loss + self.options.ctc_weight * ctc
+            loss = loss + self.options.objective.ctc_weight * ctc
             parts["ctc"] = ctc.detach()
         return loss, parts
 
@@ -282,20 +284,20 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        indices = global_batch_indices(step, len(self.items), self.global_batch, self.options.seed, self.lengths,
+        indices = global_batch_indices(step, len(self.items), self.global_batch, self.options.optim.seed, self.lengths,
                                        self.frames)
         # Normaliser: target tokens of the whole global batch, known to every rank without talking.
         n_tokens = sum(len(self.items[i].target) for i in indices)
         scale = self.info.world_size / n_tokens  # the gradient all-reduce below divides by world
         self.model.adapter.train()
         sums: dict[str, torch.Tensor] = {}
-        for mb in micro_batches(indices, self.options.batch_size, self.info):
+        for mb in micro_batches(indices, self.options.optim.batch_size, self.info):
             loss, parts = self.micro_batch_loss(mb)
             (loss * scale).backward()
             for name, value in parts.items():
                 sums[name] = sums[name] + value if name in sums else value
         self.all_reduce_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -317,7 +319,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
-        torch.manual_seed(self.options.seed)
+        torch.manual_seed(self.options.optim.seed)
         if resume:
             self.load_latest_checkpoint()
         elif checkpoint_dirs(self.output_dir) and self.info.is_main:
@@ -345,7 +347,7 @@ class Trainer:
                 append_jsonl(log_path, [record])
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             bar.update(1)
-            if self.step % self.options.save_every == 0 or self.step == self.total_steps:
+            if self.step % self.options.run.save_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
         self.timings["train_s"] = round(time.perf_counter() - start, 1)
@@ -354,7 +356,7 @@ class Trainer:
             self.model.save_pretrained(self.output_dir)
             summary = {"steps": self.step, "global_batch": self.global_batch, "examples": self.n_examples,
                        "warm_start_clips": len(self.warm_start_utterances()) if runs_warm_start(self.options) else 0,
-                       "options": asdict(self.options), "world_size": self.info.world_size,
+                       "options": self.options.flat(), "world_size": self.info.world_size,
                        "peak_rss_mb": peak_rss_mb(), "peak_rss_before_training_mb": self.peak_rss_before_mb,
                        **self.feature_timing, **self.timings}
             atomic_write_json(self.output_dir / "train_summary.json", summary)
@@ -368,13 +370,12 @@ class Trainer:
 
     def warm_start(self) -> None:
         """The CTC warm start on cached features (see blsp.warmstart); its log beside the run's."""
-        o = self.options
-        bucket = o.bucket_by_length if o.warm_start_bucket_by_length is None else o.warm_start_bucket_by_length
-        options = WarmStartOptions(method=o.warm_start, steps=o.warm_start_steps, lr=o.warm_start_lr,
-                                   batch_size=o.warm_start_batch_size, seed=o.seed, embed_weight=o.embed_weight,
-                                   bucket_by_length=bucket, time_masks=o.warm_start_time_masks,
-                                   feature_masks=o.warm_start_feature_masks, vocab_min_count=o.ctc_min_count,
-                                   encoder_lr=o.encoder_lr)
+        o, w = self.options, self.options.warm_start
+        bucket = o.run.bucket_by_length if w.bucket_by_length is None else w.bucket_by_length
+        options = WarmStartRun(method=w.method, steps=w.steps, lr=w.lr, batch_size=w.batch_size, seed=o.optim.seed,
+                               embed_weight=w.embed_weight, bucket_by_length=bucket, time_masks=w.time_masks,
+                               feature_masks=w.feature_masks, vocab_min_count=o.objective.ctc_min_count,
+                               encoder_lr=o.encoder_training.lr)
         log = ctc_warm_start(self.model, self.warm_start_utterances(), self.cache, options,
                              show_progress=self.info.is_main)
         if self.info.is_main:
@@ -417,11 +418,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
-            "options": asdict(self.options),
+            "options": self.options.flat(),
             "world_size": self.info.world_size,
         }, tmp / STATE_FILE)
         replace_dir(tmp, final)
-        for old in checkpoint_dirs(self.output_dir)[: -self.options.keep_checkpoints]:
+        for old in checkpoint_dirs(self.output_dir)[: -self.options.run.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         barrier()
 
@@ -445,27 +446,27 @@ class Trainer:
 
 
 def runs_warm_start(options: TrainOptions) -> bool:
-    return options.warm_start != "none" and not options.init_from
+    return options.warm_start.method != "none" and not options.objective.init_from
 
 
 def unfreeze_encoder(model: BlspModel, options: TrainOptions) -> None:
     """--unfreeze-encoder-layers N, before any feature is cached (they are cached below those layers)."""
-    if options.unfreeze_encoder_layers == model.config.encoder_trainable_layers:
+    if options.encoder_training.layers == model.config.encoder_trainable_layers:
         return
     if model.config.encoder_trainable_layers:
         raise CheckpointError(f"the model trains {model.config.encoder_trainable_layers} encoder layer(s); "
-                              f"--unfreeze-encoder-layers {options.unfreeze_encoder_layers} asks otherwise")
-    model.unfreeze_encoder_layers(options.unfreeze_encoder_layers)
+                              f"--unfreeze-encoder-layers {options.encoder_training.layers} asks otherwise")
+    model.unfreeze_encoder_layers(options.encoder_training.layers)
 
 
 def parameter_groups(model: BlspModel, options: TrainOptions) -> list[dict]:
     """The optimizer's groups: LoRA and the unfrozen encoder layers may learn at their own rates
     (the schedule scales every group alike)."""
     own = []
-    if options.lora_lr is not None:
-        own.append((lora_parameters(model.language_model), options.lora_lr))
-    if options.encoder_lr is not None:
-        own.append((model.trainable_encoder_parameters(), options.encoder_lr))
+    if options.lora.lr is not None:
+        own.append((lora_parameters(model.language_model), options.lora.lr))
+    if options.encoder_training.lr is not None:
+        own.append((model.trainable_encoder_parameters(), options.encoder_training.lr))
     own = [(params, lr) for params, lr in own if params]
     taken = {id(p) for params, _ in own for p in params}
     rest = [p for p in model.trainable_parameters() if id(p) not in taken]
@@ -551,12 +552,12 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
 
 def runs_in_bf16(options: TrainOptions, device: torch.device) -> bool:
     """Whether step 2 runs under bf16 autocast (--precision; auto: on a GPU)."""
-    return options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+    return options.optim.precision == "bf16" or (options.optim.precision == "auto" and device.type == "cuda")
 
 
 def stores_llm_in_bf16(options: TrainOptions, device: torch.device) -> bool:
     """Whether the frozen LLM's weights are kept in bf16 (--llm-dtype; auto: when the step runs in bf16)."""
-    return options.llm_dtype == "bf16" or (options.llm_dtype == "auto" and runs_in_bf16(options, device))
+    return options.optim.llm_dtype == "bf16" or (options.optim.llm_dtype == "auto" and runs_in_bf16(options, device))
 
 
 def store_frozen_llm(model: BlspModel, dtype: torch.dtype) -> None:

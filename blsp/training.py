@@ -23,19 +23,19 @@ from .trainer import Trainer
 def init_model(options: TrainOptions) -> BlspModel:
     """--init-from DIR: the saved model (adapter, CTC head, LoRA) on the run's backbones, which must
     be the ones it was trained against; its shape and prompt must be what the run asks for."""
-    model = BlspModel.from_pretrained(options.init_from, encoder=options.encoder, llm=options.llm)
+    model = BlspModel.from_pretrained(options.objective.init_from, encoder=options.model.encoder, llm=options.model.llm)
     c = model.config
     saved_lora = c.lora or {}
-    asked_lora = lora_settings(options).to_dict() if options.lora_rank else {}
-    pairs = [("speech_states", c.speech_states, options.speech_states),
-             ("speech_language", c.speech_language or "en", options.speech_language),
-             ("adapter", c.adapter_type, options.adapter),
-             ("adapter_downsample", c.adapter_downsample, options.adapter_downsample),
-             ("compress_speech", c.speech_compression or "none", options.compress_speech),
-             ("lora_rank", saved_lora.get("rank", 0), options.lora_rank),
-             ("system_prompt", c.system_prompt, options.system_prompt)]
+    asked_lora = lora_settings(options).to_dict() if options.lora.rank else {}
+    pairs = [("speech_states", c.speech_states, options.model.speech_states),
+             ("speech_language", c.speech_language or "en", options.model.speech_language),
+             ("adapter", c.adapter_type, options.model.adapter),
+             ("adapter_downsample", c.adapter_downsample, options.model.adapter_downsample),
+             ("compress_speech", c.speech_compression or "none", options.objective.compress_speech),
+             ("lora_rank", saved_lora.get("rank", 0), options.lora.rank),
+             ("system_prompt", c.system_prompt, options.model.system_prompt)]
     if c.speech_compression or c.speech_states == "decoder":
-        pairs.append(("speech_vectors", c.speech_vectors, options.speech_vectors))
+        pairs.append(("speech_vectors", c.speech_vectors, options.model.speech_vectors))
     if saved_lora and asked_lora:
         pairs += [("lora_alpha", saved_lora["alpha"], asked_lora["alpha"]),
                   ("lora_where", saved_lora["where"], asked_lora["where"]),
@@ -43,8 +43,8 @@ def init_model(options: TrainOptions) -> BlspModel:
     differ = [(name, saved, asked) for name, saved, asked in pairs if saved != asked]
     if differ:
         flags = lambda i: " ".join(f"--{d[0].replace('_', '-')} {d[i]!r}" for d in differ)
-        raise BlspError(f"--init-from {options.init_from}: the saved model was trained with {flags(1)}, this run "
-                        f"asks for {flags(2)}; give the saved values"
+        raise BlspError(f"--init-from {options.objective.init_from}: the saved model was trained with {flags(1)}, "
+                        f"this run asks for {flags(2)}; give the saved values"
                         + options.preset_note(*(d[0] for d in differ)))
     return model
 
@@ -68,11 +68,12 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
         check_behavior_data(utterances, options)  # before minutes go into loading the models
     if model is None:
         try:
-            model = init_model(options) if options.init_from else BlspModel.from_components(
-                options.encoder, options.llm, adapter_type=options.adapter, adapter_downsample=options.adapter_downsample,
-                system_prompt=options.system_prompt, seed=options.seed, speech_states=options.speech_states,
-                speech_vectors=initial_speech_vectors(options.speech_states, options.speech_vectors),
-                speech_language=options.speech_language)
+            m = options.model
+            model = init_model(options) if options.objective.init_from else BlspModel.from_components(
+                m.encoder, m.llm, adapter_type=m.adapter, adapter_downsample=m.adapter_downsample,
+                system_prompt=m.system_prompt, seed=options.optim.seed, speech_states=m.speech_states,
+                speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
+                speech_language=m.speech_language)
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None
     place_model(model, options, info)
@@ -89,7 +90,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
 def place_model(model: BlspModel, options: TrainOptions, info: DistInfo) -> None:
     """The model on this rank's device: whole, or with `--fsdp` its LLM sharded across ranks."""
     device = default_device(info)
-    if options.fsdp:
+    if options.run.fsdp:
         shard_model(model, device)
     else:
         model.to(device)

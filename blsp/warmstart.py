@@ -35,7 +35,9 @@ METHODS = WARM_STARTS  # none | ctc | embed
 
 
 @dataclass(frozen=True)
-class WarmStartOptions:
+class WarmStartRun:
+    """What one warm start runs with (`blsp train` fills it from its options: blsp.options.WarmStartOptions)."""
+
     method: str = "none"  # none | ctc | embed (ctc + the pull onto the aligned tokens' embeddings)
     steps: int = 0
     lr: float = 2e-3
@@ -177,7 +179,7 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, time_masks: int, fe
     return out
 
 
-def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, options: WarmStartOptions,
+def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, options: WarmStartRun,
                    show_progress: bool = True) -> list[dict]:
     """Train the adapter (and a CTC head) for `options.steps`; returns the step log.
 

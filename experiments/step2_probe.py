@@ -51,7 +51,7 @@ args = p.parse_args()
 torch.manual_seed(args.seed)
 model = BlspModel.from_pretrained(args.model)
 utts, _ = read_behavior_data([args.data])
-opts = TrainOptions(adapter_downsample=4, lr=args.lr, seed=args.seed, loss=args.loss, warmup_steps=10,
+opts = TrainOptions.from_flat(adapter_downsample=4, lr=args.lr, seed=args.seed, loss=args.loss, warmup_steps=10,
                     lora_rank=args.lora_rank, lora_alpha=args.lora_alpha or 2.0 * args.lora_rank,
                     lora_modules=args.lora_modules, lora_lr=args.lora_lr,
                     batch_size=8, max_steps=args.steps, save_every=1000, ctc_weight=args.ctc_weight,

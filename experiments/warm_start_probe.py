@@ -27,7 +27,7 @@ from blsp.modeling import BlspModel
 from blsp.packaged import CACHE_DIR
 from blsp.processing import pad_features
 from blsp.vocabulary import ctc_vocabulary
-from blsp.warmstart import WarmStartOptions, ctc_warm_start, transcript_tokens
+from blsp.warmstart import WarmStartRun, ctc_warm_start, transcript_tokens
 
 
 def ctc_transcripts(model: BlspModel, utterances, cache: FeatureCache, batch_size: int = 16) -> list[str]:
@@ -89,7 +89,7 @@ def main() -> None:
     model.enable_ctc_compression(vocab, args.speech_vectors)
 
     start = time.perf_counter()
-    log = ctc_warm_start(model, train, cache, WarmStartOptions(args.method, args.steps, args.lr, args.batch_size,
+    log = ctc_warm_start(model, train, cache, WarmStartRun(args.method, args.steps, args.lr, args.batch_size,
                                                                args.seed, time_masks=args.time_masks,
                                                                feature_masks=args.feature_masks,
                                                                encoder_lr=args.encoder_lr))

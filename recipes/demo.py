@@ -225,7 +225,7 @@ def decoding_words(decoding: dict) -> str:
 def untrained_label(recipe: dict) -> str:
     """With the token bridge the untrained model already reads Whisper's tokens: say so."""
     train = train_options(recipe["train"])
-    bridge = train.speech_states == "decoder" and train.speech_vectors == "tokens"
+    bridge = train.model.speech_states == "decoder" and train.model.speech_vectors == "tokens"
     return "untrained (the token bridge alone)" if bridge else "untrained adapter"
 
 

@@ -83,7 +83,7 @@ def test_the_bridge_needs_one_adapter_vector_per_state():
     from blsp.options import TrainOptions
 
     with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
-        TrainOptions(speech_states="decoder", speech_vectors="tokens")  # the paper's conv adapter at 8
+        TrainOptions.from_flat(speech_states="decoder", speech_vectors="tokens")  # the paper's conv adapter at 8
     with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
         BlspConfig(adapter_type="stack", adapter_downsample=2, speech_states="decoder", speech_vectors="tokens",
                    decoder_ids={"prompt": [1], "eot": 0})

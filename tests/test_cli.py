@@ -219,11 +219,11 @@ def test_train_defaults_to_the_decoder_recipe_and_flags_given_win(trained, tiny_
         return train_options(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *extra]))
 
     default, fast, paper = parsed(), parsed("--preset", "fast"), parsed("--preset", "paper")
-    assert {k: getattr(default, k) for k in RECIPES["decoder"]} == RECIPES["decoder"]
-    assert {k: getattr(fast, k) for k in RECIPES["fast"]} == RECIPES["fast"]
+    assert {k: default.flat()[k] for k in RECIPES["decoder"]} == RECIPES["decoder"]
+    assert {k: fast.flat()[k] for k in RECIPES["fast"]} == RECIPES["fast"]
     assert paper == TrainOptions()  # the paper's recipe is the dataclass's own defaults
-    assert parsed("--lora-rank", "0").lora_rank == 0  # a flag given wins, even at a default's value
-    assert parsed("--preset", "paper", "--lora-rank", "4").lora_rank == 4
+    assert parsed("--lora-rank", "0").lora.rank == 0  # a flag given wins, even at a default's value
+    assert parsed("--preset", "paper", "--lora-rank", "4").lora.rank == 4
 
     common = ["train", "--data", trained["behavior"], "--llm", tiny_dirs["llm"], "--max-steps", "2", "--batch-size", "2"]
     out = tmp_path / "default"  # the default recipe end to end: Whisper's decoder states, the bridge, LoRA

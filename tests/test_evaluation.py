@@ -203,7 +203,7 @@ def trained_dir(tiny_dirs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval-run")
     data = behavior_data(root / "data", n=4)
-    options = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, max_steps=2,
+    options = TrainOptions.from_flat(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, max_steps=2,
                            warmup_steps=1, feature_cache=str(root / "features"))
     run_train([data], root / "adapter", options)
     return {"model": root / "adapter", "data": data, "features": root / "features"}

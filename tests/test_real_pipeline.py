@@ -80,7 +80,7 @@ def test_transcript_makes_the_continuation_far_more_likely(behavior, model):
 
 def test_one_train_step_then_generate(behavior, model, tmp_path):
     before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
-    options = TrainOptions(batch_size=3, max_steps=2, lr=1e-4, warmup_steps=0, lr_schedule="constant",
+    options = TrainOptions.from_flat(batch_size=3, max_steps=2, lr=1e-4, warmup_steps=0, lr_schedule="constant",
                            feature_cache=str(tmp_path / "features"))
     run_train([behavior], tmp_path / "run", options, model=model)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

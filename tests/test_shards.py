@@ -123,7 +123,7 @@ def test_streamed_training_resumes_where_an_uninterrupted_run_ends(tiny_dirs, tm
     from blsp.training import run_train
 
     shard_corpus(tmp_path, n=5, size=2)
-    opts = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, lr=5e-3, warmup_steps=1,
+    opts = TrainOptions.from_flat(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], batch_size=2, lr=5e-3, warmup_steps=1,
                         max_steps=6, save_every=2, shuffle_buffer=2)
     data = [str(tmp_path / "shards")]
     run_train(data, tmp_path / "full", opts)
@@ -151,7 +151,7 @@ def test_streaming_refuses_what_it_cannot_do(tiny_dirs, tmp_path, private_cache)
     from blsp.training import run_train
 
     shard_corpus(tmp_path, n=3, size=2)
-    opts = TrainOptions(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], max_steps=1, warm_start="ctc",
+    opts = TrainOptions.from_flat(encoder=tiny_dirs["encoder"], llm=tiny_dirs["llm"], max_steps=1, warm_start="ctc",
                         warm_start_steps=2)
     with pytest.raises(BlspError, match="--warm-start"):
         run_train([str(tmp_path / "shards")], tmp_path / "run", opts)
