@@ -164,3 +164,29 @@ def speak(text: str, wav_path: Path, voice: str = "slt") -> Path:
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav_path)], check=True)
     return wav_path
+
+
+def make_examples(model, n_frames=(40, 90, 17), targets=("hello world", "the quick brown fox jumps", "dog")):
+    """Seeded continuation examples with random speech features of the given lengths."""
+    from blsp.processing import Example
+    from blsp.prompts import CONTINUATION_INSTRUCTION
+
+    proc = model.processor
+    prompt = proc.speech_prompt(CONTINUATION_INSTRUCTION)
+    torch.manual_seed(1)
+    d = model.config.encoder_config.d_model
+    return [
+        Example(pieces=prompt, features=[torch.randn(t, d)], target=proc.prompt.target_ids(text))
+        for t, text in zip(n_frames, targets)
+    ]
+
+
+def compressing_model(model, seed: int = 0, speech_vectors: str = "adapter"):
+    """`model` with a CTC head that reads some frames as blank and others as tokens."""
+    vocab = list(range(5, 25))
+    model.enable_ctc_compression(vocab, speech_vectors)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.ctc_head.blank.copy_(torch.randn(model.ctc_head.blank.shape, generator=g))
+        model.ctc_head.scale.fill_(4.0)
+    return model
