@@ -122,7 +122,7 @@ def test_the_control_never_pairs_two_voices_of_one_sentence():
 def test_a_compressing_contrast_brings_its_ctc_head(tiny_model, tmp_path):
     """A contrast adapter that drops speech frames (CTC compression) is swapped in with its head,
     and only the frames it keeps are pooled: the numbers equal those of that model itself."""
-    from test_modeling import compressing_model
+    from conftest import compressing_model
 
     utts = read_manifest(write_corpus(tmp_path / "d", n=2, seconds=1.5)).utterances
     feats = encode_waveforms(tiny_model, [load_utterance_audio(u) for u in utts])
