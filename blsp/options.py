@@ -9,7 +9,7 @@ typed on the command line wins over it. `decoder` is the default; `paper` sets n
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, InitVar, dataclass, field, fields
+from dataclasses import Field, InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -207,9 +207,9 @@ def flat_name(section: str, f) -> str:
     return f.metadata["flag"] or FLAG_PREFIXES.get(section, "") + f.name
 
 
-# flat name -> (section, field)
-FLAT_FIELDS: dict[str, tuple[str, str]] = {flat_name(sec, f): (sec, f.name) for sec, cls in SECTIONS.items()
-                                           for f in fields(cls)}
+# flat name -> (section, its field): the one table flags, presets, defaults and JSON are read from
+FLAT_FIELDS: dict[str, tuple[str, Field]] = {flat_name(sec, f): (sec, f) for sec, cls in SECTIONS.items()
+                                             for f in fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -246,14 +246,14 @@ class TrainOptions:
             raise BlspError(f"unknown option(s) {', '.join(unknown)} (see `blsp train --help`)")
         values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         for name, value in flat.items():
-            section, key = FLAT_FIELDS[name]
-            values[section][key] = value
+            section, f = FLAT_FIELDS[name]
+            values[section][f.name] = value
         return cls(**{section: SECTIONS[section](**kwargs) for section, kwargs in values.items()},
                    preset_origin=preset_origin)
 
     def flat(self) -> dict[str, Any]:
         """Every option by its flat name (what train_summary.json and checkpoints hold)."""
-        return {name: getattr(getattr(self, section), key) for name, (section, key) in FLAT_FIELDS.items()}
+        return {name: getattr(getattr(self, section), f.name) for name, (section, f) in FLAT_FIELDS.items()}
 
     @classmethod
     def from_preset(cls, preset: str, **options) -> "TrainOptions":
@@ -282,8 +282,7 @@ class TrainOptions:
 
 
 # the paper's values (preset `paper`), by flat name
-DEFAULTS = {flat_name(sec, f): (f.default if f.default_factory is MISSING else f.default_factory())
-            for sec, cls in SECTIONS.items() for f in fields(cls)}
+DEFAULTS = {name: f.default for name, (_, f) in FLAT_FIELDS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +342,7 @@ def flag_settings(name: str, f) -> dict[str, Any]:
         settings.update(default=None, help=f"{meta['help']} [preset: {values}]".strip())
     kind = str(f.type)
     if kind.startswith("bool"):
-        settings["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        settings["action"] = argparse.BooleanOptionalAction if negatable(f) else "store_true"
     elif kind.startswith("tuple"):
         settings["nargs"] = "+"
     else:
@@ -353,6 +352,11 @@ def flag_settings(name: str, f) -> dict[str, Any]:
     if meta["metavar"]:
         settings["metavar"] = meta["metavar"]
     return settings
+
+
+def negatable(f) -> bool:
+    """A switch on (or unset) by default: its flag has a --no-X form (argparse.BooleanOptionalAction)."""
+    return str(f.type).startswith("bool") and f.default is not False
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -365,9 +369,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 def option_flags(options: dict) -> list[str]:
     """Options as flags: {"max_steps": 200, "drop_copies": True} -> ["--max-steps", "200",
     "--drop-copies"] (recipes keep their settings in YAML, and run the commands with them)."""
-    # Switches that are on (or unset) by default have a --no-X flag (argparse.BooleanOptionalAction).
-    on_by_default = {flat_name(sec, f) for sec, cls in SECTIONS.items() for f in fields(cls)
-                     if "bool" in str(f.type) and f.default is not False}
+    on_by_default = {name for name, (_, f) in FLAT_FIELDS.items() if negatable(f)}
     out = []
     for key, value in options.items():
         flag = f"--{key.replace('_', '-')}"
