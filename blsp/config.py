@@ -129,7 +129,10 @@ class BlspConfig(PretrainedConfig):
 
     @property
     def feature_key(self) -> str | None:
-        """What cached features are keyed by: whatever decides the speech source's output."""
+        """What cached features are keyed by: whatever decides the speech source's output (None: a
+        model with no encoder fingerprint, whose features cannot be cached under a name)."""
+        if self.encoder_fingerprint is None:
+            return None
         return SPEECH_SOURCES[self.speech_states].feature_key(self)
 
     @property

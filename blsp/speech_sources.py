@@ -55,7 +55,7 @@ class SpeechSource(nn.Module):
 
     @staticmethod
     def feature_key(config) -> str | None:
-        """What this source's cached features are keyed by (None: no fingerprint to key them by)."""
+        """What this source's cached features are keyed by (`config` names a fingerprinted encoder)."""
         raise NotImplementedError
 
     def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +90,6 @@ class EncoderFrames(SpeechSource):
     def feature_key(config) -> str | None:
         """The frozen encoder's fingerprint, and with trained top layers the layer whose input the
         features hold (the frozen part's output)."""
-        if config.encoder_fingerprint is None:
-            return None
         first = config.first_trainable_encoder_layer
         return config.encoder_fingerprint if first is None else f"{config.encoder_fingerprint}-below-layer{first}"
 
@@ -144,8 +142,6 @@ class DecoderStates(SpeechSource):
     @staticmethod
     def feature_key(config) -> str | None:
         """The encoder's and decoder's fingerprints and how it decodes (prompt, window rule)."""
-        if config.encoder_fingerprint is None:
-            return None
         how = [config.decoder_ids, "window per clip, text-token states", DECODER_CONTEXT, DECODER_MIN_FRAMES,
                DECODER_MAX_TOKENS, DECODER_TOKENS_PER_SECOND]
         decoding = hashlib.sha1(json.dumps(how, sort_keys=True).encode()).hexdigest()[:8]
