@@ -25,7 +25,7 @@ from .io import file_sha256
 from .metrics import LABEL_RULE, NORMALISER
 from .modeling import BlspModel
 from .prompts import CONTINUATION_INSTRUCTION
-from .report import format_suite, write_plots
+from .report import behaviour_headline, format_suite, write_plots
 from .scoring import (SpeechFeatures, _num, _pct, alignment_report, continuation_examples, plot_alignment,
                       transcription_report)
 from .suites import load_suite, load_task_data
@@ -262,7 +262,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "device": str(model.language_model.device),
         "decoding": decoding_record(args.generate_kwargs),
     }
-    results = {"identity": identity, "tasks": tasks}
+    results = {"identity": identity, "behaviour": behaviour_headline(tasks), "tasks": tasks}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", results)

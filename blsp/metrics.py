@@ -247,3 +247,76 @@ def continuation_agreement(hypotheses: Sequence[str], references: Sequence[str])
     return {"bleu": scores["bleu"], "identical": sum(same) / len(same) if same else None, "n": len(same),
             "bleu_signature": scores["bleu_signature"],
             "per_utterance": [{"bleu": r["bleu"], "identical": s} for r, s in zip(scores["per_utterance"], same)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runaway answers: loops, refusals, answers that do not stop
+# ----------------------------------------------------------------------------------------------
+# Whisper's own loop test (openai/whisper decoding.py: compression_ratio_threshold 2.4): text that
+# gzip shrinks past 2.4x repeats itself.
+LOOP_COMPRESSION_RATIO = 2.4
+LOOP_REPEATS = 4  # ... or one word n-gram (n <= 4) said 4 times running ("5 5 5 5", "I am. I am. ...")
+LONG_FACTOR = 3  # longer than 3x the text path's answer ...
+LONG_MARGIN_WORDS = 10  # ... and by more than 10 words (a one-word label answered in a sentence is not runaway)
+_REFUSAL = re.compile(
+    r"\b(i'?m sorry,? but|i am sorry,? but|i apologi[sz]e|i can(?:no|')t (?:help|assist|transcribe|listen|hear|"
+    r"provide|process|access)|i(?:'m| am) (?:unable|not able)|as an ai\b|(?:audio|sound) (?:file|recording)s?\b"
+    r"|i don'?t have (?:the ability|access))", re.IGNORECASE)
+RUNAWAY_RULE = (
+    f"an answer is runaway when, and the text path's answer to the same prompt is not: it loops (gzip "
+    f"compression ratio > {LOOP_COMPRESSION_RATIO}, Whisper's test, or a word n-gram (n <= 4) {LOOP_REPEATS} "
+    f"times running), refuses (\"I'm sorry, but\", \"I am unable\", \"as an AI\", \"audio file\", ...), or runs "
+    f"past {LONG_FACTOR}x the text path's words and by more than {LONG_MARGIN_WORDS} words")
+
+
+def compression_ratio(text: str) -> float:
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def is_loop(text: str) -> bool:
+    if compression_ratio(text) > LOOP_COMPRESSION_RATIO:
+        return True
+    words = label_words(text)
+    for n in range(1, 5):
+        for start in range(len(words) - n * LOOP_REPEATS + 1):
+            gram = words[start : start + n]
+            if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(1, LOOP_REPEATS)):
+                return True
+    return False
+
+
+def is_refusal(text: str) -> bool:
+    return _REFUSAL.search(text) is not None
+
+
+def runaway_kind(answer: str, text_answer: str) -> str | None:
+    """"loop", "refusal" or "long" (RUNAWAY_RULE) for an answer beside the text path's; None if neither."""
+    if is_loop(answer) and not is_loop(text_answer):
+        return "loop"
+    if is_refusal(answer) and not is_refusal(text_answer):
+        return "refusal"
+    n, n_text = len(answer.split()), len(text_answer.split())
+    if n > LONG_FACTOR * n_text and n > n_text + LONG_MARGIN_WORDS:
+        return "long"
+    return None
+
+
+def runaway_rate(answers: Sequence[str], text_answers: Sequence[str]) -> dict:
+    """The share of runaway answers and the count of each kind, by RUNAWAY_RULE."""
+    kinds = [runaway_kind(a, t) for a, t in zip(answers, text_answers)]
+    counts = {k: kinds.count(k) for k in ("loop", "refusal", "long")}
+    return {"rate": sum(counts.values()) / len(kinds) if kinds else None, "n": len(kinds), **counts,
+            "per_utterance": kinds}
+
+
+def label_agreement(answers: Sequence[str], text_answers: Sequence[str], labels: Sequence[str]) -> dict:
+    """For closed answers (sentiment): the share (0-100, as BLEU's scale) of answers mapped to the same
+    label as the text path's answer (LABEL_RULE; two unmapped answers agree)."""
+    mine = [map_label(a, labels).label for a in answers]
+    theirs = [map_label(t, labels).label for t in text_answers]
+    same = [a == b for a, b in zip(mine, theirs)]
+    return {"agreement": 100 * sum(same) / len(same) if same else None, "n": len(same), "labels": list(labels),
+            "label_rule": LABEL_RULE, "per_utterance": [{"label": a, "text_label": b} for a, b in zip(mine, theirs)]}

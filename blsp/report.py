@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PERCENT = {"wer", "cer", "accuracy", "macro_f1", "gap_closed"}
+from .parity import format_parity, parity_summary
+
+PERCENT = {"wer", "cer", "accuracy", "macro_f1", "gap_closed", "runaway"}
 LABELS = {"wer": "WER", "cer": "CER", "bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy",
           "macro_f1": "macro-F1", "loss": "loss", "gap_closed": "gap closed", "kl": "KL(text||row)",
-          "agreement": "agreement BLEU", "unmapped": "unmapped", "cosine_same": "cos",
+          "agreement": "agreement BLEU", "runaway": "runaway", "unmapped": "unmapped", "cosine_same": "cos",
           "cosine_mismatched": "cos other utt", "centred_same": "centred",
           "centred_different": "c. other instr", "centred_mismatched": "c. other utt"}
 ROW_NAMES = {"blsp": "BLSP (speech)", "cascade": "cascade (ASR->LLM)", "text": "text (gold->LLM)",
@@ -24,7 +26,7 @@ def fmt(metric: str, value) -> str:
         return f"{100 * value:.1f}%"
     if metric == "unmapped":
         return str(value)
-    if metric in ("bleu", "chrf", "agreement"):
+    if metric in ("bleu", "chrf", "agreement") or metric.startswith("agree:"):
         return f"{value:.2f}"
     return f"{value:.3f}"
 
@@ -89,10 +91,26 @@ def format_suite(results: dict) -> str:
     lines = [f"suite {ident['suite']['name']} ({len(results['tasks'])} task(s)): adapter "
              f"{ident.get('model_dir') or 'untrained'}{f' (sha256 {sha[:12]})' if sha else ''}, "
              f"LLM {ident['llm_name']}, encoder {ident['encoder_name']}"]
+    for set_name, summary in (results.get("behaviour") or {}).items():
+        lines += ["", f"[{set_name}]" if set_name else "", *format_parity(summary)]
     for name, result in results["tasks"].items():
         lines.append("")
         lines += format_task(name, result)
     return "\n".join(lines)
+
+
+def behaviour_headline(tasks: dict[str, dict]) -> dict[str, dict]:
+    """Per speech set (the tasks' `set`), the behaviour measures beside the cascade's and the bars
+    (blsp.parity.parity_summary); sets with no speech row are left out."""
+    sets: dict[str, dict[str, dict]] = {}
+    for name, result in tasks.items():
+        sets.setdefault(result.get("set", ""), {})[name] = result
+    out = {}
+    for set_name, group in sets.items():
+        summary = parity_summary(group)
+        if summary is not None:
+            out[set_name] = summary
+    return out
 
 
 def plot_task(name: str, result: dict, png_path: str | Path) -> None:

@@ -62,6 +62,15 @@ class ContinuationOptions:
 
 
 @dataclass(frozen=True)
+class BehaviourOptions:
+    """The LLM's answers to instructions never trained on, with the speech vs with the transcript
+    (blsp/parity.py): agreement, runaway answers, KL(text||row) over the text path's answers."""
+
+    instructions: str = ""  # a YAML file of them, relative to the suite (default: recipes/eval/behaviour.yaml)
+    n_examples: int = field(default=3, metadata={"min": 0})  # side-by-side answers kept per instruction
+
+
+@dataclass(frozen=True)
 class RepresentationOptions:
     """Cosine of the LLM's hidden states for speech and transcript, per layer (paper appendix)."""
 
@@ -81,6 +90,7 @@ TASK_TYPES: dict[str, TaskType] = {
     "translation": TaskType(("bleu", "chrf"), TranslationOptions),
     "classification": TaskType(("accuracy", "macro_f1"), ClassificationOptions),
     "continuation": TaskType(("loss", "gap_closed", "kl", "agreement"), ContinuationOptions),
+    "behaviour": TaskType(("kl", "agreement", "runaway"), BehaviourOptions),
     "representation": TaskType(("cosine",), RepresentationOptions, rows=()),
 }
 
@@ -97,6 +107,7 @@ class TaskSpec:
     instruction: str | None = None  # None: the type's default (see `default_instruction`)
     limit: int | None = None
     max_new_tokens: int | None = None
+    set: str = ""  # the speech set it measures: the behaviour headline has one table per set
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class _TaskKeys:
     instruction: Union[str, None] = None
     limit: Union[int, None] = field(default=None, metadata={"min": 1})
     max_new_tokens: Union[int, None] = field(default=None, metadata={"min": 1})
+    set: str = ""
 
 
 @dataclass(frozen=True)
@@ -330,10 +342,19 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
         contrast = _resolve(base, options.contrast_model)
         _check_model_dir(contrast, source, kids["contrast_model"].line)
         options = dataclasses.replace(options, contrast_model=str(contrast))
+    if isinstance(options, BehaviourOptions):
+        from .parity import BEHAVIOUR_INSTRUCTIONS, load_behaviour_instructions
+
+        found = _resolve(base, options.instructions) if options.instructions else BEHAVIOUR_INSTRUCTIONS
+        if not found.is_file():
+            raise InputError(f"`instructions`: file not found: {found}", source,
+                             kids["instructions"].line if "instructions" in kids else node.line)
+        load_behaviour_instructions(found)  # checked now (its own file:line errors), before any model loads
+        options = dataclasses.replace(options, instructions=str(found))
     return TaskSpec(name=common.get("name") or type_node.value, type=type_node.value, manifest=manifest,
                     line=node.line, metrics=tuple(dict.fromkeys(metrics)), rows=tuple(rows or kind.rows),
                     options=options, instruction=common.get("instruction"), limit=common.get("limit"),
-                    max_new_tokens=common.get("max_new_tokens"))
+                    max_new_tokens=common.get("max_new_tokens"), set=common.get("set", ""))
 
 
 def default_instruction(spec: TaskSpec, labels: tuple[str, ...] = (),

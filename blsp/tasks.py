@@ -165,7 +165,7 @@ def _result(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str, ta
     cascade = None
     if "cascade" in spec.rows:
         cascade = {"source": f"the manifest's `{ASR_FIELD}` field"} if data.asr is not None else runner.asr_identity
-    return {"type": spec.type, "manifest": {"path": str(spec.manifest), "sha256": data.manifest_sha256,
+    return {"type": spec.type, "set": spec.set, "manifest": {"path": str(spec.manifest), "sha256": data.manifest_sha256,
                                             "n_total": data.n_total, "n_evaluated": len(data.utterances)},
             "instruction": instruction, "options": dataclasses.asdict(spec.options), "metrics": list(spec.metrics),
             "rows": list(table), "cascade_asr": cascade, "table": table, **extra}
@@ -292,6 +292,64 @@ def run_continuation(runner: Runner, spec: TaskSpec, data: TaskData, instruction
     return _result(runner, spec, data, instruction, {k: v for k, v in table.items() if v}, **extra)
 
 
+def run_behaviour(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str) -> dict:
+    """Each behaviour instruction (blsp/parity.py) asked with the gold transcript (row text, the
+    reference), the speech (blsp) and the ASR transcript (cascade): agreement with the text row,
+    runaway answers, and KL(text||row) teacher-forced over the text row's answers."""
+    from .parity import ANSWER_TOKENS, agreement_scores, answer_budget, answer_kl, load_behaviour_instructions
+
+    model, opts = runner.model, spec.options
+    utts = list(data.utterances)
+    feats = runner.features(utts)
+    texts = _slot_texts(spec, data, runner,
+                        lambda u, asr: prompt_transcript(u) if asr is None else _as_prompted(u, asr))
+    others = [r for r in spec.rows if r != "text"]
+    tok = model.processor.tokenizer
+    per_instruction, pooled = {}, {row: {"sum_kl": 0.0, "n_tokens": 0, "runaway": 0, "n": 0} for row in others}
+    for item in load_behaviour_instructions(opts.instructions):
+        budget = spec.max_new_tokens or ANSWER_TOKENS
+        text_answers = runner.row_answers(["text"], utts, item.instruction, texts, budget, f"{spec.name}/{item.name}",
+                                          feats=feats)["text"]
+        by_id = dict(zip([u.id for u in utts], text_answers))
+        answers = runner.row_answers(others, utts, item.instruction, texts,
+                                     lambda batch: answer_budget(tok, [by_id[u.id] for u in batch]),
+                                     f"{spec.name}/{item.name}", feats=feats)
+        result = {"instruction": item.instruction, "labels": list(item.labels), "rows": {}}
+        for row in others:
+            result["rows"][row] = agreement_scores(answers[row], text_answers, item)
+        if "kl" in spec.metrics:
+            cut = [len(tok(a, add_special_tokens=False)["input_ids"]) >= budget for a in text_answers]
+            slots = {"text": texts["text"], **{row: (feats(utts) if row == "blsp" else texts[row]) for row in others}}
+            kls = answer_kl(model, item.instruction, text_answers, cut, slots, batch_size=runner.batch_size)
+            for row in others:
+                result["rows"][row]["kl"] = kls[row]["kl"]
+                pooled[row]["sum_kl"] += kls[row]["sum_kl"]
+                pooled[row]["n_tokens"] += kls[row]["n_tokens"]
+        for row in others:
+            pooled[row]["runaway"] += sum(k is not None for k in result["rows"][row].pop("runaway_per_utterance"))
+            pooled[row]["n"] += len(utts)
+        result["examples"] = [{"id": u.id, "transcript": texts["text"][i], "text": text_answers[i],
+                               **{row: answers[row][i] for row in others}} for i, u in enumerate(utts[: opts.n_examples])]
+        per_instruction[item.name] = result
+    table: dict[str, dict] = {}
+    for row in others:
+        cells = {}
+        if "kl" in spec.metrics:
+            p = pooled[row]
+            cells["kl"] = p["sum_kl"] / p["n_tokens"] if p["n_tokens"] else None
+        if "runaway" in spec.metrics:
+            cells["runaway"] = pooled[row]["runaway"] / pooled[row]["n"] if pooled[row]["n"] else None
+        if "agreement" in spec.metrics:
+            cells.update({f"agree:{name}": r["rows"][row]["agreement"] for name, r in per_instruction.items()})
+        table[row] = cells
+    from .metrics import RUNAWAY_RULE
+
+    return _result(runner, spec, data, "; ".join(r["instruction"] for r in per_instruction.values()), table,
+                   instructions=per_instruction, instructions_file=opts.instructions, runaway_rule=RUNAWAY_RULE,
+                   table_note="agreement with the text row's answers: BLEU, or % same label for closed answers; "
+                              "KL over the text row's answer tokens, pooled over instructions")
+
+
 def run_representation(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str,
                        contrast_model: str | Path | None = None) -> dict:
     """Per-layer cosine of speech and transcript states; `contrast_model` adds a second adapter."""
@@ -315,7 +373,7 @@ def run_representation(runner: Runner, spec: TaskSpec, data: TaskData, instructi
 
 
 RUNNERS = {"transcription": run_transcription, "translation": run_translation,
-           "classification": run_classification, "continuation": run_continuation,
+           "classification": run_classification, "continuation": run_continuation, "behaviour": run_behaviour,
            "representation": run_representation}
 
 

@@ -306,6 +306,17 @@ tasks:
   - type: representation
     manifest: data/manifest.jsonl
     contrast_model: {contrast}
+  - type: behaviour
+    manifest: data/manifest.jsonl
+    instructions: behaviour.yaml
+    max_new_tokens: 4
+    n_examples: 1
+"""
+BEHAVIOUR = """\
+gist: Say what this is about.
+mood:
+  instruction: Happy or sad?
+  labels: [happy, sad]
 """
 
 
@@ -325,6 +336,7 @@ def test_a_suite_end_to_end_on_tiny_models(trained_dir, tmp_path, capsys):
     manifest = suite_data(tmp_path)
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE.format(contrast=trained_dir["model"]))
+    (tmp_path / "behaviour.yaml").write_text(BEHAVIOUR)
     out = tmp_path / "report"
     code = main(["eval", "--model", str(trained_dir["model"]), "--suite", str(suite), "--limit", "3",
                  "--feature-cache", str(trained_dir["features"]), "--output-dir", str(out)])
@@ -336,12 +348,13 @@ def test_a_suite_end_to_end_on_tiny_models(trained_dir, tmp_path, capsys):
     assert len(ident["adapter_sha256"]) == 64 and ident["llm_fingerprint"] and ident["encoder_fingerprint"]
     assert all(d["sha256"] == file_sha256(manifest) and d["n_evaluated"] == 3 for d in ident["data"])
     assert ident["asr"] == {name: {"source": "the manifest's `asr` field"}
-                            for name in ("transcription", "translation", "classification", "alignment")}
+                            for name in ("transcription", "translation", "classification", "alignment", "behaviour")}
     assert "whisper-english" in ident["normaliser"]
     assert ident["sacrebleu_signatures"]["translation"]["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert ident["contrast_model"]["adapter_sha256"] == ident["adapter_sha256"]
     tasks = results["tasks"]
-    assert list(tasks) == ["transcription", "translation", "classification", "alignment", "representation"]
+    assert list(tasks) == ["transcription", "translation", "classification", "alignment", "representation",
+                           "behaviour"]
 
     # every table: BLSP, cascade, text (transcription adds the ASR transcript itself)
     tr = tasks["transcription"]
@@ -379,8 +392,25 @@ def test_a_suite_end_to_end_on_tiny_models(trained_dir, tmp_path, capsys):
     assert blsp["same_instruction"] == pytest.approx(contrast["same_instruction"], abs=1e-5)  # the same adapter
     assert all(-1 <= c <= 1 for c in blsp["mismatched_utterance"])
 
+    be = tasks["behaviour"]
+    assert be["rows"] == ["blsp", "cascade"] and list(be["instructions"]) == ["gist", "mood"]
+    assert be["instructions"]["mood"]["rows"]["blsp"]["measure"] == "same label (%)"
+    for row in ("blsp", "cascade"):
+        cells = be["table"][row]
+        assert set(cells) == {"kl", "runaway", "agree:gist", "agree:mood"}
+        assert cells["kl"] >= 0 and 0 <= cells["runaway"] <= 1 and 0 <= cells["agree:mood"] <= 100
+        # the pooled KL is the token-weighted mean of the instructions' KLs
+        assert all(r["rows"][row]["kl"] >= 0 for r in be["instructions"].values())
+    assert set(be["instructions"]["gist"]["examples"][0]) == {"id", "transcript", "text", "blsp", "cascade"}
+    # the headline: BLSP beside the cascade, the KL on continuations (the alignment task), the bars
+    head = results["behaviour"][""]
+    assert head["kl_measured_on"] == "kl" and head["rows"]["blsp"]["kl"] == al["table"]["blsp"]["kl"]
+    assert head["rows"]["cascade"]["agreement"]["mood"] == be["table"]["cascade"]["agree:mood"]
+    assert head["whisper_wer"] == tr["table"]["asr"]["wer"]
+    assert set(head["bars"]) == {"kl", "wer", "runaway", "agreement:gist", "agreement:mood"}
+    assert printed.index("behaviour (what the LLM writes") < printed.index("transcription [transcription]")
     for name in ("transcription", "translation", "classification", "alignment", "alignment_alignment",
-                 "representation"):
+                 "representation", "behaviour"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
     for words in ("BLSP (speech)", "cascade (ASR->LLM)", "text (gold->LLM)", "WER", "BLEU", "macro-F1",
                   "gap closed", "agreement BLEU", "per layer", "centred", "sacrebleu: BLEU nrefs:1"):
