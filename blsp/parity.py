@@ -199,7 +199,7 @@ def parity_summary(tasks: dict[str, dict]) -> dict | None:
                     rows[row]["wer"] = table[row].get("wer")
             if "asr" in table:
                 whisper_wer = table["asr"].get("wer")
-    if not any(rows["blsp"].values()):
+    if not any(v is not None for v in rows["blsp"].values()):
         return None
     blsp, cascade = rows["blsp"], rows["cascade"]
     kl_key = "kl" if blsp.get("kl") is not None else "kl_answers"

@@ -117,3 +117,114 @@ def test_accuracy_and_macro_f1_of_a_small_table():
     s2 = classification_scores(["a", "b"], ["a", "a"], ["a", "b", "c"])
     assert s2["per_label"]["c"]["f1"] is None and s2["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
     json.dumps(s, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runaway answers
+# ----------------------------------------------------------------------------------------------
+def test_compression_ratio_is_raw_over_gzipped_bytes():
+    import zlib
+
+    from blsp.metrics import compression_ratio
+
+    text = "The quick brown fox jumps over the lazy dog."
+    assert compression_ratio(text) == len(text.encode()) / len(zlib.compress(text.encode()))
+    assert compression_ratio("") == 0.0
+    assert compression_ratio(text) < 2.4 < compression_ratio("ha " * 30)  # Whisper's threshold
+
+
+@pytest.mark.parametrize("text, loop", [
+    ("5 5 5 5", True),                                     # one word four times running
+    ("5 5 5", False),                                      # three times is not enough
+    ("I am. I am. I am. I am.", True),                     # a bigram four times (punctuation aside)
+    ("a b c d " * 4, True),                                # a 4-gram four times
+    ("a b c d e " * 4, False),                             # a 5-gram: past n <= 4, and gzip shrinks it < 2.4x
+    ("ha " * 30, True),                                    # gzip: ratio past 2.4
+    ("five, 5 five 5 five 5 five", False),                 # alternating, never the same n-gram 4 times
+    ("The cat sat on the mat and the dog ran away.", False),
+    ("", False),
+])
+def test_is_loop(text, loop):
+    from blsp.metrics import is_loop
+
+    assert is_loop(text) is loop
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("I'm sorry for your loss.", False),                   # sorry, but not a refusal
+    ("I'm sorry, but I am unable to transcribe audio files.", True),
+    ("I am sorry but that is beyond me.", True),
+    ("As an AI language model, I have no feelings.", True),
+    ("I cannot help with that.", True),
+    ("I can't listen to recordings.", True),
+    ("I apologize for the confusion.", True),
+    ("I don't have the ability to hear.", True),
+    ("This sound recording is too short.", True),          # talks about the audio, not the text
+    ("Audio quality matters to the speaker.", False),      # "audio" without "file"/"recording"
+    ("Positive.", False),
+    ("The speaker asks whether the train is late.", False),
+])
+def test_is_refusal(text, refusal):
+    from blsp.metrics import is_refusal
+
+    assert is_refusal(text) is refusal
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))  # n distinct words: no loop, no refusal
+
+
+@pytest.mark.parametrize("answer, text_answer, kind", [
+    ("5 5 5 5", "5", "loop"),
+    ("5 5 5 5", "5 5 5 5", None),                          # the text path loops too: not the speech's doing
+    ("I'm sorry, but I can't transcribe audio files.", "Positive.", "refusal"),
+    ("I'm sorry, but no.", "I am unable to say.", None),    # the text path refuses too
+    ("I'm sorry, but " * 4, "x", "loop"),                   # a refusal that loops counts once, as a loop
+    ("The sentiment here is positive overall.", "Positive.", None),  # 6 > 3x1 words but within 10 words
+    (words(11), "Positive.", None),                        # 11 = 1 + 10: not past the margin
+    (words(12), "Positive.", "long"),                      # 12 > 3x1 and > 1 + 10
+    (words(30), words(10), None),                          # exactly 3x: not past it
+    (words(31), words(10), "long"),
+    (words(12), "", "long"),                               # an empty text answer: 12 > 0 + 10
+])
+def test_runaway_kind(answer, text_answer, kind):
+    from blsp.metrics import runaway_kind
+
+    assert runaway_kind(answer, text_answer) == kind
+
+
+def test_runaway_rate_counts_each_kind():
+    from blsp.metrics import runaway_rate
+
+    answers = ["5 5 5 5", "I am unable to hear audio files.", words(20), "Positive.", "5 5 5 5"]
+    texts = ["five", "Positive.", "Negative.", "Positive.", "5 5 5 5"]
+    r = runaway_rate(answers, texts)
+    assert r["per_utterance"] == ["loop", "refusal", "long", None, None]
+    assert (r["loop"], r["refusal"], r["long"], r["n"]) == (1, 1, 1, 5)
+    assert r["rate"] == 3 / 5
+    empty = runaway_rate([], [])
+    assert empty["rate"] is None and empty["n"] == 0 and empty["per_utterance"] == []
+    json.dumps(r, allow_nan=False)
+
+
+def test_runaway_rule_states_the_thresholds():
+    from blsp.metrics import RUNAWAY_RULE
+
+    for part in ("2.4", "4 times", "3x", "10 words", "I'm sorry, but", "text path's answer"):
+        assert part in RUNAWAY_RULE, part
+
+
+def test_label_agreement_is_the_share_of_the_same_label():
+    from blsp.metrics import label_agreement
+
+    answers = ["Positive.", "It sounds negative to me.", "hard to say", "NEUTRAL", "positive or negative"]
+    texts = ["positive", "Positive!", "I can't tell.", "The text is neutral.", "negative"]
+    # same: yes, no (negative vs positive), yes (both unmapped), yes, no (ambiguous vs negative): 3 of 5
+    a = label_agreement(answers, texts, LABELS)
+    assert a["agreement"] == pytest.approx(60.0) and a["n"] == 5 and a["labels"] == LABELS
+    assert [u["label"] for u in a["per_utterance"]] == ["positive", "negative", None, "neutral", None]
+    assert [u["text_label"] for u in a["per_utterance"]] == ["positive", "positive", None, "neutral", "negative"]
+    assert "unmapped" in a["label_rule"]
+    assert label_agreement(["Neutral."], ["neutral"], LABELS)["agreement"] == 100.0
+    assert label_agreement([], [], LABELS)["agreement"] is None
+    json.dumps(a, allow_nan=False)
