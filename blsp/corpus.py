@@ -759,7 +759,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
-    """`blsp data synth|manifest|shard|degrade`, added to the main parser's subcommands."""
+    """`blsp data synth|manifest|shard|degrade|real`, added to the main parser's subcommands."""
     data = sub.add_parser("data", help="make a speech corpus (TTS) or a manifest of your own corpus")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -802,7 +802,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_manifest)
 
     from .degrade import add_degrade_parser
+    from .realspeech import add_real_parser
     from .shards import add_shard_parser
 
     add_shard_parser(data_sub)
     add_degrade_parser(data_sub)
+    add_real_parser(data_sub)

@@ -9,7 +9,8 @@ are step 2's audio augmentation (`blsp data degrade --conditions mixed`).
 
 `blsp data degrade --manifest test.jsonl --conditions telephone,noise,reverb,speed --output DIR`
 writes DIR/CONDITION/*.wav and DIR/CONDITION.jsonl: every field of each line kept (behaviour data
-stays behaviour data), `audio` pointing at the degraded clip, `condition` added. Each clip's
+stays behaviour data), `audio` pointing at the degraded clip, the id `ID@CONDITION` (`source_id`
+the clean clip's), `condition` added. Each clip's
 randomness is seeded by its id, so a rerun writes the same files (and skips those already written).
 """
 
@@ -175,8 +176,9 @@ def degrade_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike,
             wav = wav_dir / _file_name(utt)
             if not wav.exists():
                 write_wav(wav, degrade(load_utterance_audio(utt), name, clip_rng(name, str(utt.id), seed)))
-            record = {"id": utt.id, "audio": os.path.relpath(wav, out_dir), "text": utt.text, **utt.extra,
-                      "condition": name, "source_audio": str(utt.audio)}
+            # a new id, so that a degraded copy can train or be scored beside its clean clip
+            record = {"id": f"{utt.id}@{name}", "audio": os.path.relpath(wav, out_dir), "text": utt.text,
+                      **utt.extra, "condition": name, "source_id": utt.id, "source_audio": str(utt.audio)}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         written[name] = out_dir / f"{name}.jsonl"
         atomic_write_text(written[name], "".join(lines))

@@ -16,6 +16,7 @@ the demo picks up where it stopped. Writes OUT/report.json and OUT/report.png an
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -25,7 +26,8 @@ import yaml
 
 from blsp.cli import main as blsp
 from blsp.evaluation import _pct
-from blsp.io import atomic_write_json
+from blsp.io import atomic_write_json, atomic_write_text
+from blsp.parity import format_parity
 from blsp.options import DEFAULT_PRESET, TrainOptions, mix_shares, option_flags as flags
 from blsp.trainer import draw_loss_curve, runs_warm_start
 
@@ -81,7 +83,9 @@ def main() -> None:
         train_flags += ["--warm-start-data", str(data / "train.jsonl")]
     train_model("step 2", recipe, behavior / "train.jsonl", adapter, train_flags, timings)
     more_rounds(out, recipe, train_cont, train_utterances, timings)
-    evaluate(out, str(round_dirs(out, recipe)[-1]), str(behavior / "test.jsonl"), recipe["eval"], timings)
+    adapter_dir = str(round_dirs(out, recipe)[-1])
+    evaluate(out, adapter_dir, str(behavior / "test.jsonl"), recipe["eval"], timings)
+    evaluate_behaviour(out, adapter_dir, behavior / "test.jsonl", recipe["eval"], timings)
     report(out, recipe, timings)
 
 
@@ -190,12 +194,56 @@ def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> Non
                                            "--output-dir", str(out / EVALS["untrained"])], timings)
 
 
-EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrained"}  # -> output dirs
+EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrained",
+         "behaviour": "eval_behaviour"}  # -> output dirs
+UNSEEN_SET, REAL_SET = "TTS, unseen voice", "real speech"
+# A recipe's eval keys for the behaviour sets, where it gives none (recipes/demo.yaml says why).
+BEHAVIOUR_DEFAULTS = {"behaviour_limit": 24, "degraded": ["telephone"], "real_sources": "small", "real_limit": 40,
+                      "behaviour_batch_size": 16}
+
+
+def evaluate_behaviour(out: Path, adapter: str, test: Path, ev: dict, timings: dict) -> None:
+    """What the LLM writes with the speech beside what it writes with the transcript, and the
+    cascade's, on held-out speech: the unseen voice's clips, the same clips degraded, real speech
+    (`blsp data real`). One suite (OUT/sets/suite.yaml) with a headline table per set."""
+    sets = out / "sets"
+    sets.mkdir(parents=True, exist_ok=True)
+    lines = [json.loads(line) for line in test.read_text().splitlines() if line.strip()]
+    unseen = [line for line in lines if line.get("voice_seen") is False][: ev.get("behaviour_limit", BEHAVIOUR_DEFAULTS["behaviour_limit"])]
+    for line in unseen:  # paths relative to the new manifest's directory
+        line["audio"] = os.path.normpath(os.path.join("..", test.parent.name, line["audio"]))
+    atomic_write_text(sets / "unseen.jsonl", "".join(json.dumps(line) + "\n" for line in unseen))
+    ev = {**BEHAVIOUR_DEFAULTS, **ev}
+    conditions = ev["degraded"] or []
+    if conditions:
+        run("degraded speech", ["data", "degrade", "--manifest", str(sets / "unseen.jsonl"), "--output",
+                                str(sets / "degraded"), "--conditions", ",".join(conditions)], timings)
+    if ev.get("real_sources"):
+        run("real speech", ["data", "real", "--output", str(out / "real"), "--sources", ev["real_sources"]], timings)
+    suite = {"name": "demo-behaviour", "batch_size": ev.get("behaviour_batch_size", 16), "tasks": []}
+
+    def tasks(set_name: str, manifest: str, behaviour_data: bool, limit: int | None = None) -> None:
+        common = {"set": set_name, "manifest": manifest, **({"limit": limit} if limit else {})}
+        suite["tasks"].append({"name": f"{set_name}: behaviour", "type": "behaviour", **common})
+        if behaviour_data:  # the training behaviour's loss gap and KL (secondary)
+            suite["tasks"].append({"name": f"{set_name}: continuation", "type": "continuation", **common,
+                                   "metrics": ["loss", "gap_closed", "kl"], "group_by": [], "bootstrap": 200})
+        suite["tasks"].append({"name": f"{set_name}: transcription", "type": "transcription", **common})
+
+    tasks(UNSEEN_SET, "unseen.jsonl", True)
+    for condition in conditions:
+        tasks(f"{UNSEEN_SET}, {condition}", f"degraded/{condition}.jsonl", True)
+    if ev.get("real_sources"):
+        tasks(REAL_SET, "../real/real.jsonl", False, ev.get("real_limit"))
+    atomic_write_text(sets / "suite.yaml", yaml.safe_dump(suite, sort_keys=False))
+    run("evaluation (behaviour)", ["eval", "--model", adapter, "--suite", str(sets / "suite.yaml"),
+                                   "--output-dir", str(out / EVALS["behaviour"])], timings)
 
 
 def report(out: Path, recipe: dict, timings: dict) -> None:
     """Gather the evaluations into OUT/report.json, print the short report, plot OUT/report.png."""
-    results = {name: json.loads((out / d / "results.json").read_text()) for name, d in EVALS.items()}
+    results = {name: json.loads((out / d / "results.json").read_text()) for name, d in EVALS.items()
+               if (out / d / "results.json").exists()}
     summary = {"recipe": recipe, "timings_s": timings, **results}
     atomic_write_json(out / "report.json", summary)
     plot_report(summary, [d / "train_log.jsonl" for d in round_dirs(out, recipe)], out / "report.png")
@@ -246,7 +294,10 @@ def transcription_label(recipe: dict) -> str:
 def format_report(summary: dict) -> str:
     trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
     al, al_c = trained["alignment"], cascade["alignment"]
-    lines = ["behaviour alignment on held-out sentences: loss of the transcript's continuation (nats/token)",
+    lines = []
+    for set_name, parity in (summary.get("behaviour") or {}).get("behaviour", {}).items():
+        lines += [f"[{set_name}]", *format_parity(parity)]
+    lines += ["behaviour alignment on held-out sentences: loss of the transcript's continuation (nats/token)",
              f"  {'':<34} {'clips':>5} {'instr.':>8} {'speech':>8} {'transcript':>10}   gap closed (95% CI)   KL(text||speech)",
              _alignment_row(untrained_label(summary["recipe"]), untrained["alignment"]),
              _alignment_row("trained adapter", al)]

@@ -165,18 +165,20 @@ def test_degrade_manifest_keeps_every_field_and_reads_back(tmp_path):
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(records) == 3
         for original, record in zip(originals, records):
-            assert {k: v for k, v in record.items() if k not in ("audio", "condition", "source_audio")} == \
-                {k: v for k, v in original.items() if k != "audio"}  # continuation, truncated kept
+            kept = ("audio", "condition", "source_audio", "id", "source_id")
+            assert {k: v for k, v in record.items() if k not in kept} == \
+                {k: v for k, v in original.items() if k not in ("audio", "id")}  # continuation, truncated kept
+            assert record["id"] == f"{original['id']}@{name}" and record["source_id"] == original["id"]
             assert record["condition"] == name
             assert record["source_audio"] == str(manifest.parent / original["audio"])
             assert not os.path.isabs(record["audio"]) and record["audio"].startswith(f"{name}/")
             assert record["audio"].endswith(".wav") and (out / record["audio"]).is_file()
         utts = read_manifest(path).utterances
-        assert [u.id for u in utts] == [r["id"] for r in originals]
+        assert [u.id for u in utts] == [f"{r['id']}@{name}" for r in originals]
         assert [u.extra["continuation"] for u in utts] == [r["continuation"] for r in originals]
         for utt in utts:
             wave = load_utterance_audio(utt)
-            n = len(clean[utt.id])
+            n = len(clean[utt.extra["source_id"]])
             assert abs(len(wave) - (n / 1.2 if name == "speed" else n)) <= 1
             assert 0 < np.abs(wave).max() <= PEAK_LIMIT + 1e-4
     assert sf.info(out / records[0]["audio"]).samplerate == SR
