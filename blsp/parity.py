@@ -9,7 +9,7 @@ baseline a user would otherwise pick) we measure, on held-out speech:
 - KL(text || speech): the next-token distributions with the speech against those with the
   transcript, over the text path's own answer (teacher-forced), per instruction;
 - agreement: the greedy answers with the speech against those with the transcript, under
-  instructions never trained on (recipes/eval/behaviour.yaml): BLEU for free answers, the share
+  instructions never trained on (recipes/behaviour.yaml): BLEU for free answers, the share
   of the same label for closed ones;
 - runaway answers: loops, refusals, answers past 3x the text path's length (metrics.RUNAWAY_RULE);
 - transcription WER (the transcription task) against Whisper's own.
@@ -32,7 +32,7 @@ from .errors import InputError
 from .metrics import continuation_agreement, label_agreement, runaway_rate
 from .processing import Example
 
-BEHAVIOUR_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "recipes" / "eval" / "behaviour.yaml"
+BEHAVIOUR_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "recipes" / "behaviour.yaml"
 ANSWER_TOKENS = 64  # the text path's answers: the instructions ask for a sentence or a list
 RUNAWAY_BUDGET = (3, 16)  # the other rows may write 3x the text answer's tokens + 16: room to show a runaway
 

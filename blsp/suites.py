@@ -66,7 +66,7 @@ class BehaviourOptions:
     """The LLM's answers to instructions never trained on, with the speech vs with the transcript
     (blsp/parity.py): agreement, runaway answers, KL(text||row) over the text path's answers."""
 
-    instructions: str = ""  # a YAML file of them, relative to the suite (default: recipes/eval/behaviour.yaml)
+    instructions: str = ""  # a YAML file of them, relative to the suite (default: recipes/behaviour.yaml)
     n_examples: int = field(default=3, metadata={"min": 0})  # side-by-side answers kept per instruction
 
 

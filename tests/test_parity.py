@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------------------------
 def test_the_shipped_instructions_load():
     items = load_behaviour_instructions()
-    assert BEHAVIOUR_INSTRUCTIONS == ROOT / "recipes" / "eval" / "behaviour.yaml"
+    assert BEHAVIOUR_INSTRUCTIONS == ROOT / "recipes" / "behaviour.yaml"
     assert [i.name for i in items] == ["continue", "summarise", "keywords", "speaker", "sentiment"]
     by_name = {i.name: i for i in items}
     assert by_name["sentiment"].labels == ("positive", "negative", "neutral")

@@ -96,7 +96,10 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
         # round 2: the corpus grown to 5 train sentences, step 1 on the 2 clips round 1 left (as two
         # windows of one clip each), 1 more step
         "more_rounds": [{"sentences": 5, "from": [3, 4], "train_utterances": [1, 1], "max_steps": 1}],
-        "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3, "no_repeat_ngram_size": 2}}))
+        "eval": {"tasks": "alignment,examples", "cascade_limit": 2, "untrained_limit": 3, "no_repeat_ngram_size": 2,
+                 # the behaviour sets: the unseen voice's 2 clips, clean and through the telephone band
+                 # (real speech needs downloads: tests/test_realspeech.py)
+                 "behaviour_limit": 2, "degraded": ["telephone"], "real_sources": "", "behaviour_batch_size": 2}}))
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["demo.py", "--recipe", str(recipe), "--output", str(out)])
 
@@ -114,6 +117,11 @@ def test_the_demo_runs_every_stage_reports_and_resumes(tmp_path, tiny_dirs, tiny
     assert first["trained"]["identity"]["decoding"]["no_repeat_ngram_size"] == 2
     assert "'transcribe' over speech; greedy, no 2-gram twice" in printed
     assert (out / "report.png").stat().st_size > 20_000
+    # the behaviour headline per set, first in the report: BLSP beside the cascade, the bars
+    sets = first["behaviour"]["behaviour"]
+    assert list(sets) == ["TTS, unseen voice", "TTS, unseen voice, telephone"]
+    assert all(s["rows"]["cascade"]["agreement"] and "kl" in s["bars"] for s in sets.values())
+    assert printed.index("behaviour (what the LLM writes") < printed.index("behaviour alignment on held-out")
     train_lines = [json.loads(l) for l in (out / "behavior" / "train.jsonl").read_text().splitlines()]
     assert len(train_lines) == 3
     # train rows: 2 tokens (a word at most each); the test rows were allowed 6
@@ -191,7 +199,11 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
         again = parser.parse_args(["train", "--data", "d", "--output-dir", "o2", "--init-from", "o",
                                    *demo.round_train_flags(recipe, spec)])
         train_options(again)
-    assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS}
+    assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS,
+                                   *demo.BEHAVIOUR_DEFAULTS}
+    ev = {**demo.BEHAVIOUR_DEFAULTS, **recipe["eval"]}
+    parser.parse_args(["data", "degrade", "--manifest", "m", "--output", "o", "--conditions", ",".join(ev["degraded"])])
+    parser.parse_args(["data", "real", "--output", "o", "--sources", ev["real_sources"]])
     parser.parse_args(["eval", "--data", "d", "--output-dir", "o", *demo.guard_flags(recipe["eval"])])
     assert (demo.HERE.parent / recipe["data"]["spec"]).exists()
 
