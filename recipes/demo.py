@@ -198,8 +198,8 @@ EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrai
          "behaviour": "eval_behaviour"}  # -> output dirs
 UNSEEN_SET, REAL_SET = "TTS, unseen voice", "real speech"
 # A recipe's eval keys for the behaviour sets, where it gives none (recipes/demo.yaml says why).
-BEHAVIOUR_DEFAULTS = {"behaviour_limit": 24, "degraded": ["telephone"], "real_sources": "small", "real_limit": 40,
-                      "behaviour_batch_size": 16}
+BEHAVIOUR_DEFAULTS = {"behaviour_limit": 16, "degraded": ["telephone"], "real_sources": "small", "real_limit": 24,
+                      "behaviour_batch_size": 24}
 
 
 def evaluate_behaviour(out: Path, adapter: str, test: Path, ev: dict, timings: dict) -> None:
