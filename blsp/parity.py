@@ -21,27 +21,17 @@ baseline a user would otherwise pick) we measure, on held-out speech:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .errors import InputError
 from .metrics import continuation_agreement, label_agreement, runaway_rate
 from .processing import Example
+from .suites import BEHAVIOUR_INSTRUCTIONS, BehaviourInstruction, load_behaviour_instructions  # noqa: F401 (re-exported)
 
-BEHAVIOUR_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "recipes" / "behaviour.yaml"
 ANSWER_TOKENS = 64  # the text path's answers: the instructions ask for a sentence or a list
 RUNAWAY_BUDGET = (3, 16)  # the other rows may write 3x the text answer's tokens + 16: room to show a runaway
-
-
-@dataclass(frozen=True)
-class BehaviourInstruction:
-    name: str
-    instruction: str
-    labels: tuple[str, ...] = ()  # a closed answer: agreement is the share of the same label
 
 
 @dataclass(frozen=True)
@@ -71,34 +61,6 @@ BARS = {
     "wer": Bar("wer", 1.5, "whisper"),
     "runaway": Bar("runaway", 0.0, "", absolute=0.01),
 }
-
-
-def load_behaviour_instructions(path: str | os.PathLike = BEHAVIOUR_INSTRUCTIONS) -> tuple[BehaviourInstruction, ...]:
-    """The instructions file: `name: instruction`, or `name: {instruction: ..., labels: [...]}`;
-    a mistake is reported as `FILE:LINE: ...`."""
-    from .suites import read_yaml_nodes
-
-    source = os.fspath(path)
-    if not Path(path).is_file():
-        raise InputError("behaviour instructions file not found", source)
-    root = read_yaml_nodes(path)
-    if not isinstance(root.value, dict) or not root.value:
-        raise InputError("expected a mapping of name: instruction", source, root.line)
-    out = []
-    for name, node in root.children.items():
-        value = node.value
-        if isinstance(value, str):
-            value = {"instruction": value}
-        if not isinstance(value, dict) or set(value) - {"instruction", "labels"}:
-            raise InputError(f"{name}: give an instruction string, or `instruction:` and `labels:`", source, node.line)
-        text, labels = value.get("instruction"), value.get("labels", [])
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{name}: the instruction must be a non-empty string", source, node.line)
-        if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels) \
-                or len(labels) == 1:
-            raise InputError(f"{name}: labels must be a list of two or more strings", source, node.line)
-        out.append(BehaviourInstruction(name, text.strip(), tuple(labels)))
-    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------

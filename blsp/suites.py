@@ -61,6 +61,17 @@ class ContinuationOptions:
     seed: int = 0
 
 
+# The instructions the behaviour task asks (blsp/parity.py measures the answers).
+BEHAVIOUR_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "recipes" / "behaviour.yaml"
+
+
+@dataclass(frozen=True)
+class BehaviourInstruction:
+    name: str
+    instruction: str
+    labels: tuple[str, ...] = ()  # a closed answer: agreement is the share of the same label
+
+
 @dataclass(frozen=True)
 class BehaviourOptions:
     """The LLM's answers to instructions never trained on, with the speech vs with the transcript
@@ -260,6 +271,32 @@ def _fields_from(node: Node, cls: type, source: str, what: str, extra_keys: tupl
     return out
 
 
+def load_behaviour_instructions(path: str | os.PathLike = BEHAVIOUR_INSTRUCTIONS) -> tuple[BehaviourInstruction, ...]:
+    """The instructions file: `name: instruction`, or `name: {instruction: ..., labels: [...]}`;
+    a mistake is reported as `FILE:LINE: ...`."""
+    source = os.fspath(path)
+    if not Path(path).is_file():
+        raise InputError("behaviour instructions file not found", source)
+    root = read_yaml_nodes(path)
+    if not isinstance(root.value, dict) or not root.value:
+        raise InputError("expected a mapping of name: instruction", source, root.line)
+    out = []
+    for name, node in root.children.items():
+        value = node.value
+        if isinstance(value, str):
+            value = {"instruction": value}
+        if not isinstance(value, dict) or set(value) - {"instruction", "labels"}:
+            raise InputError(f"{name}: give an instruction string, or `instruction:` and `labels:`", source, node.line)
+        text, labels = value.get("instruction"), value.get("labels", [])
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{name}: the instruction must be a non-empty string", source, node.line)
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels) \
+                or len(labels) == 1:
+            raise InputError(f"{name}: labels must be a list of two or more strings", source, node.line)
+        out.append(BehaviourInstruction(name, text.strip(), tuple(labels)))
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # The suite
 # ----------------------------------------------------------------------------------------------
@@ -343,8 +380,6 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
         _check_model_dir(contrast, source, kids["contrast_model"].line)
         options = dataclasses.replace(options, contrast_model=str(contrast))
     if isinstance(options, BehaviourOptions):
-        from .parity import BEHAVIOUR_INSTRUCTIONS, load_behaviour_instructions
-
         found = _resolve(base, options.instructions) if options.instructions else BEHAVIOUR_INSTRUCTIONS
         if not found.is_file():
             raise InputError(f"`instructions`: file not found: {found}", source,
