@@ -97,6 +97,10 @@ def fetch(source: Source, downloads: Path) -> Path:
             done = subprocess.run([*cmd, "--no-build-isolation"], cwd=downloads, capture_output=True, text=True)
     else:
         done = subprocess.run(["apt-get", "download", source.package], cwd=downloads, capture_output=True, text=True)
+        if done.returncode and os.geteuid() == 0:  # a machine whose package lists were never fetched
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            done = subprocess.run(["apt-get", "download", source.package], cwd=downloads, capture_output=True,
+                                  text=True)
     found = sorted(downloads.glob(_archive_glob(source)))
     if done.returncode or not found:
         hint = " (run `apt-get update` first)" if source.registry == "debian" else ""
