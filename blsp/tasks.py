@@ -317,7 +317,7 @@ def run_behaviour(runner: Runner, spec: TaskSpec, data: TaskData, instruction: s
         result = {"instruction": item.instruction, "labels": list(item.labels), "rows": {}}
         for row in others:
             result["rows"][row] = agreement_scores(answers[row], text_answers, item)
-        if "kl" in spec.metrics:
+        if "kl" in spec.metrics and others:
             cut = [len(tok(a, add_special_tokens=False)["input_ids"]) >= budget for a in text_answers]
             slots = {"text": texts["text"], **{row: (feats(utts) if row == "blsp" else texts[row]) for row in others}}
             kls = answer_kl(model, item.instruction, text_answers, cut, slots, batch_size=runner.batch_size)
