@@ -157,6 +157,11 @@ def _slot_texts(spec: TaskSpec, data: TaskData, runner: Runner,
     return texts
 
 
+def _as_step1_fed(utt: Utterance, asr: str | None) -> str:
+    """The transcript as step 1 fed it (normalised or not), and an ASR transcript prepared the same way."""
+    return prompt_transcript(utt) if asr is None else _as_prompted(utt, asr)
+
+
 def _as_written(utt: Utterance, asr: str | None) -> str:
     return utt.text if asr is None else asr
 
@@ -248,8 +253,7 @@ def run_continuation(runner: Runner, spec: TaskSpec, data: TaskData, instruction
     utts = list(data.utterances)
     feats = runner.features(utts)
     # as step 1 fed the transcript (normalised or not), and the ASR transcript prepared the same way
-    texts = _slot_texts(spec, data, runner,
-                        lambda u, asr: prompt_transcript(u) if asr is None else _as_prompted(u, asr))
+    texts = _slot_texts(spec, data, runner, _as_step1_fed)
     asr = dict(zip([u.id for u in utts], texts["asr"])) if "cascade" in spec.rows else None
     table: dict[str, dict] = {row: {} for row in spec.rows}
     extra: dict[str, Any] = {}
@@ -301,11 +305,12 @@ def run_behaviour(runner: Runner, spec: TaskSpec, data: TaskData, instruction: s
     model, opts = runner.model, spec.options
     utts = list(data.utterances)
     feats = runner.features(utts)
-    texts = _slot_texts(spec, data, runner,
-                        lambda u, asr: prompt_transcript(u) if asr is None else _as_prompted(u, asr))
+    texts = _slot_texts(spec, data, runner, _as_step1_fed)
     others = [r for r in spec.rows if r != "text"]
     tok = model.processor.tokenizer
     per_instruction, pooled = {}, {row: {"sum_kl": 0.0, "n_tokens": 0, "runaway": 0, "n": 0} for row in others}
+    # the speech features the KL reads, loaded once for every instruction
+    speech = feats(utts) if "blsp" in others and "kl" in spec.metrics else None
     for item in load_behaviour_instructions(opts.instructions):
         budget = spec.max_new_tokens or ANSWER_TOKENS
         text_answers = runner.row_answers(["text"], utts, item.instruction, texts, budget, f"{spec.name}/{item.name}",
@@ -319,7 +324,7 @@ def run_behaviour(runner: Runner, spec: TaskSpec, data: TaskData, instruction: s
             result["rows"][row] = agreement_scores(answers[row], text_answers, item)
         if "kl" in spec.metrics and others:
             cut = [len(tok(a, add_special_tokens=False)["input_ids"]) >= budget for a in text_answers]
-            slots = {"text": texts["text"], **{row: (feats(utts) if row == "blsp" else texts[row]) for row in others}}
+            slots = {"text": texts["text"], **{row: (speech if row == "blsp" else texts[row]) for row in others}}
             kls = answer_kl(model, item.instruction, text_answers, cut, slots, batch_size=runner.batch_size)
             for row in others:
                 result["rows"][row]["kl"] = kls[row]["kl"]
