@@ -40,6 +40,11 @@ def check_speech_vectors(speech_vectors: str, speech_compression: str | None, sp
                         "speech compression 'ctc' or speech states 'decoder'")
 
 
+def check_bridge_confidence(confidence: float | None) -> None:
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise BlspError(f"bridge confidence {confidence}: a posterior, between 0 and 1 (0: every token as itself)")
+
+
 def initial_speech_vectors(speech_states: str, speech_vectors: str) -> str:
     """The speech vectors a new model is built with: over decoder states the token bridge needs no
     training; over encoder frames token-run vectors need the CTC head training enables later."""
@@ -80,6 +85,7 @@ class BlspConfig(PretrainedConfig):
         decoder_fingerprint: str | None = None,
         speech_language: str | None = None,
         bridge_fingerprint: str | None = None,
+        bridge_confidence: float | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -119,6 +125,10 @@ class BlspConfig(PretrainedConfig):
         # "decoder": the language Whisper transcribes in ("en", ...), or "auto": its guess per clip
         self.speech_language = speech_language
         self.bridge_fingerprint = bridge_fingerprint  # which LLM tokens stand for each of Whisper's
+        check_bridge_confidence(bridge_confidence)
+        # the token bridge reads a state as its greedy token's own embedding where Whisper's posterior
+        # of it is at least this (blsp.readers.bridge); None: the posterior mix everywhere
+        self.bridge_confidence = bridge_confidence
         super().__init__(**kwargs)
 
     @property

@@ -48,6 +48,7 @@ def model_identity(model: BlspModel, model_dir: str | Path | None, untrained_see
         "adapter_type": cfg.adapter_type,
         "speech_states": cfg.speech_states,  # encoder frames, or Whisper's decoder states
         "speech_vectors": cfg.speech_vectors,
+        "bridge_confidence": getattr(cfg, "bridge_confidence", None),  # sure tokens read as themselves
         "speech_language": cfg.speech_language,
         "decoder_fingerprint": cfg.decoder_fingerprint,
         "encoder_name": cfg.encoder_name,
@@ -129,13 +130,28 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
                   "adapter_downsample": cfg.adapter_downsample, "system_prompt": cfg.system_prompt,
                   "speech_states": cfg.speech_states,
                   "speech_vectors": initial_speech_vectors(cfg.speech_states, cfg.speech_vectors),
-                  "speech_language": cfg.speech_language or "en"} if cfg else {}
+                  "speech_language": cfg.speech_language or "en",
+                  "bridge_confidence": getattr(cfg, "bridge_confidence", None)} if cfg else {}
         model = BlspModel.from_components(encoder, llm, seed=args.seed, **kwargs)
     else:
         if not args.model:
             raise BlspError("give --model DIR (a trained adapter), or --untrained with --encoder and --llm")
         model = BlspModel.from_pretrained(args.model, strict=not args.no_strict)
+    if getattr(args, "bridge_confidence", None) is not None:
+        set_bridge_confidence(model, args.bridge_confidence)
     return model.to(default_device(DistInfo())).eval()
+
+
+def set_bridge_confidence(model: BlspModel, confidence: float) -> None:
+    """Read the tokens Whisper is at least `confidence` sure of as themselves (blsp.readers.bridge),
+    whatever the model was trained with."""
+    from .config import check_bridge_confidence
+
+    if not model.reads_token_bridge:
+        raise BlspError(f"--bridge-confidence {confidence}: this model does not read Whisper's decoder through the "
+                        "token bridge (trained with --preset decoder, it would)")
+    check_bridge_confidence(confidence)
+    model.config.bridge_confidence = confidence
 
 
 def default_instruction(model_dir: str | None) -> str:
@@ -237,7 +253,9 @@ def run_suite(args: argparse.Namespace) -> dict:
         Path(args.feature_cache) if args.feature_cache else packaged.CACHE_DIR / "features")
     runner = Runner(model, batch_size=args.batch_size or suite.batch_size or 8, feature_cache=cache_root,
                     asr_model=args.asr_model or suite.asr_model, max_new_tokens=args.max_new_tokens,
-                    generate_kwargs=args.generate_kwargs)
+                    generate_kwargs=args.generate_kwargs,
+                    answer_cache=None if args.no_answer_cache else (
+                        Path(args.answer_cache) if args.answer_cache else packaged.CACHE_DIR / "answers"))
     tasks = run_tasks(runner, suite, data, continuation_instruction=args.instruction or default_instruction(args.model),
                       contrast_model=args.contrast_model)
     import jiwer
@@ -321,7 +339,14 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed; the adapter's seed with --untrained")
     p.add_argument("--feature-cache", default=None, help="default: $BLSP_CACHE/features (shared with training)")
     p.add_argument("--no-feature-cache", action="store_true", help="encode speech on the fly, write nothing")
+    p.add_argument("--answer-cache", default=None, metavar="DIR",
+                   help="--suite: the text rows' answers (transcript and cascade; they depend on the frozen LLM only, "
+                        "not the adapter), kept to be read again by the next evaluation (default: $BLSP_CACHE/answers)")
+    p.add_argument("--no-answer-cache", action="store_true", help="--suite: answer every text row afresh, keep nothing")
     p.add_argument("--no-strict", action="store_true", help="allow backbones other than the trained ones")
+    p.add_argument("--bridge-confidence", type=float, default=None, metavar="P",
+                   help="token-bridge models: read each token Whisper is at least P sure of as the LLM's own "
+                        "embedding of it (default: as the model was trained)")
     from .flags import add_repetition_flags
 
     add_repetition_flags(p)  # every generated answer's (transcription, examples, a suite's tasks)

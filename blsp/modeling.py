@@ -254,6 +254,7 @@ class BlspModel(PreTrainedModel):
         speech_states: str = "encoder",
         speech_vectors: str = "adapter",
         speech_language: str = "en",
+        bridge_confidence: float | None = None,
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
@@ -283,6 +284,7 @@ class BlspModel(PreTrainedModel):
             decoder_ids=decoding_ids(whisper, whisper_tokenizer, speech_language) if decoding else None,
             speech_language=speech_language if decoding else None,
             decoder_fingerprint=weights_fingerprint(whisper.get_decoder()) if decoding else None,
+            bridge_confidence=bridge_confidence,
         )
         model = cls(config, audio_tower=whisper.get_encoder(), language_model=language_model,
                     speech_decoder=whisper.get_decoder() if decoding else None)

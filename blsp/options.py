@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import SPEECH_VECTORS, reads_tokens, tokens_unreadable
+from .config import SPEECH_VECTORS, check_bridge_confidence, reads_tokens, tokens_unreadable
 from .errors import BlspError, CheckpointError
 from .lora import LoraSettings, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION
@@ -59,6 +59,10 @@ class ModelOptions:
         "tokens: the mix of the LLM's own token embeddings the CTC head hears there. With --speech-states decoder: "
         "adapter: the adapter's vector of each decoder state; tokens: the LLM embeddings of Whisper's likeliest "
         "tokens there, plus the adapter's vector as a correction", choices=SPEECH_VECTORS)
+    bridge_confidence: float | None = option(
+        None, "with --speech-vectors tokens on decoder states: read each token Whisper's posterior gives at least P "
+        "as the LLM's own embedding of it, uncorrected (what the cascade would feed the LLM there); the adapter "
+        "corrects the rest. Default: the posterior mix everywhere", metavar="P")
     instruction: str = option(CONTINUATION_INSTRUCTION, "the instruction the continuations were written under")
     system_prompt: str | None = option(None, "default: the chat template's own")
 
@@ -486,6 +490,12 @@ def check_options(options: TrainOptions) -> None:
             check_bridge_adapter(model.adapter, model.adapter_downsample)
         except BlspError as err:  # say so where the preset, not the user, asked for the bridge
             raise BlspError(str(err) + options.preset_note("speech_states", "speech_vectors")) from None
+    if model.bridge_confidence is not None:
+        if not reads_tokens(model.speech_vectors, model.speech_states):
+            raise BlspError(f"--bridge-confidence {model.bridge_confidence}: only the token bridge reads sure tokens "
+                            "as themselves (--speech-states decoder --speech-vectors tokens: --preset decoder)"
+                            + options.preset_note("bridge_confidence", "speech_states", "speech_vectors"))
+        check_bridge_confidence(model.bridge_confidence)
     n = model.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if model.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {model.adapter_downsample}: the conv adapter downsamples by a power "

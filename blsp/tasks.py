@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .answer_cache import AnswerCache
 from .data import Utterance, prompt_transcript
 from .errors import BlspError
 from .scoring import (
@@ -53,9 +54,11 @@ MaxTokens = int | Callable[[Sequence[Utterance]], int]
 @torch.no_grad()
 def text_generate(model: BlspModel, utterances: Sequence[Utterance], texts: Sequence[str], instruction: str,
                   batch_size: int = 8, max_new_tokens: MaxTokens = 64, desc: str = "eval: generating",
-                  progress: bool = True, generate_kwargs: dict | None = None) -> list[str]:
+                  progress: bool = True, generate_kwargs: dict | None = None,
+                  cache: AnswerCache | None = None) -> list[str]:
     """Greedy answers to `instruction` with each text where the speech would be (the same prompt
-    splicing as step 1), batched; `max_new_tokens` may be a function of the batch's utterances."""
+    splicing as step 1), batched; `max_new_tokens` may be a function of the batch's utterances.
+    With a `cache`, a batch answered before by the same frozen LLM is read, not decoded again."""
     from .inference import generate_from_examples
 
     answers: list[str] = []
@@ -63,10 +66,16 @@ def text_generate(model: BlspModel, utterances: Sequence[Utterance], texts: Sequ
         for start in range(0, len(texts), batch_size):
             utts = utterances[start : start + batch_size]
             limit = max_new_tokens(utts) if callable(max_new_tokens) else max_new_tokens
-            examples = [Example(model.processor.transcript_prompt(instruction, t))
-                        for t in texts[start : start + batch_size]]
-            answers += generate_from_examples(model, examples, max_new_tokens=limit, **(generate_kwargs or {}))
-            bar.update(len(examples))
+            prompts = [model.processor.transcript_prompt(instruction, t) for t in texts[start : start + batch_size]]
+            key = cache.key(model, prompts, limit, generate_kwargs or {}) if cache is not None else None
+            batch = cache.get(key, len(prompts)) if cache is not None else None
+            if batch is None:
+                batch = generate_from_examples(model, [Example(p) for p in prompts], max_new_tokens=limit,
+                                               **(generate_kwargs or {}))
+                if cache is not None:
+                    cache.put(key, batch)
+            answers += batch
+            bar.update(len(prompts))
     return answers
 
 
@@ -87,8 +96,10 @@ class Runner:
 
     def __init__(self, model: BlspModel, batch_size: int = 8, feature_cache: str | Path | None = None,
                  asr_model: str | None = None, progress: bool = True, max_new_tokens: int | None = None,
-                 generate_kwargs: dict | None = None):
+                 generate_kwargs: dict | None = None, answer_cache: str | Path | None = None):
         self.model = model
+        # the text rows' answers, kept between runs (blsp.answer_cache): they do not depend on the adapter
+        self.answer_cache = AnswerCache(answer_cache) if answer_cache is not None else None
         self.generate_kwargs = generate_kwargs or {}  # every row's decoding beyond greedy (the loop guards)
         self.max_new_tokens = max_new_tokens  # a cap over every task's own budget (a quick look)
         self.batch_size = batch_size
@@ -142,7 +153,7 @@ class Runner:
                                            progress=self.progress, generate_kwargs=self.generate_kwargs)
             else:
                 out[row] = text_generate(self.model, utterances, texts[row], instruction, self.batch_size,
-                                         max_new_tokens, desc, self.progress, self.generate_kwargs)
+                                         max_new_tokens, desc, self.progress, self.generate_kwargs, self.answer_cache)
         return out
 
 

@@ -87,3 +87,51 @@ def test_the_bridge_needs_one_adapter_vector_per_state():
     with pytest.raises(BlspError, match="--adapter stack --adapter-downsample 1"):
         BlspConfig(adapter_type="stack", adapter_downsample=2, speech_states="decoder", speech_vectors="tokens",
                    decoder_ids={"prompt": [1], "eot": 0})
+
+
+def test_a_state_whisper_is_sure_of_reads_as_its_token_itself_and_an_unsure_one_as_the_mix():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 4)
+    table = torch.randn(10, 3)
+    single = torch.ones(10, dtype=torch.bool)
+    single[5] = False  # token 5 splits into several LLM tokens: never read as "itself"
+    bridge = TokenBridge(table, top_k=3, single=single, never=[2])
+    sure_state, unsure_state = 50 * weight[7], torch.zeros(4)
+    states = torch.stack([sure_state, unsure_state, 50 * weight[5], 50 * weight[2]])[None]
+    mix, sure, exact = bridge.read(states, weight, confidence=0.9)
+    assert sure[0].tolist() == [True, False, False, False]  # 2 is never emitted, 5 is not one LLM token
+    torch.testing.assert_close(exact[0, 0], table[7])
+    assert exact[0, 3].ne(table[2]).any()  # Whisper's greedy token there is not the suppressed one
+    torch.testing.assert_close(mix, bridge(states, weight))  # the mix is the bridge's as before
+    assert bridge.read(states, weight)[1] is None  # no confidence: no sure tokens
+    # confidence 0: every single-piece greedy token is read as itself (the cascade's input)
+    logits = (states[0] @ weight[:10].T).index_fill(-1, torch.tensor([2]), -torch.inf)
+    expected = single[logits.argmax(-1)]
+    assert bridge.read(states, weight, confidence=0.0)[1][0].tolist() == expected.tolist()
+    assert expected[:3].tolist() == [True, True, False]
+
+
+def test_a_bridge_model_with_a_confidence_skips_the_correction_on_sure_tokens_and_saves_it(tiny_whisper_dir, tiny_dirs,
+                                                                                          tmp_path):
+    model = BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                      speech_states="decoder", speech_vectors="tokens", bridge_confidence=0.0)
+    torch.manual_seed(0)
+    states, lengths = torch.randn(2, 5, 32), torch.tensor([5, 3])
+    with torch.no_grad():
+        model.adapter.norm.weight.fill_(0.1)  # a correction that moves every vector
+    vectors, _ = model.speech_embeddings(states, lengths)
+    weight = model.speech_decoder.embed_tokens.weight
+    mix, sure, exact = model.token_bridge.read(states, weight, 0.0)
+    assert sure.any()
+    torch.testing.assert_close(vectors[sure], exact[sure])  # read as the tokens themselves
+    assert (vectors[~sure] - mix[~sure]).abs().max() > 1e-3  # corrected where Whisper's token is not one LLM token
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.bridge_confidence == 0.0
+    torch.testing.assert_close(loaded.speech_embeddings(states, lengths)[0], vectors)
+
+
+def test_a_bridge_confidence_outside_0_1_or_without_the_bridge_is_refused(tiny_whisper_dir, tiny_dirs):
+    with pytest.raises(BlspError, match="between 0 and 1"):
+        BlspConfig(speech_states="decoder", speech_vectors="tokens", adapter_type="stack", adapter_downsample=1,
+                   decoder_ids={"eot": 1}, bridge_confidence=1.5)

@@ -49,3 +49,13 @@ def test_bad_presets_are_refused_naming_the_file(tmp_path):
         parse("--preset", str(tmp_path / "missing.yaml"))
     with pytest.raises(BlspError, match=r"unknown option\(s\) lr_rate"):
         TrainOptions.from_flat(lr_rate=1.0)
+
+
+def test_a_bridge_confidence_needs_the_token_bridge_and_a_posterior():
+    from blsp.options import check_options
+
+    with pytest.raises(BlspError, match="only the token bridge reads sure tokens"):
+        check_options(parse("--preset", "paper", "--bridge-confidence", "0.5"))
+    with pytest.raises(BlspError, match="between 0 and 1"):
+        check_options(parse("--preset", "decoder", "--bridge-confidence", "2"))
+    check_options(parse("--preset", "decoder", "--bridge-confidence", "0.5"))

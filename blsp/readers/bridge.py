@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,21 +58,47 @@ class TokenBridge(nn.Module):
     """Decoder states [B, S, d_whisper] -> [B, S, d_llm]: each the posterior mix of the bridge
     table's rows over Whisper's `TOP_K` likeliest text tokens. No trainable weights: the table is
     rebuilt from the two tokenizers on loading, and the scores are Whisper's own (its frozen, tied
-    output projection `output_weight`, [vocab, d_whisper], passed in)."""
+    output projection `output_weight`, [vocab, d_whisper], passed in).
 
-    def __init__(self, table: torch.Tensor, top_k: int = TOP_K):
+    `read` also says which states are sure: Whisper's greedy token there (the tokens its decoding
+    never emits, `never`, left out) has a posterior of at least a threshold and is one LLM token,
+    whose embedding `exact` holds: what the cascade would feed the LLM at that position."""
+
+    def __init__(self, table: torch.Tensor, top_k: int = TOP_K, single: torch.Tensor | None = None,
+                 never: Sequence[int] = ()):
         super().__init__()
         self.register_buffer("table", table, persistent=False)
+        # which Whisper tokens are exactly one LLM token (their row is that token's embedding)
+        single = torch.ones(table.shape[0], dtype=torch.bool) if single is None else single
+        self.register_buffer("single", single, persistent=False)
+        never_mask = torch.zeros(table.shape[0], dtype=torch.bool)
+        never_mask[[i for i in never if i < table.shape[0]]] = True
+        self.register_buffer("never", never_mask, persistent=False)
         self.top_k = top_k
 
     @torch.no_grad()
     def forward(self, states: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
+        return self.read(states, output_weight)[0]
+
+    @torch.no_grad()
+    def read(self, states: torch.Tensor, output_weight: torch.Tensor,
+             confidence: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the posterior mix [B, S, d_llm], and with a `confidence` the sure states [B, S] and the
+        table rows of their greedy tokens [B, S, d_llm]; else None, None)."""
         # in float32 whatever the step's autocast: the top k and posterior of a clip stay the same
         with torch.autocast(states.device.type, enabled=False):
             weight = output_weight[: self.table.shape[0]].to(states.device, torch.float32)
-            scores, ids = (states.float() @ weight.T).topk(self.top_k, dim=-1)
+            logits = states.float() @ weight.T
+            scores, ids = logits.topk(self.top_k, dim=-1)
             probs = F.softmax(scores, dim=-1)  # the posterior renormalised over the top k
-            return (probs[..., None] * self.table[ids]).sum(-2)
+            mix = (probs[..., None] * self.table[ids]).sum(-2)
+            if confidence is None:
+                return mix, None, None
+            logits = logits.masked_fill(self.never, -torch.inf)  # as Whisper's greedy decoding does
+            best = logits.argmax(-1)
+            posterior = (logits.gather(-1, best[..., None])[..., 0] - logits.logsumexp(-1)).exp()
+            sure = (posterior >= confidence) & self.single[best]
+            return mix, sure, self.table[best]
 
 
 def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
@@ -86,7 +113,12 @@ def check_bridge_adapter(adapter_type: str, downsample: int) -> None:
 class TokenBridgeReader(SpeechReader):
     """Decoder states read as the LLM's own token embeddings (`TokenBridge`), plus the adapter's
     vector as a learned correction (it starts at zero: `BlspModel.init_adapter`). The bridge is
-    built from the two tokenizers (`build`), never saved; the config keeps its fingerprint."""
+    built from the two tokenizers (`build`), never saved; the config keeps its fingerprint.
+
+    With the config's `bridge_confidence` P, a state whose greedy token Whisper is at least P sure
+    of (and that is one LLM token) is read as that token's embedding, with no correction: on the
+    words Whisper is sure of the LLM reads what the cascade would feed it (the text path's own
+    behaviour), and the adapter corrects only where Whisper hesitates."""
 
     name = "bridge"
 
@@ -105,10 +137,18 @@ class TokenBridgeReader(SpeechReader):
             raise CheckpointError(f"the token bridge was built from other tokenizers (fingerprint {expected}, now "
                                   f"{found}): load with the tokenizers it was trained with, or pass strict=False")
         self.config.bridge_fingerprint = found
-        self.bridge = TokenBridge(bridge_table(pieces, embeddings)).to(embeddings.device)
+        single = torch.tensor([len(ids) == 1 for ids in pieces], dtype=torch.bool)
+        never = self.config.decoder_ids.get("suppress") or []
+        self.bridge = TokenBridge(bridge_table(pieces, embeddings), single=single, never=never).to(embeddings.device)
 
     def correct(self, states: torch.Tensor, vectors: torch.Tensor, source: nn.Module) -> torch.Tensor:
         if self.bridge is None:
             raise BlspError("this model reads Whisper's decoder through its token bridge: build it "
                             "(BlspModel.from_pretrained / from_components do)")
-        return vectors + self.bridge(states, source.output_weight).to(vectors.dtype)
+        confidence = getattr(self.config, "bridge_confidence", None)
+        mix, sure, exact = self.bridge.read(states, source.output_weight, confidence)
+        out = vectors + mix.to(vectors.dtype)
+        if sure is None:
+            return out
+        # a sure token is read as the token itself, as the cascade would feed it: no correction there
+        return torch.where(sure[..., None], exact.to(vectors.dtype), out)
