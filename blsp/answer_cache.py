@@ -2,8 +2,8 @@
 
 Why: the behaviour measures (blsp/parity.py) ask every instruction three times, with the
 transcript (the text row), with Whisper's transcript (the cascade) and with the speech. The first
-two depend on the frozen LLM and the prompts only, not on the adapter, yet they cost two thirds
-of the suite's time; comparing checkpoints or an ablation's rows re-asked them every time. A batch
+two depend on the frozen LLM and the prompts only (and Whisper's transcripts, on the clips only),
+not on the adapter, yet they cost two thirds of the suite's time; comparing checkpoints or an ablation's rows re-asked them every time. A batch
 of prompts is answered once per LLM, decoding and machine; an adapter or LoRA that reaches the
 text path (LoRA everywhere) turns the cache off for that model.
 
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
@@ -34,8 +35,14 @@ def text_path_is_frozen(model: Any) -> bool:
     return model.config.llm_fingerprint is not None and (not lora or lora.get("where", "speech") == "speech")
 
 
+def _digest(what: dict) -> str:
+    what = {**what, "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class AnswerCache:
-    """Greedy answers of text-only prompt batches, under `root`/<key[:2]>/<key>.json."""
+    """Greedy answers of text-only prompt batches (and the cascade Whisper's transcripts of clip
+    batches), under `root`/<key[:2]>/<key>.json."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -44,11 +51,17 @@ class AnswerCache:
         """The entry of one batch of rendered prompts (token pieces), or None: not cacheable."""
         if not text_path_is_frozen(model):
             return None
-        what = {"llm": model.config.llm_fingerprint, "prompts": list(prompts), "max_new_tokens": int(max_new_tokens),
-                "generate": generate_kwargs, "stop": model.processor.stop_ids(), "dtype": str(model.dtype),
-                "device": model.language_model.device.type, "torch": torch.__version__,
-                "transformers": transformers.__version__}
-        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+        return _digest({"llm": model.config.llm_fingerprint, "prompts": list(prompts),
+                        "max_new_tokens": int(max_new_tokens), "generate": generate_kwargs,
+                        "stop": model.processor.stop_ids(), "dtype": str(model.dtype),
+                        "device": model.language_model.device.type})
+
+    def asr_key(self, fingerprint: str | None, audio: Sequence[np.ndarray], language: str, device: str) -> str | None:
+        """The entry of one batch of clips transcribed by the cascade's Whisper (weights `fingerprint`)."""
+        if fingerprint is None:
+            return None
+        clips = [hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest() for a in audio]
+        return _digest({"asr": fingerprint, "clips": clips, "language": language, "device": device})
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"

@@ -297,8 +297,10 @@ def load_cascade_asr(name: str):
 
 
 def whisper_transcripts(whisper, utterances: Sequence[Utterance], batch_size: int = 8, language: str = "en",
-                        progress: bool = True) -> list[str]:
-    """Whisper's own greedy transcripts (the cascade's ASR), on the padded 30 s window."""
+                        progress: bool = True, cache: Any = None, fingerprint: str | None = None) -> list[str]:
+    """Whisper's own greedy transcripts (the cascade's ASR), on the padded 30 s window. With a
+    `cache` (blsp.answer_cache.AnswerCache) and the weights' `fingerprint`, a batch of clips
+    transcribed before is read back."""
     from .whisper import transcribe
 
     model, tokenizer = whisper
@@ -306,8 +308,14 @@ def whisper_transcripts(whisper, utterances: Sequence[Utterance], batch_size: in
     with tqdm(total=len(utterances), desc="eval: whisper (cascade)", unit="utt", disable=not progress) as bar:
         for start in range(0, len(utterances), batch_size):
             utts = utterances[start : start + batch_size]
-            out += transcribe(model, tokenizer, [load_utterance_audio(u) for u in utts], language=language,
-                              batch_size=batch_size)
+            audio = [load_utterance_audio(u) for u in utts]
+            key = cache.asr_key(fingerprint, audio, language, model.device.type) if cache is not None else None
+            texts = cache.get(key, len(utts)) if cache is not None else None
+            if texts is None:
+                texts = transcribe(model, tokenizer, audio, language=language, batch_size=batch_size)
+                if cache is not None:
+                    cache.put(key, texts)
+            out += texts
             bar.update(len(utts))
     return out
 

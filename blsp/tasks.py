@@ -122,7 +122,8 @@ class Runner:
         if todo:
             whisper = self._load_whisper()
             for u, text in zip(todo, whisper_transcripts(whisper, todo, batch_size=self.batch_size,
-                                                         progress=self.progress)):
+                                                         progress=self.progress, cache=self.answer_cache,
+                                                         fingerprint=self.asr_identity["fingerprint"])):
                 self._asr_memo[str(u.audio)] = text
         return {u.id: self._asr_memo[str(u.audio)] for u in data.utterances}
 

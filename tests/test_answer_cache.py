@@ -62,3 +62,36 @@ def test_no_key_when_lora_reaches_the_text_path(tiny_model, tmp_path):
     assert cache.key(tiny_model, prompts, 4, {}) is not None  # speech positions only: the text path is the LLM's
     tiny_model.config.lora = {"rank": 8, "where": "all"}
     assert not text_path_is_frozen(tiny_model) and cache.key(tiny_model, prompts, 4, {}) is None
+
+
+def test_the_cascades_transcripts_are_read_back_for_the_same_clips_and_whisper(tiny_whisper_dir, tmp_path,
+                                                                                monkeypatch):
+    import soundfile as sf
+
+    import blsp.whisper
+    from blsp.audio import AudioRef
+    from blsp.fingerprint import weights_fingerprint
+    from blsp.scoring import load_cascade_asr, whisper_transcripts
+    from tests.conftest import tone
+
+    utts = []
+    for i, freq in enumerate((300.0, 500.0, 700.0)):
+        sf.write(tmp_path / f"c{i}.wav", tone(0.5, freq), 16000)
+        utts.append(Utterance(id=f"c{i}", audio=AudioRef.parse(str(tmp_path / f"c{i}.wav"), tmp_path), text="",
+                              extra={}, source="test", line=i + 1))
+    calls: list[int] = []
+    real = blsp.whisper.transcribe
+
+    def counted(model, tokenizer, audio, **kwargs):
+        calls.append(len(audio))
+        return real(model, tokenizer, audio, **kwargs)
+
+    monkeypatch.setattr(blsp.whisper, "transcribe", counted)
+    whisper = load_cascade_asr(tiny_whisper_dir)
+    cache, fingerprint = AnswerCache(tmp_path / "answers"), weights_fingerprint(whisper[0])
+    first = whisper_transcripts(whisper, utts, batch_size=2, progress=False, cache=cache, fingerprint=fingerprint)
+    assert whisper_transcripts(whisper, utts, batch_size=2, progress=False, cache=cache,
+                               fingerprint=fingerprint) == first
+    assert calls == [2, 1]
+    whisper_transcripts(whisper, utts, batch_size=2, progress=False, cache=cache, fingerprint="another whisper")
+    assert calls == [2, 1, 2, 1]
