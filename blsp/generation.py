@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .data import load_utterances_audio, read_jsonl, read_manifest
+from .data import check_output_apart, load_utterances_audio, read_jsonl, read_manifest
 from .distributed import DistInfo, default_device
 from .errors import BlspError
 from .io import append_jsonl, repair_jsonl_tail
@@ -16,25 +15,19 @@ from .modeling import BlspModel
 
 
 def done_ids(output: Path, instruction: str | None = None) -> set[str]:
-    """Ids already answered in `output`. Refuses a file that is not a `blsp generate` output (say,
-    the manifest given as --output) before touching it, and answers to another instruction, so a
+    """Ids already answered in `output`, read without changing it: the caller repairs a killed
+    writer's half line only once the run is known to be valid, so a refused run leaves the file
+    as it was. Refuses a file that is not a `blsp generate` output (say, a manifest given as
+    --output, whose last line may lack its newline), and answers to another instruction, so a
     changed instruction never silently reuses stale answers."""
     if not output.exists():
         return set()
-    with open(output, "rb") as f:
-        first = f.readline()
-    if first.endswith(b"\n"):  # a complete line; a partial one is a killed writer's, repaired below
-        try:
-            rec = json.loads(first)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict) or "prediction" not in rec:
-            raise BlspError(f"{output}:1: not a `blsp generate` output (no `prediction`); write to another --output")
-    repair_jsonl_tail(output)
     done = set()
-    for line_no, rec in read_jsonl(output):
-        if "id" not in rec or "prediction" not in rec:
-            raise BlspError(f"{output}:{line_no}: not a `blsp generate` output (no `id` or `prediction`)")
+    for line_no, rec in read_jsonl(output, partial_tail=True):
+        if "prediction" not in rec:
+            raise BlspError(f"{output}:{line_no}: not a `blsp generate` output (no `prediction`); write to another --output")
+        if "id" not in rec:
+            raise BlspError(f"{output}:{line_no}: not a `blsp generate` output (no `id`)")
         if instruction is not None and rec.get("instruction") != instruction:
             raise BlspError(f"{output}:{line_no}: this output holds answers to another instruction "
                             f"({rec.get('instruction')!r}); write to another --output, or delete it to start over")
@@ -48,14 +41,18 @@ def run_generate(model_dir: str | Path, manifest: str | Path, output: str | Path
                  strict: bool = True, seed: int = 0, model: BlspModel | None = None,
                  generate_kwargs: dict | None = None) -> dict:
     """Writes `{"id", "audio", "text", "instruction", "prediction"}` per clip; skips ids already written.
-    `generate_kwargs`: more of Hugging Face `generate`'s options (`blsp.inference.repetition_guard`)."""
+    `generate_kwargs`: more of Hugging Face `generate`'s options (`blsp.inference.repetition_guard`).
+    Everything that can refuse the run (the manifest, the output, the model) is checked before the
+    output is first changed."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_output_apart(manifest, output)
     read = read_manifest(manifest, require_text=False, skip_bad=skip_bad)
     finished = done_ids(output, instruction)  # before loading the model: refuse a stale output fast
     if model is None:
         model = BlspModel.from_pretrained(model_dir, strict=strict)
         model.to(default_device(DistInfo()))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl_tail(output)  # keeps exactly the lines `done_ids` counted
     todo = [u for u in read.utterances if u.id not in finished]
     torch.manual_seed(seed)
     skipped, written = list(read.skipped), 0

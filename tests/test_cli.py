@@ -56,6 +56,12 @@ def bad_line(kind: str, root: Path) -> tuple[str, str]:
         sf.write(wav / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     if kind == "corrupt":
         (wav / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(4000))
+    if kind == "directory":
+        (wav / "folder").mkdir(exist_ok=True)
+    if kind == "nan_samples":
+        samples = tone(0.5)
+        samples[100] = np.nan
+        sf.write(wav / "nan.wav", samples, 16000, subtype="FLOAT")
     return {
         "not_json": ('{"id": "bad", "audio": "wav/u0.wav", "text": ', "not valid JSON"),
         "no_audio": (json.dumps({"id": "bad", "text": "hello world"}), "missing `audio`"),
@@ -64,10 +70,15 @@ def bad_line(kind: str, root: Path) -> tuple[str, str]:
         "missing_file": (json.dumps({"id": "bad", "audio": "wav/nope.wav", "text": "hello"}), "not found"),
         "zero_length": (json.dumps({"id": "bad", "audio": "wav/empty.wav", "text": "hello"}), "no audio samples"),
         "corrupt": (json.dumps({"id": "bad", "audio": "wav/corrupt.wav", "text": "hello"}), "cannot read audio"),
+        "directory": (json.dumps({"id": "bad", "audio": "wav/folder", "text": "hello"}),
+                      "audio path is a directory, not a file"),
+        "nan_samples": (json.dumps({"id": "bad", "audio": "wav/nan.wav", "text": "hello"}),
+                        "audio contains NaN or infinite samples"),
     }[kind]
 
 
-BAD_KINDS = ["not_json", "no_audio", "no_text", "empty_text", "missing_file", "zero_length", "corrupt"]
+BAD_KINDS = ["not_json", "no_audio", "no_text", "empty_text", "missing_file", "zero_length", "corrupt", "directory",
+             "nan_samples"]
 
 
 @pytest.fixture(scope="module")
@@ -287,16 +298,89 @@ def test_generate_refuses_stale_or_foreign_outputs(trained, tmp_path, capsys):
     code, _, err = run(capsys, *common, "--output", out, "--task", "emotion")
     assert code == 2 and out.read_bytes() == before
     assert error_lines(err)[0].startswith(f"blsp: error: {out}:1: this output holds answers to another instruction")
-    # the manifest given as --output (without a final newline): refused, not truncated or appended to
+    # a manifest given as --output (without a final newline): refused, not truncated or appended to
     manifest = trained["manifest"]
     copy = tmp_path / "manifest.jsonl"
     copy.write_bytes(manifest.read_bytes().rstrip(b"\n"))
-    shutil.copytree(manifest.parent / "wav", tmp_path / "wav")
     before = copy.read_bytes()
-    code, _, err = run(capsys, *common[:-4], "--manifest", copy, "--output", copy, "--max-new-tokens", "3")
+    code, _, err = run(capsys, *common, "--output", copy)
     assert code == 2 and copy.read_bytes() == before
     assert error_lines(err) == [f"blsp: error: {copy}:1: not a `blsp generate` output (no `prediction`); "
                                 "write to another --output"]
+    # the manifest itself as --output: refused before anything is read from it as an output
+    shutil.copytree(manifest.parent / "wav", tmp_path / "wav")
+    code, _, err = run(capsys, *common[:-4], "--manifest", copy, "--output", copy, "--max-new-tokens", "3")
+    assert code == 2 and copy.read_bytes() == before
+    assert error_lines(err) == [f"blsp: error: {copy}: --output is the manifest itself; write to another file"]
+
+
+def one_line_manifest(root: Path) -> Path:
+    """The issue's file: one manifest line, no final newline (as `printf` writes it)."""
+    sf.write(root / "a.wav", tone(0.5), 16000)
+    path = root / "f.jsonl"
+    path.write_bytes(b'{"audio":"a.wav","text":"x"}')
+    return path
+
+
+def test_a_refused_generate_leaves_the_output_byte_identical(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = one_line_manifest(tmp_path)
+    before = manifest.read_bytes()
+    # the manifest as its own output, a model that is not there: refused, the file as it was
+    code, _, err = run(capsys, "generate", "--model", "nonexistent", "--manifest", "f.jsonl", "--task", "transcribe",
+                       "--output", "f.jsonl")
+    assert code == 2 and manifest.read_bytes() == before
+    assert error_lines(err) == ["blsp: error: f.jsonl: --output is the manifest itself; write to another file"]
+    # a copy as --output: refused as no generate output, before the model is even looked for
+    output = tmp_path / "g.jsonl"
+    output.write_bytes(before)
+    code, _, err = run(capsys, "generate", "--model", "nonexistent", "--manifest", manifest, "--output", output)
+    assert code == 2 and output.read_bytes() == before
+    assert error_lines(err) == [f"blsp: error: {output}:1: not a `blsp generate` output (no `prediction`); "
+                                "write to another --output"]
+    # a real output with a killed writer's half line, and a model that is not there: the half line
+    # stays until a run that can write has started
+    answered = json.dumps({"id": "other", "instruction": task_instruction("transcribe"), "prediction": "x"})
+    output.write_text(answered + '\n{"id": "f.jsonl", "instr')
+    before = output.read_bytes()
+    code, _, err = run(capsys, "generate", "--model", "nonexistent", "--manifest", manifest, "--output", output)
+    assert code == 2 and output.read_bytes() == before
+    assert error_lines(err) == ["blsp: error: nonexistent: not a blsp checkpoint (no adapter.safetensors)"]
+    code, _, err = run(capsys, "generate", "--model", trained["model"], "--manifest", manifest, "--output", output,
+                       "--max-new-tokens", "3")
+    assert code == 0, err
+    assert read_ids(output) == ["other", "a.wav"]
+
+
+@pytest.mark.parametrize("how", ["half line", "no final newline"])
+def test_generate_refuses_another_instruction_before_repairing_the_last_line(how, trained, tmp_path, capsys):
+    out = tmp_path / "pred.jsonl"
+    common = ["generate", "--model", trained["model"], "--manifest", trained["manifest"], "--max-new-tokens", "3",
+              "--output", out]
+    assert run(capsys, *common, "--task", "transcribe")[0] == 0
+    text = out.read_text()
+    out.write_text(text[:-1] if how == "no final newline" else text[: text.rindex("\n", 0, len(text) - 1) + 16])
+    before = out.read_bytes()
+    code, _, err = run(capsys, *common, "--task", "emotion")
+    assert code == 2 and out.read_bytes() == before
+    assert "this output holds answers to another instruction" in error_lines(err)[0]
+    # the same instruction resumes: a half line is answered again, a whole one counts as done
+    code, stdout, err = run(capsys, *common, "--task", "transcribe")
+    assert code == 0, err
+    assert ("wrote 1 answer(s)" if how == "half line" else "wrote 0 answer(s)") in stdout
+    assert sorted(read_ids(out)) == sorted(trained["ids"]) and out.read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("command", ["generate", "continue"])
+def test_an_empty_manifest_is_a_one_line_error(command, trained, tiny_dirs, tmp_path, capsys):
+    manifest = tmp_path / "empty.jsonl"
+    manifest.write_text("")
+    out = tmp_path / "out.jsonl"
+    model = ["--model", trained["model"]] if command == "generate" else ["--llm", tiny_dirs["llm"]]
+    code, stdout, err = run(capsys, command, "--manifest", manifest, "--output", out, *model)
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert error_lines(err) == [f"blsp: error: {manifest}: no utterances: the manifest is empty"]
+    assert not out.exists()
 
 
 def test_generate_sampling_is_reproducible_with_a_seed(trained, tmp_path, capsys):

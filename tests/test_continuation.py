@@ -420,3 +420,69 @@ def test_the_drop_message_says_any_instructions_prompt_counts(tmp_path, llm, cap
     assert summary.dropped_long == ["u0"]
     assert "whose prompt under some instruction (of the continuation's and --instruction-set's) has >= " \
         f"{limit} tokens (--max-prompt-tokens)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# An existing output is only changed once the run is known to be valid
+# ----------------------------------------------------------------------------------------------
+def unfinished(text: str, how: str) -> str:
+    """The output as a killed writer leaves it (half a last line) or an editor (no final newline)."""
+    return text[:-1] if how == "no final newline" else text[: text.rindex("\n", 0, len(text) - 1) + 16]
+
+
+@pytest.mark.parametrize("how", ["half line", "no final newline"])
+def test_a_refused_resume_leaves_an_unfinished_output_byte_identical(tmp_path, llm, how):
+    manifest = write_corpus(tmp_path / "data", n=3)
+    out = tmp_path / "behavior.jsonl"
+    run_continue(manifest, out, ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    out.write_text(unfinished(out.read_text(), how))
+    before = out.read_bytes()
+    with pytest.raises(BlspError, match="other step-1 settings"):
+        run_continue(manifest, out, ContinueOptions(max_new_tokens=5), model_and_tokenizer=llm)
+    assert out.read_bytes() == before
+
+
+def test_a_whole_last_line_without_its_newline_counts_as_done(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=3)
+    out = tmp_path / "behavior.jsonl"
+    opts = ContinueOptions(max_new_tokens=4)
+    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    full = out.read_bytes()
+    out.write_bytes(full[:-1])
+    summary = run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    assert (summary.already_done, summary.written) == (3, 0)
+    assert out.read_bytes() == full
+
+
+def test_rank_parts_with_other_settings_are_refused_before_any_merge(tmp_path, llm):
+    manifest = write_corpus(tmp_path / "data", n=3)
+    out = tmp_path / "behavior.jsonl"
+    opts = ContinueOptions(max_new_tokens=4)
+    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    kept, *rest = out.read_text().splitlines(keepends=True)
+    out.write_text(kept)
+    stale = [json.dumps({**json.loads(line), "fingerprint": "another"}) + "\n" for line in rest]
+    part = part_path(out, 1, 2)
+    part.write_text("".join(stale))
+    with pytest.raises(BlspError, match=f"^{part}:1: this output was written with other step-1 settings"):
+        run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    assert out.read_text() == kept and part.read_text() == "".join(stale)
+
+
+def test_the_manifest_as_its_own_output_is_refused(tmp_path, llm, monkeypatch):
+    manifest = write_corpus(tmp_path / "data", n=2)
+    manifest.write_bytes(manifest.read_bytes().rstrip(b"\n"))
+    before = manifest.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for output in (manifest, "data/../data/manifest.jsonl"):  # the same file, however it is spelt
+        with pytest.raises(BlspError, match=f"^{output}: --output is the manifest itself"):
+            run_continue(manifest, output, ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    assert manifest.read_bytes() == before
+
+
+def test_an_empty_manifest_is_refused(tmp_path, llm):
+    manifest = tmp_path / "empty.jsonl"
+    manifest.write_text("\n")
+    with pytest.raises(BlspError, match=f"^{manifest}: no utterances: the manifest is empty$"):
+        run_continue(manifest, tmp_path / "b.jsonl", ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    assert not (tmp_path / "b.jsonl").exists()

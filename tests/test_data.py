@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from blsp.audio import SAMPLE_RATE, AudioRef, load_audio
-from blsp.data import normalize_transcript, read_hf_dataset, read_jsonl, read_manifest
+from blsp.data import load_utterance_audio, normalize_transcript, read_hf_dataset, read_jsonl, read_manifest
 from blsp.errors import BlspError, InputError
 
 
@@ -84,6 +84,22 @@ def empty(tmp_path: Path) -> str:
     return "empty.wav"
 
 
+def folder(tmp_path: Path) -> str:
+    (tmp_path / "clips.wav").mkdir(exist_ok=True)
+    return "clips.wav"
+
+
+def float_wav_with(value: float):
+    """A float WAV (the one common format that can hold them) with one NaN or infinite sample."""
+    def write(tmp_path: Path) -> str:
+        samples = np.zeros(SAMPLE_RATE // 2, np.float32)
+        samples[1234] = value
+        name = f"float-{value}.wav"
+        sf.write(tmp_path / name, samples, SAMPLE_RATE, subtype="FLOAT")
+        return name
+    return write
+
+
 BAD_LINES = {
     "not json": (b'{"audio": "good.wav", "text": ', "not valid JSON"),
     "not an object": (b'["good.wav", "hi"]', "not a JSON object (got list)"),
@@ -99,6 +115,9 @@ BAD_LINES = {
     "zero-length file": (empty, "no audio samples"),
     "offset outside file": ({"audio": "good.wav:7000:2000", "text": "hi"}, "are outside the file (8000 samples)"),
     "duplicate id": ({"audio": "good.wav", "text": "again", "id": "first"}, "duplicate id 'first' (first on line 1)"),
+    "directory": (folder, "is a directory, not a file"),
+    "NaN samples": (float_wav_with(np.nan), "audio contains NaN or infinite samples"),
+    "infinite samples": (float_wav_with(-np.inf), "audio contains NaN or infinite samples"),
 }
 
 
@@ -152,6 +171,34 @@ def test_text_optional_and_audio_check_off(tmp_path):
     assert utt.text == "" and utt.audio.path == str(tmp_path / "later.wav")
 
 
+@pytest.mark.parametrize("content", ["", "\n   \n\n"])
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_an_empty_manifest_is_an_error_naming_it(tmp_path, content, skip_bad):
+    """Nothing to read is a mistake (a wrong path, a failed export), not a run with nothing to do."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(content)
+    with pytest.raises(InputError, match=f"^{manifest}: no utterances: the manifest is empty$"):
+        read_manifest(manifest, skip_bad=skip_bad)
+
+
+def test_only_the_referenced_samples_must_be_finite(tmp_path):
+    name = float_wav_with(np.nan)(tmp_path)  # the NaN is at sample 1234
+    manifest = write_lines(tmp_path / "m.jsonl", [{"audio": f"{name}:2000:4000", "text": "after it"},
+                                                  {"audio": f"{name}:1000:4000", "text": "over it"}])
+    with pytest.raises(InputError, match=f"^{manifest}:2: .*:1000:4000: audio contains NaN or infinite samples$"):
+        read_manifest(manifest)
+    assert [u.line for u in read_manifest(manifest, skip_bad=True).utterances] == [1]
+
+
+def test_audio_loaded_later_names_a_directory_and_its_line(tmp_path):
+    """Read without the header check (`check_audio=False`), a directory is still named as one when
+    its samples are loaded, not reported as a missing file."""
+    manifest = write_lines(tmp_path / "m.jsonl", [{"audio": folder(tmp_path), "text": "x"}])
+    (utt,) = read_manifest(manifest, check_audio=False).utterances
+    with pytest.raises(InputError, match=f"^{manifest}:1: audio path is a directory, not a file: "):
+        load_utterance_audio(utt)
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(InputError, match=f"^{tmp_path}/none.jsonl: file not found$"):
         read_manifest(tmp_path / "none.jsonl")
@@ -164,6 +211,21 @@ def test_read_jsonl(tmp_path):
     assert next(rows) == (3, {"b": 2})
     with pytest.raises(InputError, match=f"^{path}:4: not valid JSON"):
         next(rows)
+
+
+def test_read_jsonl_of_a_file_appended_to_skips_a_half_last_line_only(tmp_path):
+    """`partial_tail`: a last line without its newline that does not parse is a killed writer's
+    half line (skipped); one that parses is a whole record (read); a bad line before it still raises."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
+    assert list(read_jsonl(path, partial_tail=True)) == [(1, {"a": 1}), (2, {"b": 2})]
+    with pytest.raises(InputError, match=f"^{path}:3: not valid JSON"):
+        list(read_jsonl(path))
+    path.write_bytes(b'{"a": 1}\n{"b": 2}')
+    assert list(read_jsonl(path, partial_tail=True)) == [(1, {"a": 1}), (2, {"b": 2})]
+    path.write_bytes(b'{"a": \n{"b": 2}\n{"c": ')
+    with pytest.raises(InputError, match=f"^{path}:1: not valid JSON"):
+        list(read_jsonl(path, partial_tail=True))
 
 
 def test_normalize_transcript():

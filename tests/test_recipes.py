@@ -230,3 +230,14 @@ def test_the_demo_report_says_when_transcription_was_trained_not_zero_shot():
     # as `blsp train` reads it: a typed --mix transcribe=... replaces the preset's share, not adds to it
     assert label({"mix": "transcribe=0.1"}) == "transcription (10% of step 2's clips trained on their transcript)"
     assert demo.warm_starts({"preset": "fast"}) and not demo.warm_starts({})
+
+
+def test_make_demo_installs_what_blsp_serve_needs(tmp_path):
+    """The README's first command leaves a working `blsp serve` (the `serve` extra), not one that
+    stops with 'needs the serve extra'. A dry run (-n) prints the commands without running them."""
+    import subprocess
+
+    dry = subprocess.run(["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    installs = [line for line in dry.splitlines() if "pip install" in line and " -e " in line]
+    assert installs and any("[serve" in line or ",serve" in line for line in installs), installs
