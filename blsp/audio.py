@@ -33,6 +33,12 @@ ENCODER_FRAMES_PER_SECOND = 50  # the encoder's conv2 has stride 2: 100 mel fram
 MIN_SAMPLES = HOP_LENGTH  # one mel frame: a shorter clip gives the encoder nothing to see
 MIN_TAIL_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: a shorter last piece of a long clip is dropped
 RESAMPLE_QUALITY = "HQ"
+# Decoding an encoded clip in memory (`decode_audio`): libsndfile's length for a file that does not
+# state one (SF_COUNT_MAX), the highest sample rate taken (a clip is held at its own rate until it
+# is resampled: 300 s at 192 kHz is 230 MB of float32), and the samples read at a time.
+UNKNOWN_LENGTH = 2**63 - 1
+MAX_SAMPLE_RATE = 192_000
+READ_BLOCK_VALUES = 2**18
 
 # `path:start_sample:num_samples`, the original BLSP repository's convention
 _OFFSET_FORM = re.compile(r"^(?P<path>.+):(?P<start>\d+):(?P<num_samples>\d+)$")
@@ -40,6 +46,14 @@ _OFFSET_FORM = re.compile(r"^(?P<path>.+):(?P<start>\d+):(?P<num_samples>\d+)$")
 
 class AudioError(BlspError):
     """Audio that cannot be used; the caller adds which input line referred to it."""
+
+
+class AudioTooLong(AudioError):
+    """A clip longer than the caller allows, found from the file's header before decoding."""
+
+    def __init__(self, label: object, seconds: float, max_seconds: float):
+        self.seconds, self.max_seconds = seconds, max_seconds
+        super().__init__(f"{label}: the audio is {seconds:.0f} s long; at most {max_seconds:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -147,10 +161,14 @@ def _read(file: str | io.BytesIO, label: object, start: int = 0, frames: int = -
 
 def _to_mono_16k(data: np.ndarray, sample_rate: int, label: object) -> np.ndarray:
     """[samples, channels] at any rate -> float32 mono at SAMPLE_RATE (channels averaged)."""
-    _check_length(len(data), sample_rate, label)
-    if not np.isfinite(data).all():
+    return _mono_to_16k(data.mean(axis=1), sample_rate, label)
+
+
+def _mono_to_16k(mono: np.ndarray, sample_rate: int, label: object) -> np.ndarray:
+    # A NaN or infinity in any channel leaves one in the channels' mean: checked after it.
+    _check_length(len(mono), sample_rate, label)
+    if not np.isfinite(mono).all():
         raise AudioError(f"{label}: audio contains NaN or infinite samples")
-    mono = data.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
         import soxr
 
@@ -173,10 +191,60 @@ def load_audio(audio: AudioRef | str | os.PathLike, base_dir: str | os.PathLike 
     return _to_mono_16k(data, sample_rate, ref)
 
 
-def decode_audio(data: bytes, label: str) -> np.ndarray:
-    """Like `load_audio`, for an encoded file held in memory (e.g. a `datasets` Audio cell)."""
-    samples, sample_rate = _read(io.BytesIO(data), label)
-    return _to_mono_16k(samples, sample_rate, label)
+def decode_audio(data: bytes, label: str, max_seconds: float | None = None) -> np.ndarray:
+    """Like `load_audio`, for an encoded file held in memory (e.g. a `datasets` Audio cell or an
+    upload). The file is measured before it is decoded: a clip over `max_seconds` is refused from
+    its header (`AudioTooLong`) without a sample decoded, so a few MB of compressed silence cannot
+    become gigabytes of samples; one that does not state its length is refused too. Samples are
+    then read in blocks and mixed down as they come, never more than the header promised."""
+    with _open_encoded(data, label) as file:
+        frames, sample_rate = _stated_length(file, label), file.samplerate
+        if max_seconds is not None and frames > max_seconds * sample_rate:
+            raise AudioTooLong(label, frames / sample_rate, max_seconds)
+        mono = _read_mono(file, frames, label)
+    return _mono_to_16k(mono, sample_rate, label)
+
+
+def encoded_duration(data: bytes, label: str) -> float:
+    """Seconds of an encoded clip held in memory, from its header alone (nothing decoded); an
+    `AudioError` if it cannot be read or does not state its length, as `decode_audio` would."""
+    with _open_encoded(data, label) as file:
+        return _stated_length(file, label) / file.samplerate
+
+
+def _open_encoded(data: bytes, label: str):
+    try:
+        return _soundfile().SoundFile(io.BytesIO(data))
+    except (RuntimeError, OSError) as err:  # sf.LibsndfileError is a RuntimeError
+        raise AudioError(f"cannot decode audio {label}: {_reason(err)}") from err
+
+
+def _stated_length(file, label: str) -> int:
+    """The samples an open file's header promises (libsndfile reads no more than that)."""
+    if file.frames >= UNKNOWN_LENGTH:
+        raise AudioError(f"cannot decode audio {label}: the file does not state its length")
+    if not 0 < file.samplerate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"cannot decode audio {label}: sample rate {file.samplerate} Hz (at most "
+                         f"{MAX_SAMPLE_RATE} Hz)")
+    return file.frames
+
+
+def _read_mono(file, frames: int, label: str) -> np.ndarray:
+    """Up to `frames` samples of an open file, channels averaged block by block: the memory held is
+    the mono clip and one block, whatever the channel count."""
+    mono = np.empty(frames, dtype=np.float32)
+    block = max(1, READ_BLOCK_VALUES // file.channels)
+    done = 0
+    while done < frames:
+        try:
+            data = file.read(min(block, frames - done), dtype="float32", always_2d=True)
+        except (RuntimeError, OSError) as err:
+            raise AudioError(f"cannot decode audio {label}: {_reason(err)}") from err
+        if not len(data):  # the file ended before its header said (truncated): what there is
+            break
+        mono[done : done + len(data)] = data.mean(axis=1)
+        done += len(data)
+    return mono[:done]
 
 
 @lru_cache(maxsize=None)

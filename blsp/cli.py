@@ -75,15 +75,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serving import ServeOptions, run_server
+        from .serving import ServeOptions, api_key_from, default_allowed_hosts, run_server
     except ImportError as err:
         raise BlspError(f"serving needs the `serve` extra ({err.name} is missing): pip install 'blsp[serve]'") from None
 
     options = ServeOptions(
         model_name=args.served_model_name, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, request_timeout_s=args.timeout, default_max_tokens=args.max_new_tokens,
+        body_timeout_s=args.body_timeout, max_audio_seconds=args.max_audio_seconds,
+        max_request_audio_seconds=args.max_request_audio_seconds, max_prompt_tokens=args.max_prompt_tokens,
+        api_key=api_key_from(args.api_key), cors_origins=tuple(_listed(args.cors_origins)), docs=args.docs,
+        allowed_hosts=tuple(_listed(args.allowed_hosts)) or default_allowed_hosts(args.host),
     )
     return run_server(args.model, options, host=args.host, port=args.port, strict=not args.no_strict)
+
+
+def _listed(value: str | None) -> list[str]:
+    """A comma-separated flag's items."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -204,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queueing included")
     p.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives no max_tokens")
+    p.add_argument("--max-audio-seconds", type=float, default=300.0, help="per clip (read from its header)")
+    p.add_argument("--max-request-audio-seconds", type=float, default=300.0, help="all the clips of one request")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="text and speech vectors of one request (default: the LLM's context window)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request's body (408)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send `Authorization: Bearer KEY` (default: $BLSP_API_KEY; unset: no key)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME,...",
+                   help="Host header names answered, `*.example.com` patterns or `*` (default: localhost, "
+                        "127.0.0.1, ::1 and --host; any with --host 0.0.0.0)")
+    p.add_argument("--cors-origins", default=None, metavar="ORIGIN,...",
+                   help="web pages of these origins (https://app.example.com, or `*`) may call the API; "
+                        "default: none but the server's own page")
+    p.add_argument("--docs", action="store_true", help="serve the API's /docs, /redoc and /openapi.json")
     p.add_argument("--no-strict", action="store_true")
     p.set_defaults(func=cmd_serve)
 

@@ -9,6 +9,7 @@ token for token outside the slot.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -93,9 +94,11 @@ class ChatPrompt:
 
     def __init__(self, tokenizer: Any, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.text_tokenizer = _text_only(tokenizer)
         self.system_prompt = system_prompt
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.end_of_turn_id = self._find_end_of_turn_id()
+        self._longest_token: int | None = None
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[Piece]:
@@ -147,18 +150,27 @@ class ChatPrompt:
             if part["type"] == "audio":
                 pieces.append(AudioSlot(part["index"]))
             else:
-                self._append_ids(pieces, part["text"])
+                # What a message says is text: `<|im_start|>` typed by a user is not a turn.
+                self._append_ids(pieces, part["text"], self.text_tokenizer)
         self._append_ids(pieces, rest)
         return pieces
 
-    def _append_ids(self, pieces: list[Piece], text: str) -> None:
+    def _append_ids(self, pieces: list[Piece], text: str, tokenizer: Any = None) -> None:
         if not text:
             return
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (tokenizer or self.tokenizer)(text, add_special_tokens=False)["input_ids"]
         if pieces and isinstance(pieces[-1], list):
             pieces[-1] = pieces[-1] + ids
         else:
             pieces.append(list(ids))
+
+    @property
+    def longest_token(self) -> int:
+        """Characters of the vocabulary's longest token (as stored, which is never fewer than the
+        text it stands for): text longer than N times this cannot fit in N tokens, whatever it says."""
+        if self._longest_token is None:
+            self._longest_token = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return self._longest_token
 
     # -- targets -------------------------------------------------------------------------------
     def _find_end_of_turn_id(self) -> int:
@@ -184,6 +196,22 @@ class ChatPrompt:
         stopped at its length limit (the LLM never closed that turn)."""
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return ids if truncated else ids + [self.end_of_turn_id]
+
+
+def _text_only(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` that reads special tokens' strings as plain text (`split_special_tokens`).
+
+    A copy with the setting fixed, rather than the flag passed per call: a fast tokenizer passed
+    `split_special_tokens` switches its Rust tokenizer's shared `encode_special_tokens` setting back
+    and forth, which races with other threads tokenising at the same time (the server prepares
+    requests on several), and the template's own control tokens must still be read as such.
+    """
+    copy = deepcopy(tokenizer)
+    copy.split_special_tokens = True
+    backend = getattr(copy, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_special_tokens"):
+        backend.encode_special_tokens = True
+    return copy
 
 
 def pieces_to_ids(pieces: Sequence[Piece]) -> list[int]:
