@@ -16,6 +16,7 @@ written. Under torchrun each rank writes its own part file, merged by rank 0 at 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -369,7 +370,8 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                    stop_ids: Sequence[int], shared_prefix: int = 0) -> list[list[int]]:
+                    stop_ids: Sequence[int], shared_prefix: int = 0, inputs_embeds: torch.Tensor | None = None,
+                    prompt_scope: contextlib.AbstractContextManager | None = None) -> list[list[int]]:
     """Greedy decoding that drops each row from the batch (and its KV cache) once it has stopped.
 
     `generate` keeps computing finished rows until the longest one ends; SmolLM2's continuations
@@ -379,7 +381,11 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     `shared_prefix`: the first n tokens are the same in every row (padding comes after them);
     their keys and values are computed once, for one row, and shared by the batch.
+    `inputs_embeds`: the prompt as vectors (speech in it; `input_ids` then only sizes the batch),
+    read inside `prompt_scope` (e.g. `BlspModel.reading`: which prompt positions are speech).
     """
+    if inputs_embeds is not None and shared_prefix:
+        raise ValueError("greedy_generate: a shared prefix is for token prompts, not inputs_embeds")
     stops = set(stop_ids)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     n, cache = shared_prefix, None
@@ -391,8 +397,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         # expand() is a view; the cache's first update concatenates, so rows never share storage.
         cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
                                              for layer in first.layers], config=model.config)
-    out = model(input_ids=input_ids[:, n:], attention_mask=attention_mask, position_ids=positions[:, n:],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prompt = {"input_ids": input_ids[:, n:]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    with prompt_scope or contextlib.nullcontext():
+        out = model(**prompt, attention_mask=attention_mask, position_ids=positions[:, n:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, next_tokens = out.past_key_values, out.logits[:, -1].argmax(-1)
     alive = list(range(input_ids.shape[0]))  # batch row -> original row
     last_position = positions[:, -1]

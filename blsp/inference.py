@@ -103,6 +103,14 @@ def generate_from_examples(model, examples: Sequence[Example], max_new_tokens: i
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     embeds, attention_mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"],
                                                   batch.get("encoder_features"), batch.get("encoder_lengths"))
+    if not do_sample and not generate_kwargs:
+        # Our greedy loop drops each answer from the batch once it ends: an evaluation batch whose
+        # answers run 2 to 200 tokens no longer computes all of them for the longest one's steps.
+        from .continuation import greedy_generate
+
+        new = greedy_generate(model.language_model, batch["input_ids"], attention_mask, max_new_tokens,
+                              proc.stop_ids(), inputs_embeds=embeds, prompt_scope=model.reading(batch["input_ids"]))
+        return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     with model.reading(batch["input_ids"]):
         out = model.language_model.generate(

@@ -315,3 +315,38 @@ def test_repetition_guard_sets_only_what_is_given_and_refuses_nonsense():
         inference.repetition_guard(no_repeat_ngram_size=-1)
     with pytest.raises(inference.BlspError, match="--repetition-penalty"):
         inference.repetition_guard(repetition_penalty=0.0)
+
+
+@pytest.mark.parametrize("lora", [None, "speech"])
+def test_greedy_answers_drop_finished_rows_yet_match_hf_generate(model, lora, monkeypatch):
+    """generate_from_examples decodes greedily with its own loop, which drops each answer once it
+    ends (an evaluation batch's answers run 2 to 200 tokens): the same answers as transformers'
+    `generate`, which the loop guards (generate kwargs) still use. Speech-only LoRA reads the
+    prompt's speech positions and none of the generated ones, in a batch that shrinks."""
+    from blsp.lora import LoraSettings
+    from test_lora import _randomise_lora
+
+    if lora:
+        model.enable_lora(LoraSettings(rank=4, where=lora))
+        _randomise_lora(model)
+    instructions = ["please transcribe the following audio", "what is said", "continue the text please now"]
+    examples = conversation_examples(model, [[{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "audio", "audio": clip}]}] for text, clip in zip(instructions, clips())])
+    stop = model.processor.stop_ids()
+    seen: list[int] = []
+    real_forward = model.language_model.forward
+
+    def batch_rows(*args, **kwargs):
+        seen.append(kwargs.get("inputs_embeds", kwargs.get("input_ids")).shape[0])
+        return real_forward(*args, **kwargs)
+
+    # A random model seldom ends a turn: stop also at some tokens the first answer writes, so that
+    # rows end at different steps.
+    first = inference.generate_from_examples(model, examples[:1], max_new_tokens=24)[0]
+    ids = model.processor.tokenizer(first, add_special_tokens=False).input_ids
+    monkeypatch.setattr(model.processor, "stop_ids", lambda: [*stop, *ids[len(ids) // 3:len(ids) // 2 + 1]])
+    hf = inference.generate_from_examples(model, examples, max_new_tokens=24, repetition_penalty=1.0)
+    model.language_model.forward = batch_rows
+    ours = inference.generate_from_examples(model, examples, max_new_tokens=24)
+    assert ours == hf
+    assert seen[0] == 3 and min(seen) < 3  # the batch shrank as answers ended
