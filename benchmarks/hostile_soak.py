@@ -32,17 +32,13 @@ import argparse
 import base64
 import io
 import json
-import os
-import platform
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +47,8 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import fresh_adapter, percentile, requests_for, speech_clips  # noqa: E402
+from serve_load import (  # noqa: E402
+    ServerProcess, fresh_adapter, percentile, requests_for, run_record, speech_clips)
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE_KINDS = ("bomb", "hidden", "long_audio", "huge_text", "slow_body", "disconnect", "flood")
@@ -60,36 +57,15 @@ HOSTILE_KINDS = ("bomb", "hidden", "long_audio", "huge_text", "slow_body", "disc
 # ----------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------
-class Server:
-    """`blsp serve` in a child process; its RSS read from /proc."""
+class Server(ServerProcess):
+    """serve_load's server with this soak's limits, its host and port for raw sockets, and its RSS read
+    from /proc (idle and peak, to show that hostile requests cost no lasting memory)."""
 
     def __init__(self, model_dir: str, args, log_path: Path):
-        self.log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "blsp.cli", "serve", "--model", model_dir, "--port", "0",
-               "--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
-               "--body-timeout", str(args.body_timeout)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        if args.server_threads:
-            env["OMP_NUM_THREADS"] = str(args.server_threads)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        found, ready = [], threading.Event()
-
-        def pump():  # keeps the pipe drained for the server's whole life
-            for line in iter(self.proc.stdout.readline, ""):
-                self.log.write(line)
-                self.log.flush()
-                match = re.search(r"on http://([\d.]+):(\d+)/", line)
-                if match and not found:
-                    found.append((match[1], int(match[2])))
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(300):
-            self.stop()
-            raise SystemExit(f"the server did not start; see {log_path}")
-        self.host, self.port = found[0]
-        self.url = f"http://{self.host}:{self.port}"
+        self._start(model_dir, ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
+                                "--body-timeout", str(args.body_timeout)], log_path, args.server_threads)
+        address = urllib.parse.urlsplit(self.url)
+        self.host, self.port = address.hostname, address.port
 
     def rss_mb(self, field_name: str = "VmRSS") -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -97,19 +73,6 @@ class Server:
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=30) as resp:
-            return json.load(resp)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,9 +417,8 @@ def main(argv=None) -> int:
     lost = sum(r.lost for r in phases.values())
     memory_ok = all(r.peak_over_idle_mb <= 1024 for r in phases.values())
     report = {
-        "settings": {**vars(args), "model": args.model or "fresh adapter: whisper-base + smollm2-135m-instruct"},
+        **run_record(args),
         "payload_sizes_mb": payloads.sizes_mb,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
         "phases": {name: asdict(r) for name, r in phases.items()},
         "normal_p99_ratio": round(ratio, 2),
         "passed": lost == 0 and ratio <= args.max_p99_ratio and memory_ok,

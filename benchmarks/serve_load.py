@@ -132,12 +132,17 @@ def one_request(client, model: str, messages: list[dict], max_tokens: int) -> Ou
 # One mode: a server, N clients, a fixed time
 # ----------------------------------------------------------------------------------------------
 class ServerProcess:
+    """`blsp serve` in a child process on a free loopback port; `hostile_soak.py` subclasses it."""
+
     def __init__(self, model_dir: str, max_batch_size: int, clients: int, log_path: Path, threads: int | None,
                  batch_wait_ms: float):
+        self._start(model_dir, ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
+                                "--max-queue", str(4 * clients), "--timeout", "600"], log_path, threads)
+
+    def _start(self, model_dir: str, flags: list[str], log_path: Path, threads: int | None) -> None:
+        """Starts the server with `flags` after the model and port, and waits for its URL."""
         self.log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "blsp.cli", "serve", "--model", model_dir, "--port", "0",
-               "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
-               "--max-queue", str(4 * clients), "--timeout", "600"]
+        cmd = [sys.executable, "-m", "blsp.cli", "serve", "--model", model_dir, "--port", "0", *flags]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
@@ -254,6 +259,14 @@ def fresh_adapter(out_dir: Path) -> str:
     return str(path)
 
 
+def run_record(args) -> dict:
+    """The report's settings and machine, as every serving benchmark writes them (hostile_soak.py too)."""
+    return {
+        "settings": {**vars(args), "model": args.model or "fresh adapter: whisper-base + smollm2-135m-instruct"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
+    }
+
+
 def print_table(results: dict[str, ModeResult]) -> None:
     cols = ["requests_per_s", "tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s",
             "completed", "failed", "lost"]
@@ -294,9 +307,7 @@ def main(argv=None) -> int:
     speedup = results["batched"].requests_per_s / max(results["one_at_a_time"].requests_per_s, 1e-9)
     clean = all(r.failed == 0 and r.lost == 0 for r in results.values())
     report = {
-        "settings": {**vars(args), "model": args.model or "fresh adapter: whisper-base + smollm2-135m-instruct"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        **run_record(args),
         "modes": {name: asdict(r) for name, r in results.items()},
         "speedup_requests_per_s": round(speedup, 2),
         "passed": clean and speedup >= args.min_speedup,

@@ -32,6 +32,10 @@ class BehaviorItem:
     teacher_prompt: list
     target: list[int]
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None  # step 1's saved (ids, log-probs) [n, K]
+    # The target is the one right answer (a transcript), not the LLM's behaviour: trained by
+    # cross-entropy whatever `--loss` says. Distilled, it would teach the text path's answer to
+    # "transcribe" over a transcript it can read (a preamble, a reply), not the words.
+    exact: bool = False
 
 
 
@@ -151,7 +155,7 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     teacher_prompt = proc.transcript_prompt(instruction, transcript)
     saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.objective.loss else None
     topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
-    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk)
+    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk, exact=task == "transcribe")
 
 
 def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int],

@@ -26,7 +26,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
     options = ContinueOptions(
         llm=args.llm, instruction=args.instruction, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-        top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=not args.no_normalize,
+        top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=args.normalize,
         batch_size=args.batch_size, seed=args.seed,
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
         backend=args.backend, save_topk=args.save_topk,
@@ -142,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=192,
                    help="utterances whose prompt is longer are dropped; with --instruction-set, whose prompt "
                         "under any of its instructions is (each line answers them all)")
-    p.add_argument("--no-normalize", action="store_true", help="feed transcripts as written")
+    normalize = p.add_mutually_exclusive_group()
+    normalize.add_argument("--normalize", action="store_true",
+                           help="feed transcripts through Whisper's English normaliser (lower case, no punctuation), "
+                                "as the paper's code did; default: as written, as Whisper writes them")
+    normalize.add_argument("--no-normalize", action="store_true", help="feed transcripts as written (the default)")
     p.add_argument("--save-topk", type=int, default=0, metavar="K",
                    help="also save the LLM's top-K log-probabilities at each continuation token, so `blsp train "
                         "--loss kl|ce+kl` distils from them without running the teacher (K of 10-50)")

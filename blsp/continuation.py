@@ -49,7 +49,12 @@ class ContinueOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_tokens: int = 192  # the original dropped longer prompts
-    normalize: bool = True  # Whisper's English normaliser on transcripts, as the original
+    # Transcripts as written, not through Whisper's English normaliser as the paper's code did: the
+    # speech path reads Whisper's words as Whisper writes them (cased, punctuated: the token
+    # bridge), and the LLM answers "if you ever want ... my boy you're" otherwise than "If you
+    # ever want ..., my boy, you're": fed normalised text, the text path's answers were ones the
+    # speech path could not reach even given Whisper's exact tokens (docs/behaviour_ablation.md).
+    normalize: bool = False
     batch_size: int = 16
     seed: int = 0
     instruction_set: tuple[tuple[str, str], ...] = ()  # (task name, instruction): more answers per transcript

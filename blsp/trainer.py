@@ -220,12 +220,21 @@ class Trainer:
         batch, prefix = self.on_device(self.model.processor.collate([self.example(it) for it in items]))
         with self.autocast:
             out = self.model(**batch, return_target_logits=self.kl is not None, shared_prefix=prefix)
-        loss = out.loss_sum if "ce" in self.options.objective.loss.split("+") else out.loss_sum * 0
+        with_ce = "ce" in self.options.objective.loss.split("+")
+        loss = out.loss_sum if with_ce else out.loss_sum * 0
         # Parts stay on the device until the step ends: reading one here would make the CPU wait
         # for the GPU's forward before it may queue the backward.
         parts = {"loss": out.loss_sum.detach()}
         if self.kl is not None:
-            kl = self.distillation(items, out.target_logits)
+            rows = out.target_logits.split([len(it.target) for it in items])
+            exact = [i for i, it in enumerate(items) if it.exact]
+            if exact and not with_ce:  # a transcript is learnt as its words (BehaviorItem.exact)
+                targets = torch.tensor([t for i in exact for t in items[i].target], device=self.device)
+                loss = loss + torch.nn.functional.cross_entropy(torch.cat([rows[i] for i in exact]).float(), targets,
+                                                                reduction="sum")
+            taught = [i for i, it in enumerate(items) if not it.exact]
+            kl = (self.distillation([items[i] for i in taught], torch.cat([rows[i] for i in taught])) if taught
+                  else out.target_logits.new_zeros((), dtype=torch.float32))
             loss = loss + self.options.objective.kl_weight * kl
             parts["kl"] = kl.detach()
         head = self.model.ctc_head

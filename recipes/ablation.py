@@ -211,23 +211,34 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
     print("\n".join(md))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "ablation.yaml"))
+def recipe_from_command_line(description: str, recipe_name: str, label: str) -> tuple[argparse.Namespace, dict]:
+    """The command line this recipe and behaviour_ablation.py share (--recipe, --rows, --table-only)
+    and the recipe it names; stops, `label` first, on a --rows name the recipe does not have."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / recipe_name))
     parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished rows")
     args = parser.parse_args()
     recipe = yaml.safe_load(Path(args.recipe).read_text())
+    unknown = set(args.rows or []) - {r["name"] for r in recipe["rows"]}
+    if unknown:
+        sys.exit(f"{label}: no row named {', '.join(sorted(unknown))} in {args.recipe}")
+    return args, recipe
+
+
+def chosen_rows(rows: list[dict], names: list[str] | None) -> list[dict]:
+    """The rows --rows names, in the recipe's order; all of them when it names none."""
+    return [row for row in rows if not names or row["name"] in names]
+
+
+def main() -> None:
+    args, recipe = recipe_from_command_line(__doc__, "ablation.yaml", "ablation")
     out = ROOT / recipe["output"]
     rows = recipe["rows"]
-    unknown = set(args.rows or []) - {r["name"] for r in rows}
-    if unknown:
-        sys.exit(f"ablation: no row named {', '.join(sorted(unknown))} in {args.recipe}")
     if not args.table_only:
         test = select_test(ROOT / recipe["test_data"], recipe["test_where"], out / "test_selected.jsonl")
-        for row in rows:
-            if not args.rows or row["name"] in args.rows:
-                run_row(row, recipe, test, out)
+        for row in chosen_rows(rows, args.rows):
+            run_row(row, recipe, test, out)
     before = previous_rows(ROOT / recipe["docs"])
     done = [res for row in rows if (res := row_result(row, out / row["name"]) or before.get(row["name"]))]
     write_table(done, recipe, ROOT / recipe["docs"])

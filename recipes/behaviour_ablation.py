@@ -18,15 +18,13 @@ runaway answers, transcription WER, each beside the cascade's and its bar (blsp/
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from ablation import ROOT, blsp, cpu_label, machine  # recipes/ablation.py: the step-2 ablation's runner
+from ablation import (  # recipes/ablation.py: the step-2 ablation's runner
+    ROOT, blsp, chosen_rows, cpu_label, machine, recipe_from_command_line)
 from blsp.io import atomic_write_json, atomic_write_text
 from blsp.options import option_flags
 
@@ -162,22 +160,14 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "behaviour_ablation.yaml"))
-    parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
-    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished rows")
-    args = parser.parse_args()
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    args, recipe = recipe_from_command_line(__doc__, "behaviour_ablation.yaml", "behaviour ablation")
     out = ROOT / recipe["output"]
     rows = recipe["rows"]
-    unknown = set(args.rows or []) - {r["name"] for r in rows}
-    if unknown:
-        sys.exit(f"behaviour ablation: no row named {', '.join(sorted(unknown))} in {args.recipe}")
     if not args.table_only:
         missing = [p for p in (recipe["suite"], recipe["train_data"]) if not (ROOT / p).exists()]
         if missing:
             sys.exit(f"behaviour ablation: {', '.join(missing)} missing: run `make demo` first (it writes both)")
-        chosen = [row for row in rows if not args.rows or row["name"] in args.rows]
+        chosen = chosen_rows(rows, args.rows)
         prepare(recipe, [d for row in chosen for d in row.get("train_data", [])], out)
         for row in chosen:
             run_row(row, recipe, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -430,11 +431,19 @@ def unfinished(text: str, how: str) -> str:
     return text[:-1] if how == "no final newline" else text[: text.rindex("\n", 0, len(text) - 1) + 16]
 
 
-@pytest.mark.parametrize("how", ["half line", "no final newline"])
-def test_a_refused_resume_leaves_an_unfinished_output_byte_identical(tmp_path, llm, how):
+def continued_once(tmp_path, llm) -> tuple[Path, Path, ContinueOptions]:
+    """A 3-utterance manifest, the output a first run wrote for it and that run's settings:
+    what each test below damages or resumes."""
     manifest = write_corpus(tmp_path / "data", n=3)
     out = tmp_path / "behavior.jsonl"
-    run_continue(manifest, out, ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
+    opts = ContinueOptions(max_new_tokens=4)
+    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    return manifest, out, opts
+
+
+@pytest.mark.parametrize("how", ["half line", "no final newline"])
+def test_a_refused_resume_leaves_an_unfinished_output_byte_identical(tmp_path, llm, how):
+    manifest, out, _ = continued_once(tmp_path, llm)
     out.write_text(unfinished(out.read_text(), how))
     before = out.read_bytes()
     with pytest.raises(BlspError, match="other step-1 settings"):
@@ -443,10 +452,7 @@ def test_a_refused_resume_leaves_an_unfinished_output_byte_identical(tmp_path, l
 
 
 def test_a_whole_last_line_without_its_newline_counts_as_done(tmp_path, llm):
-    manifest = write_corpus(tmp_path / "data", n=3)
-    out = tmp_path / "behavior.jsonl"
-    opts = ContinueOptions(max_new_tokens=4)
-    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    manifest, out, opts = continued_once(tmp_path, llm)
     full = out.read_bytes()
     out.write_bytes(full[:-1])
     summary = run_continue(manifest, out, opts, model_and_tokenizer=llm)
@@ -455,10 +461,7 @@ def test_a_whole_last_line_without_its_newline_counts_as_done(tmp_path, llm):
 
 
 def test_rank_parts_with_other_settings_are_refused_before_any_merge(tmp_path, llm):
-    manifest = write_corpus(tmp_path / "data", n=3)
-    out = tmp_path / "behavior.jsonl"
-    opts = ContinueOptions(max_new_tokens=4)
-    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    manifest, out, opts = continued_once(tmp_path, llm)
     kept, *rest = out.read_text().splitlines(keepends=True)
     out.write_text(kept)
     stale = [json.dumps({**json.loads(line), "fingerprint": "another"}) + "\n" for line in rest]

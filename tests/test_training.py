@@ -788,3 +788,26 @@ def test_speech_language_belongs_to_decoder_states_and_must_be_whispers(tiny_dir
     with pytest.raises(BlspError, match="language codes"):
         TrainOptions.from_preset("decoder", speech_language="french")
     assert TrainOptions.from_preset("decoder", speech_language="auto").model.speech_language == "auto"
+
+
+def test_under_kl_a_transcription_item_is_learnt_by_cross_entropy_and_the_rest_distilled(tiny_dirs, tmp_path,
+                                                                                         tiny_model):
+    """--loss kl distils the LLM's behaviour; a mixed-in transcript is the one right answer, so it
+    is trained by cross-entropy (distilled, it taught the text path's reply to "transcribe" over a
+    transcript it can read, not the words: 96% WER on the demo)."""
+    import dataclasses
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    utts, _ = read_behavior_data([data])
+    trainer = Trainer(tiny_model, utts, options(tiny_dirs, tmp_path, loss="kl"), tmp_path / "run")
+    continuing = trainer.items[:2]
+    transcribing = [dataclasses.replace(it, exact=True) for it in trainer.items[2:]]
+    trainer.items = continuing + transcribing
+    with torch.no_grad():
+        loss, parts = trainer.micro_batch_loss([0, 1, 2, 3])
+        kl_only, _ = trainer.micro_batch_loss([0, 1])
+        ce_only, ce_parts = trainer.micro_batch_loss([2, 3])
+    assert float(ce_parts["kl"]) == 0 and float(ce_only) > 0
+    torch.testing.assert_close(ce_only, ce_parts["loss"])  # the items' summed cross-entropy
+    torch.testing.assert_close(loss, kl_only + ce_only, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(parts["kl"], kl_only)
