@@ -237,14 +237,14 @@ def test_train_defaults_to_the_decoder_recipe_and_flags_given_win(trained, tiny_
     assert parsed("--preset", "paper", "--lora-rank", "4").lora.rank == 4
 
     common = ["train", "--data", trained["behavior"], "--llm", tiny_dirs["llm"], "--max-steps", "2", "--batch-size", "2"]
-    out = tmp_path / "default"  # the default recipe end to end: Whisper's decoder states, the bridge, LoRA
+    out = tmp_path / "default"  # the default recipe end to end: Whisper's decoder states, the bridge, KL, no LoRA
     code, _, err = run(capsys, *common, "--encoder", tiny_whisper_dir, "--output-dir", out,
                        "--feature-cache", tmp_path / "decoder-states")
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert (config["speech_states"], config["speech_vectors"], config["adapter_type"], config["adapter_downsample"]) == (
         "decoder", "tokens", "stack", 1)
-    assert config["lora"]["rank"] == 8
+    assert config["lora"] is None and default.objective.loss == "kl"
 
     out = tmp_path / "fast"  # the encoder path's recipe end to end, with a short warm start
     code, _, err = run(capsys, *common, "--encoder", tiny_dirs["encoder"], "--preset", "fast", "--output-dir", out,
@@ -464,10 +464,10 @@ def test_train_errors_blame_the_default_recipe_not_flags_the_user_never_typed(ti
     from blsp.shards import ShardWriteOptions, write_shards
 
     data = write_corpus(tmp_path / "data", n=2, with_continuation=True)
-    code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--fsdp")
+    code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--fsdp", "--preset", "fast")
     assert code == 2
     assert error_lines(err) == ["blsp: error: --lora-rank with --fsdp is not supported: the sharded LLM must stay "
-                                "frozen (--lora-rank 8 set by --preset decoder, not by a flag: pass --preset paper, or "
+                                "frozen (--lora-rank 8 set by --preset fast, not by a flag: pass --preset paper, or "
                                 "--lora-rank 0)"]
     # a flag of the encoder path, typed, against the default recipe's decoder states
     code, _, err = run(capsys, "train", "--data", data, "--output-dir", tmp_path / "run", "--warm-start", "ctc")

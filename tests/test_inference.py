@@ -290,9 +290,11 @@ def test_no_repeat_ngram_guard_leaves_no_token_twice(model, monkeypatch):
     a token twice, and with no guard set the answers are greedy's own."""
     audio = clips()
     tok = model.processor.tokenizer
-    generated = []  # the answers' token ids, as `generate` returned them (text re-tokenises otherwise)
+    generated = []  # the answers' token ids, as decoding returned them (text re-tokenises otherwise)
     decode = tok.batch_decode
-    monkeypatch.setattr(tok, "batch_decode", lambda ids, **kw: generated.append(ids.tolist()) or decode(ids, **kw))
+    # a tensor from `generate` (the guards), lists from our greedy loop (no guard)
+    monkeypatch.setattr(tok, "batch_decode", lambda ids, **kw: generated.append(
+        ids.tolist() if hasattr(ids, "tolist") else [list(row) for row in ids]) or decode(ids, **kw))
 
     def answers(**guard):
         generated.clear()

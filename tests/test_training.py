@@ -759,7 +759,8 @@ def test_the_decoder_recipe_trains_on_whisper_decoder_states(tiny_dirs, tiny_whi
     opts = TrainOptions.from_preset("decoder", encoder=tiny_whisper_dir, llm=tiny_dirs["llm"], batch_size=2, lr=1e-2,
                                     warmup_steps=1, max_steps=3, save_every=2, precision="fp32",
                                     feature_cache=str(tmp_path / "features"))
-    assert (opts.model.speech_states, opts.model.adapter, opts.model.adapter_downsample, opts.lora.rank) == ("decoder", "stack", 1, 8)
+    assert (opts.model.speech_states, opts.model.adapter, opts.model.adapter_downsample, opts.lora.rank,
+            opts.objective.loss) == ("decoder", "stack", 1, 0, "kl")
     run_train([data], tmp_path / "run", opts)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["speech_states"] == "decoder" and config["decoder_ids"]["eot"] >= 0
