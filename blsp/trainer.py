@@ -233,8 +233,10 @@ class Trainer:
                 loss = loss + torch.nn.functional.cross_entropy(torch.cat([rows[i] for i in exact]).float(), targets,
                                                                 reduction="sum")
             taught = [i for i, it in enumerate(items) if not it.exact]
-            kl = (self.distillation([items[i] for i in taught], torch.cat([rows[i] for i in taught])) if taught
-                  else out.target_logits.new_zeros((), dtype=torch.float32))
+            # called even with no item to distil: under a sharded LLM this rank must still join the
+            # teacher's forward when another rank runs it (runs_teacher)
+            kl = self.distillation([items[i] for i in taught],
+                                   torch.cat([rows[i] for i in taught]) if taught else out.target_logits[:0])
             loss = loss + self.options.objective.kl_weight * kl
             parts["kl"] = kl.detach()
         head = self.model.ctc_head
@@ -260,7 +262,7 @@ class Trainer:
         those items alone). Both losses are sums over positions, so their sum is the loss over
         all rows at once: a micro-batch mixing the two (`--mix` draws items without a saved
         top-k) costs the teacher forward of its unsaved rows only."""
-        rows = student_logits.split([len(it.target) for it in items])
+        rows = student_logits.split([len(it.target) for it in items]) if items else ()
         saved = [i for i, it in enumerate(items) if it.teacher_topk is not None]
         live = [i for i, it in enumerate(items) if it.teacher_topk is None]
         total = student_logits.new_zeros((), dtype=torch.float32)
@@ -270,8 +272,9 @@ class Trainer:
             total = total + self.topk_kl(torch.cat([rows[i] for i in saved]), ids, logprobs)
         if self.runs_teacher(bool(live)):
             # A rank with no unsaved item still runs the forward when another rank does (a
-            # sharded LLM's forward is collective); it reads its first item and ignores it.
-            teacher_logits = self.teacher_logits([items[i] for i in live] or items[:1])
+            # sharded LLM's forward is collective); it reads its first item (or the run's, when
+            # every item of its micro-batch is an exact one) and ignores it.
+            teacher_logits = self.teacher_logits([items[i] for i in live] or items[:1] or self.items[:1])
             if live:
                 total = total + self.kl(torch.cat([rows[i] for i in live]), teacher_logits)
         return total

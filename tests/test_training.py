@@ -792,7 +792,7 @@ def test_speech_language_belongs_to_decoder_states_and_must_be_whispers(tiny_dir
 
 
 def test_under_kl_a_transcription_item_is_learnt_by_cross_entropy_and_the_rest_distilled(tiny_dirs, tmp_path,
-                                                                                         tiny_model):
+                                                                                         tiny_model, monkeypatch):
     """--loss kl distils the LLM's behaviour; a mixed-in transcript is the one right answer, so it
     is trained by cross-entropy (distilled, it taught the text path's reply to "transcribe" over a
     transcript it can read, not the words: 96% WER on the demo)."""
@@ -812,3 +812,17 @@ def test_under_kl_a_transcription_item_is_learnt_by_cross_entropy_and_the_rest_d
     torch.testing.assert_close(ce_only, ce_parts["loss"])  # the items' summed cross-entropy
     torch.testing.assert_close(loss, kl_only + ce_only, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(parts["kl"], kl_only)
+
+    # Under a sharded LLM a micro-batch of transcription items alone still joins the teacher's
+    # forward that another rank runs (a collective), and its loss is still their cross-entropy.
+    import blsp.trainer
+
+    forwards = []
+    real = Trainer.teacher_logits
+    monkeypatch.setattr(Trainer, "teacher_logits", lambda self, its: forwards.append(len(its)) or real(self, its))
+    monkeypatch.setattr(blsp.trainer, "is_sharded", lambda model: True)
+    monkeypatch.setattr(blsp.trainer, "all_reduce_sum", lambda flag: flag + 1)  # another rank needs it
+    with torch.no_grad():
+        sharded, _ = trainer.micro_batch_loss([2, 3])
+    assert forwards == [1]
+    torch.testing.assert_close(sharded, ce_only)
