@@ -32,8 +32,8 @@ class BehaviorItem:
     teacher_prompt: list
     target: list[int]
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None  # step 1's saved (ids, log-probs) [n, K]
-    # The target is the one right answer (a transcript), not the LLM's behaviour: trained by
-    # cross-entropy whatever `--loss` says. Distilled, it would teach the text path's answer to
+    # The target is the one right answer (a transcript, a fact about the voice), not the LLM's
+    # behaviour: trained by cross-entropy whatever `--loss` says. Distilled, it would teach the text path's answer to
     # "transcribe" over a transcript it can read (a preamble, a reply), not the words.
     exact: bool = False
 
@@ -81,6 +81,16 @@ def step1_answer(utt: Utterance, task: str) -> dict | None:
     return None
 
 
+VOICE_MIX = "voice"  # `--mix voice=SHARE`: one of the line's answers about its voice, drawn per line
+
+
+def voice_tasks(utt: Utterance) -> list[str]:
+    """The line's step-1 answers about its voice (`blsp continue --voice-questions`), by task name."""
+    responses = utt.extra.get("responses")
+    return sorted(t for t in responses if t.startswith("voice_") and step1_answer(utt, t)) \
+        if isinstance(responses, dict) else []
+
+
 def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
     """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
     if task == "transcribe":
@@ -97,7 +107,12 @@ def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) 
     models and encoding every clip: a `--mix` task some line has no answer to (any line may be
     drawn for it), and saved top-k of differing K (the KL loss stacks them)."""
     for task in mix_shares(options):
-        if task != "transcribe":
+        if task == VOICE_MIX:
+            if not any(voice_tasks(u) for u in utterances):
+                raise BlspError(f"--mix {VOICE_MIX}=...: no line of {', '.join(sorted({u.source for u in utterances}))} "
+                                "has step-1 answers about its voice (run `blsp continue --voice-questions` on a "
+                                "manifest whose lines state their voice: `blsp data synth` with voice_attributes)")
+        elif task != "transcribe":
             check_mixed_task(utterances, task)
     if "kl" in options.objective.loss:
         check_topk_width(utterances)
@@ -147,6 +162,8 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
         instruction, text, truncated = options.model.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
     else:
         instruction, text, truncated = task_target(utt, task)
+        # an answer about the voice was written reading its description beside the transcript
+        transcript = (step1_answer(utt, task) or {}).get("heard") or transcript
     target = proc.prompt.target_ids(text, truncated)
     if task is None:
         target = target[: options.objective.max_target_tokens]
@@ -155,7 +172,9 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     teacher_prompt = proc.transcript_prompt(instruction, transcript)
     saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.objective.loss else None
     topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
-    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk, exact=task == "transcribe")
+    # a transcript, or a fact about the voice, is the one right answer: learnt by cross-entropy
+    exact = task == "transcribe" or (task or "").startswith("voice_")
+    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk, exact=exact)
 
 
 def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int],
@@ -205,7 +224,13 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
         print(f"step 2: left out {len(utterances) - len(kept)} of {len(utterances)} continuations that repeat "
               "the transcript (--drop-copies)", file=sys.stderr)
         utterances = kept
-    return [behavior_item(proc, u, options, choose_task(rng.random(), shares), prompts, llm_fingerprint)
-            for u in utterances]
+    items = []
+    for u in utterances:
+        task = choose_task(rng.random(), shares)
+        if task == VOICE_MIX:  # one of its questions about the voice; a line with none continues
+            asked = voice_tasks(u)
+            task = asked[rng.randrange(len(asked))] if asked else None
+        items.append(behavior_item(proc, u, options, task, prompts, llm_fingerprint))
+    return items
 
 

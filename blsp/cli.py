@@ -29,7 +29,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
         top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, normalize=args.normalize,
         batch_size=args.batch_size, seed=args.seed,
         instruction_set=read_instruction_set(args.instruction_set) if args.instruction_set else (),
-        backend=args.backend, save_topk=args.save_topk,
+        backend=args.backend, save_topk=args.save_topk, voice_questions=args.voice_questions,
     )
     summary = run_continue(args.manifest, args.output, options, skip_bad=args.skip_bad, limit=args.limit,
                            skip=args.skip)
@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction-set", default=None, metavar="FILE",
                    help="YAML of task: instruction (e.g. recipes/instructions.yaml): each line also gets the "
                         "LLM's answer to every one (`responses`), for `blsp train --mix TASK=SHARE`")
+    p.add_argument("--voice-questions", type=int, default=0, metavar="N",
+                   help="lines that state their voice (gender, rate, pitch, whispered, noisy: `blsp data synth` with "
+                        "voice_attributes) are also asked N questions about it (drawn per line; 6: all), the LLM "
+                        "reading a description of the voice beside the transcript; a wrong answer is replaced by "
+                        "the plain fact (`responses` voice_*), for `blsp train --mix voice=SHARE`")
     p.add_argument("--system-prompt", default=None, help="default: the chat template's own")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=192,

@@ -16,6 +16,7 @@ from .adapters import check_adapter_type
 from .errors import BlspError
 from .readers.bridge import check_bridge_adapter
 from .speech_sources import SPEECH_SOURCES, check_speech_states
+from .voice_channel import check_voice_settings, default_voice_layers
 
 COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
@@ -86,6 +87,8 @@ class BlspConfig(PretrainedConfig):
         speech_language: str | None = None,
         bridge_fingerprint: str | None = None,
         bridge_confidence: float | None = None,
+        voice_vectors: int = 0,
+        voice_layers: list[int] | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -129,7 +132,17 @@ class BlspConfig(PretrainedConfig):
         # the token bridge reads a state as its greedy token's own embedding where Whisper's posterior
         # of it is at least this (blsp.readers.bridge); None: the posterior mix everywhere
         self.bridge_confidence = bridge_confidence
+        # The voice channel (blsp.voice_channel): this many vectors of how the voice sounds, read
+        # before the words, from statistics of the encoder's hidden states after `voice_layers`
+        # (1-based); 0: none, the LLM hears only the words (the paper's path).
+        layers = self.encoder_config.encoder_layers if self.encoder_config is not None else None
+        if voice_vectors and not voice_layers and layers is not None:
+            voice_layers = list(default_voice_layers(layers))
+        self.voice_vectors = int(voice_vectors)
+        self.voice_layers = [int(k) for k in voice_layers] if voice_vectors and voice_layers else None
         super().__init__(**kwargs)
+        check_voice_settings(self.voice_vectors, self.voice_layers, layers,
+                             self.first_trainable_encoder_layer if layers is not None else None)
 
     @property
     def first_trainable_encoder_layer(self) -> int | None:
@@ -143,7 +156,9 @@ class BlspConfig(PretrainedConfig):
         model with no encoder fingerprint, whose features cannot be cached under a name)."""
         if self.encoder_fingerprint is None:
             return None
-        return SPEECH_SOURCES[self.speech_states].feature_key(self)
+        key = SPEECH_SOURCES[self.speech_states].feature_key(self)
+        # the voice statistics head every clip's features (blsp.voice_channel)
+        return f"{key}-voice{'.'.join(map(str, self.voice_layers))}" if self.voice_vectors else key
 
     @property
     def reads_token_bridge(self) -> bool:

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from .io import append_jsonl, repair_jsonl_tail
 from .fingerprint import weights_fingerprint
 from .llm import load_language_model
 from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
+from .metrics import answer_is_right
+from .voice import described_transcript, describe_voice, plain_answer, voice_attributes, voice_questions
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,16 @@ class ContinueOptions:
     instruction_set: tuple[tuple[str, str], ...] = ()  # (task name, instruction): more answers per transcript
     backend: str = "auto"  # hf (transformers), vllm, or auto: vLLM when installed with a CUDA GPU
     save_topk: int = 0  # K > 0: also save the LLM's top-K log-probs at each continuation token (step 2's KD teacher)
+    # Lines that state their voice (blsp.voice: gender, rate, pitch, whispered, noisy) are also asked
+    # about the voice, the LLM reading the voice's description beside the transcript: answers only an
+    # adapter that carries the voice can match (DeSTA2.5's self-generated targets; issue 27).
+    # How many of them each line is asked (drawn per transcript and voice, seeded): a line trains on
+    # one answer at most (`blsp train --mix voice=SHARE`), and each costs a generation. 0: none.
+    voice_questions: int = 0
 
     def __post_init__(self) -> None:
+        if self.voice_questions < 0:
+            raise BlspError(f"--voice-questions {self.voice_questions}: 0 (none) or how many to ask each line")
         if self.save_topk < 0:
             raise BlspError(f"--save-topk {self.save_topk}: 0 (off) or a number of tokens per position")
 
@@ -70,6 +81,8 @@ class ContinueOptions:
         keys = ["instruction", "system_prompt", "max_new_tokens", "do_sample", "max_prompt_tokens", "normalize"]
         if self.instruction_set:
             keys.append("instruction_set")
+        if self.voice_questions:
+            keys.append("voice_questions")
         if self.save_topk:
             keys.append("save_topk")
         if self.do_sample:
@@ -78,7 +91,8 @@ class ContinueOptions:
 
 
 # Names step 2 gives a meaning of its own (`--mix transcribe=...`; `continuation` is the main target).
-RESERVED_TASKS = ("transcribe", "continuation")
+RESERVED_TASKS = ("transcribe", "continuation", "voice")
+VOICE_TASK_PREFIX = "voice_"  # step 1's answers about the voice (blsp.voice.voice_questions)
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -104,8 +118,9 @@ def read_instruction_set(path: str | Path) -> tuple[tuple[str, str], ...]:
         name = key.value
         if not isinstance(key, yaml.ScalarNode) or not TASK_NAME.fullmatch(str(name)):
             raise InputError(f"task name {name!r}: use letters, digits, - and _", str(path), line)
-        if name in RESERVED_TASKS:
-            raise InputError(f"task name {name!r} is reserved; choose another", str(path), line)
+        if name in RESERVED_TASKS or name.startswith(VOICE_TASK_PREFIX):
+            raise InputError(f"task name {name!r} is reserved (transcribe, continuation, voice, voice_*); choose "
+                             "another", str(path), line)
         if name in dict(tasks):
             raise InputError(f"task {name!r} appears twice", str(path), line)
         if not isinstance(value, yaml.ScalarNode) or not str(value.value).strip():
@@ -154,6 +169,17 @@ class Job:
     transcript: str
     prompt_ids: list[int]
     utterances: list[Utterance]
+    voice: dict[str, str] | None = None  # the voice's attributes, when step 1 asks about them
+
+    @property
+    def key(self) -> str:
+        """What makes two utterances one job under greedy decoding: the transcript, and the
+        description of the voice where step 1 asks about it."""
+        return job_key(self.transcript, self.voice)
+
+
+def job_key(transcript: str, voice: dict | None) -> str:
+    return transcript if not voice else f"{transcript}\x00{describe_voice(voice)}"
 
 
 @dataclass
@@ -202,11 +228,12 @@ Answers = tuple[tuple[str, bool], dict[str, tuple[str, bool]], dict | None]
 # What step 1 writes into a line. An input manifest may itself be an older behaviour file: its
 # values of these are never carried over (a `responses` or `teacher_topk` this run does not write
 # would otherwise pass as this run's).
-STEP1_FIELDS = ("prompt_transcript", "continuation", "truncated", "fingerprint", "responses", "teacher_topk")
+STEP1_FIELDS = ("prompt_transcript", "continuation", "truncated", "fingerprint", "responses", "teacher_topk",
+                "voice_description")
 
 
 def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: Answers, fingerprint: str,
-                  instructions: dict[str, str]) -> dict:
+                  instructions: dict[str, str], voice: dict[str, str] | None = None) -> dict:
     (continuation, truncated), responses, topk = answers
     record = {
         **{k: v for k, v in utt.extra.items() if k not in STEP1_FIELDS},
@@ -218,17 +245,34 @@ def output_record(utt: Utterance, output_dir: Path, transcript: str, answers: An
         "truncated": truncated,
         "fingerprint": fingerprint,
     }
+    if voice:
+        # what the LLM read beside the transcript when it answered the voice questions
+        record["voice_description"] = describe_voice(voice)
     if responses:
         record["responses"] = {task: {"instruction": instructions[task], "text": text, "truncated": cut}
-                               for task, (text, cut) in responses.items()}
+                               for task, (text, cut) in responses.items() if not task.startswith(VOICE_TASK_PREFIX)}
+        record["responses"].update({task: voice_response(task, answer, transcript, voice)
+                                    for task, answer in responses.items() if task.startswith(VOICE_TASK_PREFIX)})
     if topk is not None:
         record["teacher_topk"] = topk
     return record
 
 
+def voice_response(task: str, answer: tuple[str, bool], transcript: str, voice: dict[str, str]) -> dict:
+    """A line's answer about its voice: what the LLM wrote reading the voice's description (`heard`)
+    where that is right, else the plain answer, the LLM's kept as `llm_answer` (blsp.voice)."""
+    text, cut = answer
+    out = {"instruction": voice_questions(voice)[task], "text": text, "truncated": cut, "written_by": "llm",
+           "heard": described_transcript(transcript, describe_voice(voice))}
+    if cut or not answer_is_right(task, text, voice):
+        out.update(text=plain_answer(task, voice), truncated=False, written_by="plain", llm_answer=[text, cut])
+    return out
+
+
 def record_answers(record: dict) -> Answers:
     """The generations a written record holds (for reuse by other voices of its transcript)."""
-    responses = {task: (r["text"], r["truncated"]) for task, r in record.get("responses", {}).items()}
+    responses = {task: tuple(r["llm_answer"]) if "llm_answer" in r else (r["text"], r["truncated"])
+                 for task, r in record.get("responses", {}).items()}
     return (record["continuation"], record["truncated"]), responses, record.get("teacher_topk")
 
 
@@ -260,11 +304,32 @@ class Continuer:
         per_task = {task: self.continue_batch([self.prompt_ids(job.transcript, instruction) for job in jobs],
                                               [f"{key}/{task}" for key in keys])
                     for task, instruction in self.options.instruction_set}
+        per_job_voice = self.voice_answers(jobs, keys)
         topk: list[dict | None] = [None] * len(jobs)
         if self.options.save_topk:
             targets = [self.prompt.target_ids(text, truncated) for text, truncated in main]
             topk = self.teacher_topk([job.prompt_ids for job in jobs], targets, self.options.save_topk)
-        return [(main[i], {task: answers[i] for task, answers in per_task.items()}, topk[i]) for i in range(len(jobs))]
+        return [(main[i], {**{task: answers[i] for task, answers in per_task.items()}, **per_job_voice[i]}, topk[i])
+                for i in range(len(jobs))]
+
+    def asked(self, job: "Job") -> dict[str, str]:
+        """The questions about its voice a job is asked: `voice_questions` of them, drawn seeded."""
+        return asked_questions(job.transcript, job.voice, self.options.voice_questions, self.options.seed)
+
+    def voice_answers(self, jobs: Sequence["Job"], keys: Sequence[str]) -> list[dict[str, tuple[str, bool]]]:
+        """Each job's answers to the questions about its voice (none where it states no voice), the
+        LLM reading the voice's description and the transcript. All in one batch: decoding is bound
+        by its steps, not its rows, and a batch per question cost 5x the whole of step 1."""
+        out: list[dict[str, tuple[str, bool]]] = [{} for _ in jobs]
+        asked = [(i, task, question) for i, job in enumerate(jobs) if job.voice
+                 for task, question in self.asked(job).items()]
+        if not asked:
+            return out
+        prompts = [self.prompt_ids(described_transcript(jobs[i].transcript, describe_voice(jobs[i].voice)), q)
+                   for i, _, q in asked]
+        for (i, task, _), answer in zip(asked, self.continue_batch(prompts, [f"{keys[i]}/{task}" for i, task, _ in asked])):
+            out[i][task] = answer
+        return out
 
     @torch.no_grad()
     def teacher_topk(self, prompts: Sequence[list[int]], targets: Sequence[list[int]], k: int,
@@ -473,7 +538,8 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     # One generation per distinct transcript: under greedy decoding the same transcript spoken
     # by several voices gets the same continuation, so a corpus of 3 voices costs 1/3 the time.
     greedy = not options.do_sample
-    known = {r["prompt_transcript"]: record_answers(r) for r in done.values()} if greedy else {}
+    known = {job_key(r["prompt_transcript"], voice_of(r, options)): record_answers(r) for r in done.values()} \
+        if greedy else {}
     instructions = dict(options.instruction_set)
     jobs: dict[str, Job] = {}
     dropped = []
@@ -481,14 +547,19 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         if utt.id in done:
             continue
         transcript = normalize_transcript(utt.text) if options.normalize else utt.text.strip()
-        key = transcript if greedy else utt.id
+        voice = voice_of(utt.extra, options)
+        key = job_key(transcript, voice) if greedy else utt.id
         if key not in jobs:
             ids = continuer.prompt_ids(transcript)
-            longest = max([len(ids)] + [len(continuer.prompt_ids(transcript, i)) for i in instructions.values()])
+            asked = [(transcript, i) for i in instructions.values()]
+            if voice:
+                asked += [(described_transcript(transcript, describe_voice(voice)), q)
+                          for q in asked_questions(transcript, voice, options.voice_questions, options.seed).values()]
+            longest = max([len(ids)] + [len(continuer.prompt_ids(t, i)) for t, i in asked])
             if longest >= options.max_prompt_tokens:
                 dropped.append(utt.id)
                 continue
-            jobs[key] = Job(transcript, ids, [])
+            jobs[key] = Job(transcript, ids, [], voice)
         jobs[key].utterances.append(utt)
     todo = sorted(jobs.values(), key=lambda job: -len(job.prompt_ids))  # similar lengths together
     mine = todo[info.rank :: info.world_size]
@@ -500,15 +571,16 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     with tqdm(total=n_utts, desc="step 1: continuing", unit="utt", disable=not info.is_main) as bar:
         for start in range(0, len(mine), bs):
             batch = mine[start : start + bs]
-            fresh = [job for job in batch if job.transcript not in known]
+            fresh = [job for job in batch if job.key not in known]
             if fresh:
                 results = continuer.answer_jobs(fresh)
-                known.update({job.transcript: r for job, r in zip(fresh, results)} if greedy else {})
+                known.update({job.key: r for job, r in zip(fresh, results)} if greedy else {})
                 outcome = dict(zip(map(id, fresh), results))
             records = []
             for job in batch:
-                answers = known[job.transcript] if job.transcript in known else outcome[id(job)]
-                records += [output_record(u, output.parent, job.transcript, answers, fingerprint, instructions)
+                answers = known[job.key] if job.key in known else outcome[id(job)]
+                records += [output_record(u, output.parent, job.transcript, answers, fingerprint, instructions,
+                                          job.voice)
                             for u in job.utterances]
             append_jsonl(target, records)
             bar.update(len(records))
@@ -526,6 +598,21 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
         written=sum(len(job.utterances) for job in todo), already_done=len(done), dropped_long=dropped,
         skipped_bad=[str(e) for e in read.skipped], output=str(output), fingerprint=fingerprint,
     )
+
+
+def asked_questions(transcript: str, voice: dict[str, str] | None, n: int, seed: int) -> dict[str, str]:
+    """`n` of the questions about a voice (all where there are no more), drawn by a generator seeded
+    by the transcript and voice, so a rerun, or a resumed run, asks the same."""
+    questions = voice_questions(voice) if voice else {}
+    if n >= len(questions):
+        return questions
+    chosen = random.Random(f"{seed}:{job_key(transcript, voice)}").sample(sorted(questions), n)
+    return {task: questions[task] for task in sorted(chosen)}
+
+
+def voice_of(record: dict, options: ContinueOptions) -> dict[str, str] | None:
+    """The voice attributes step 1 asks about for a line (None: it asks about none)."""
+    return (voice_attributes(record) or None) if options.voice_questions else None
 
 
 def vllm_continuer(options: ContinueOptions) -> tuple[VllmContinuer, str] | None:

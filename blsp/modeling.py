@@ -4,7 +4,9 @@ Named parts as in transformers' audio-LLMs (qwen2_audio, voxtral), each chosen o
 config when the model is built:
   `speech_source` (blsp.speech_sources: the Whisper encoder's frames, or its decoder's states;
   `audio_tower` is its Whisper encoder) -> `adapter` (blsp.adapters) -> `speech_reader`
-  (blsp.readers: plain, CTC-compressed, token bridge) -> `language_model`.
+  (blsp.readers: plain, CTC-compressed, token bridge) -> `language_model`; beside them, when the
+  config asks for it, `voice_channel` (blsp.voice_channel): a few vectors of how the voice sounds,
+  read just before the words.
 
 Speech enters the LLM by `masked_scatter` into the embedded prompt at positions whose input id is
 `SPEECH_TOKEN_ID`, a negative sentinel no vocabulary uses (as LLaVA's IMAGE_TOKEN_INDEX).
@@ -38,11 +40,13 @@ from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_
 from .processing import SPEECH_TOKEN_ID
 from .readers import READERS, CTCReader, SpeechReader, TokenBridgeReader, build_reader
 from .speech_sources import SPEECH_SOURCES, SpeechSource, build_speech_source, check_speech_states, decoder_tokenizer
+from .voice_channel import VoiceChannel, check_voice_settings, init_voice_channel, split_voice_rows, voice_rows
 from .whisper import decoding_ids, load_whisper
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 LORA_PREFIX = "lora."
 ENCODER_PREFIX = "audio_tower."  # the encoder's trained top layers, when there are any
+VOICE_PREFIX = "voice_channel."  # the voice channel, when there is one
 READER_PREFIXES = tuple(sorted({r.checkpoint_prefix for r in READERS.values() if r.checkpoint_prefix}))
 
 
@@ -86,6 +90,10 @@ class BlspModel(PreTrainedModel):
         embeddings = self.language_model.get_input_embeddings().weight
         self.adapter = build_adapter(config, embeddings.shape[1])
         self.speech_reader: SpeechReader = build_reader(config, embeddings)
+        self.voice_channel: VoiceChannel | None = None
+        if config.voice_vectors:
+            self.voice_channel = VoiceChannel(config.encoder_config.d_model, len(config.voice_layers),
+                                              embeddings.shape[1], config.voice_vectors)
         self.lora_gate: LoraGate | None = None
         if config.lora:
             self.lora_gate = add_lora(self.language_model, LoraSettings(**config.lora))
@@ -148,6 +156,7 @@ class BlspModel(PreTrainedModel):
                             "adapter reads the decoder's states of a greedy transcript, which no gradient reaches)")
         if not 0 <= n <= layers:
             raise BlspError(f"--unfreeze-encoder-layers {n}: the encoder has {layers} layers")
+        check_voice_settings(self.config.voice_vectors, self.config.voice_layers, layers, (layers - n) if n else None)
         self.config.encoder_trainable_layers = n
         self.freeze_backbones()
 
@@ -162,6 +171,14 @@ class BlspModel(PreTrainedModel):
         beside the token bridge the adapter is a correction: it starts at nothing."""
         emb_std = self.language_model.get_input_embeddings().weight.float().std().item()
         init_adapter(self.adapter, seed, 0.0 if self.reads_token_bridge else emb_std)
+        if self.voice_channel is not None:
+            init_voice_channel(self.voice_channel, seed)
+
+    def speech_slots(self, feature_rows: int) -> int:
+        """How many speech vectors the LLM reads for a clip whose cached features have this many
+        rows: the voice channel's vectors, then the adapter's over the words' rows."""
+        words = feature_rows - voice_rows(self.config)
+        return self.config.voice_vectors + int(self.adapter.output_lengths(words))
 
     def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
         """Give the model a CTC head over `vocab` that compresses its speech (blsp.readers.ctc);
@@ -201,6 +218,8 @@ class BlspModel(PreTrainedModel):
         when there are any."""
         state = dict(self.adapter.state_dict())
         state.update(self.speech_reader.state_dict())
+        if self.voice_channel is not None:
+            state.update({f"{VOICE_PREFIX}{k}": v for k, v in self.voice_channel.state_dict().items()})
         if self.lora_gate is not None:
             state.update({f"{LORA_PREFIX}{k}": v for k, v in lora_state_dict(self.language_model).items()})
         state.update({f"{ENCODER_PREFIX}{k}": v for k, v in self.trained_encoder_state().items()})
@@ -213,8 +232,12 @@ class BlspModel(PreTrainedModel):
         reader = {k: v for k, v in state.items() if k.startswith(READER_PREFIXES)}
         lora = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-        adapter = {k: v for k, v in state.items() if not k.startswith((*READER_PREFIXES, LORA_PREFIX, ENCODER_PREFIX))}
+        voice = {k[len(VOICE_PREFIX):]: v for k, v in state.items() if k.startswith(VOICE_PREFIX)}
+        adapter = {k: v for k, v in state.items()
+                   if not k.startswith((*READER_PREFIXES, LORA_PREFIX, ENCODER_PREFIX, VOICE_PREFIX))}
         problems = []
+        if self.voice_channel is None and voice:
+            problems.append("voice channel weights but no voice channel in config.json")
         expected = self.trained_encoder_state()
         if set(encoder) != set(expected):
             problems.append(f"trained encoder layers: {sorted(set(encoder) ^ set(expected))[:4]} do not match "
@@ -227,8 +250,10 @@ class BlspModel(PreTrainedModel):
             missing = load_lora_state_dict(self.language_model, lora)
             if missing:
                 problems.append(f"LoRA: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        for name, module, part in (("adapter", self.adapter, adapter), (f"{self.speech_reader.name} reader",
-                                                                         self.speech_reader, reader)):
+        parts = [("adapter", self.adapter, adapter), (f"{self.speech_reader.name} reader", self.speech_reader, reader)]
+        if self.voice_channel is not None:
+            parts.append(("voice channel", self.voice_channel, voice))
+        for name, module, part in parts:
             missing, unexpected = module.load_state_dict(part, strict=False)
             if missing or unexpected:
                 problems.append(f"{name}: missing {missing}, unexpected {unexpected}")
@@ -236,7 +261,8 @@ class BlspModel(PreTrainedModel):
             raise CheckpointError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return (list(self.adapter.parameters()) + self.speech_reader.trainable_parameters()
+        voice = list(self.voice_channel.parameters()) if self.voice_channel is not None else []
+        return (list(self.adapter.parameters()) + self.speech_reader.trainable_parameters() + voice
                 + lora_parameters(self.language_model) + self.trainable_encoder_parameters())
 
     # -- loading and saving --------------------------------------------------------------------
@@ -255,11 +281,13 @@ class BlspModel(PreTrainedModel):
         speech_vectors: str = "adapter",
         speech_language: str = "en",
         bridge_confidence: float | None = None,
+        voice_vectors: int = 0,
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
         states as it transcribes `speech_language`, "auto": the language it hears), and with
-        `speech_vectors` "tokens" the adapter corrects the token bridge's vectors."""
+        `speech_vectors` "tokens" the adapter corrects the token bridge's vectors; `voice_vectors`
+        > 0: a voice channel of that many vectors (blsp.voice_channel)."""
         if tokens_unreadable(speech_vectors, None, speech_states):  # a new model has no CTC head yet
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
@@ -285,6 +313,7 @@ class BlspModel(PreTrainedModel):
             speech_language=speech_language if decoding else None,
             decoder_fingerprint=weights_fingerprint(whisper.get_decoder()) if decoding else None,
             bridge_confidence=bridge_confidence,
+            voice_vectors=voice_vectors,
         )
         model = cls(config, audio_tower=whisper.get_encoder(), language_model=language_model,
                     speech_decoder=whisper.get_decoder() if decoding else None)
@@ -303,7 +332,7 @@ class BlspModel(PreTrainedModel):
             system_prompt=self.config.system_prompt,
             # plain int arithmetic (output_lengths takes ints as well as tensors): batching calls it
             # once per clip, and a tensor op per call was a good part of a GPU step's CPU time
-            speech_lengths=lambda n: int(self.adapter.output_lengths(int(n))),
+            speech_lengths=self.speech_slots,
         )
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:  # type: ignore[override]
@@ -399,6 +428,7 @@ class BlspModel(PreTrainedModel):
         """The speech vectors [B, S, d_llm] and their lengths, before the reader selects any."""
         param = next(self.adapter.parameters())
         x, lengths = features.to(param.device, param.dtype), lengths.to(param.device)
+        _, x, lengths = split_voice_rows(x, lengths, voice_rows(self.config))
         x = self.speech_source.finish(x, lengths)
         vectors, lengths = self.adapter(x, lengths)
         return self.speech_reader.correct(x, vectors, self.speech_source), lengths
@@ -429,12 +459,29 @@ class BlspModel(PreTrainedModel):
             return embeds, None, None
         speech, lengths = self.speech_embeddings(encoder_features, encoder_lengths)
         vectors, keep = self.speech_reader.select(speech, lengths)
-        valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < lengths[:, None]
+        slots = lengths
+        if self.voice_channel is not None:
+            vectors, keep, slots = self._with_voice(encoder_features, vectors, keep, lengths)
+        valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < slots[:, None]
         flat = vectors[valid]
         if flat.shape[0] != n_slots:
             raise ValueError(f"{n_slots} speech slots in input_ids but the adapter made {flat.shape[0]} vectors")
         embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
         return embeds, (keep[valid] if keep is not None else None), (speech, lengths)
+
+    def voice_vectors(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The voice channel's vectors [B, voice_vectors, d_llm] of cached features."""
+        param = next(self.voice_channel.parameters())
+        rows, _, _ = split_voice_rows(features.to(param.device), lengths.to(param.device), voice_rows(self.config))
+        return self.voice_channel(rows)
+
+    def _with_voice(self, features, vectors, keep, lengths):
+        """The voice vectors ahead of each clip's word vectors (the reader's choice of those kept)."""
+        voice = self.voice_vectors(features, lengths).to(vectors.dtype)
+        n = voice.shape[1]
+        if keep is not None:
+            keep = torch.cat([keep.new_ones(keep.shape[0], n), keep], dim=1)
+        return torch.cat([voice, vectors], dim=1), keep, lengths + n
 
     def forward(
         self,

@@ -63,6 +63,10 @@ class ModelOptions:
         None, "with --speech-vectors tokens on decoder states: read each token Whisper's posterior gives at least P "
         "as the LLM's own embedding of it, uncorrected (what the cascade would feed the LLM there); the adapter "
         "corrects the rest. Default: the posterior mix everywhere", metavar="P")
+    voice_vectors: int = option(
+        0, "a voice channel: N vectors of how the voice sounds (statistics of the Whisper encoder's middle layers "
+        "through a small MLP), read by the LLM before the words; 0: the words alone (blsp/voice_channel.py)",
+        metavar="N")
     instruction: str = option(CONTINUATION_INSTRUCTION, "the instruction the continuations were written under")
     system_prompt: str | None = option(None, "default: the chat template's own")
 
@@ -496,6 +500,9 @@ def check_options(options: TrainOptions) -> None:
                             "as themselves (--speech-states decoder --speech-vectors tokens: --preset decoder)"
                             + options.preset_note("bridge_confidence", "speech_states", "speech_vectors"))
         check_bridge_confidence(model.bridge_confidence)
+    if model.voice_vectors < 0:
+        raise BlspError(f"--voice-vectors {model.voice_vectors}: 0 (no voice channel) or more"
+                        + options.preset_note("voice_vectors"))
     n = model.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if model.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {model.adapter_downsample}: the conv adapter downsamples by a power "

@@ -8,20 +8,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from .parity import format_parity, parity_summary
+from .voice import VOICE_ATTRIBUTES
 
-PERCENT = {"wer", "cer", "accuracy", "macro_f1", "gap_closed", "runaway"}
+# voice_description's cells are shares of clips: its overall and one per attribute
+PERCENT = {"wer", "cer", "accuracy", "macro_f1", "gap_closed", "runaway", "overall", *VOICE_ATTRIBUTES}
+CI_SUFFIX = "_ci"  # a cell `<metric>_ci` is [low, high], the 95% interval of the cell `<metric>`
 LABELS = {"wer": "WER", "cer": "CER", "bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy",
+          "accuracy_ci": "95% CI", "overall": "all attributes", "overall_ci": "95% CI",
           "macro_f1": "macro-F1", "loss": "loss", "gap_closed": "gap closed", "kl": "KL(text||row)",
           "agreement": "agreement BLEU", "runaway": "runaway", "unmapped": "unmapped", "cosine_same": "cos",
           "cosine_mismatched": "cos other utt", "centred_same": "centred",
           "centred_different": "c. other instr", "centred_mismatched": "c. other utt"}
 ROW_NAMES = {"blsp": "BLSP (speech)", "cascade": "cascade (ASR->LLM)", "text": "text (gold->LLM)",
-             "asr": "ASR transcript itself", "floor": "instruction only", "contrast": "contrast adapter"}
+             "asr": "ASR transcript itself", "floor": "instruction only", "contrast": "contrast adapter",
+             "described": "described (gold+voice->LLM)"}
 
 
 def fmt(metric: str, value) -> str:
     if value is None:
         return "n/a"
+    if metric.endswith(CI_SUFFIX):
+        base = metric[: -len(CI_SUFFIX)]
+        return f"{fmt(base, value[0])}..{fmt(base, value[1])}"
     if metric in PERCENT:
         return f"{100 * value:.1f}%"
     if metric == "unmapped":
@@ -41,6 +49,9 @@ def _columns(result: dict) -> list[str]:
 def format_task(name: str, result: dict) -> list[str]:
     m = result["manifest"]
     head = f"{name} [{result['type']}] {m['n_evaluated']} of {m['n_total']} utterance(s) from {m['path']}"
+    if m.get("where"):
+        where = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in m["where"].items())
+        head += f" (where {where}: {m['n_selected']} line(s))"
     lines = [head]
     cols = _columns(result)
     width = max(len(ROW_NAMES.get(r, r)) for r in result["table"]) + 2
@@ -120,14 +131,14 @@ def plot_task(name: str, result: dict, png_path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [c for c in _columns(result) if c != "unmapped"]
+    cols = [c for c in _columns(result) if c != "unmapped" and not c.endswith(CI_SUFFIX)]
     colors = {"blsp": "#d9534f", "cascade": "#f0ad4e", "text": "#5cb85c", "asr": "#5bc0de", "floor": "#999999",
-              "contrast": "#337ab7"}
+              "contrast": "#337ab7", "described": "#2e7d32"}
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 0.5, 3.6), squeeze=False)
     for ax, col in zip(axes[0], cols):
         rows = [r for r, v in result["table"].items() if v.get(col) is not None]
         values = [result["table"][r][col] * (100 if col in PERCENT else 1) for r in rows]
-        bars = ax.bar(rows, values, color=[colors.get(r, "#777777") for r in rows])
+        bars = ax.bar(rows, values, color=[colors.get(r, "#777777") for r in rows], yerr=_error_bars(result, col, rows))
         for bar, row in zip(bars, rows):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), fmt(col, result["table"][row][col]),
                     ha="center", va="bottom", fontsize=8)
@@ -139,6 +150,17 @@ def plot_task(name: str, result: dict, png_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def _error_bars(result: dict, col: str, rows: list[str]):
+    """The (below, above) distances to a cell's 95% interval, for matplotlib's yerr; None if it has none."""
+    table, scale = result["table"], 100 if col in PERCENT else 1
+    cis = [table[r].get(col + CI_SUFFIX) for r in rows]
+    if not any(cis):
+        return None
+    below = [scale * (table[r][col] - ci[0]) if ci else 0 for r, ci in zip(rows, cis)]
+    above = [scale * (ci[1] - table[r][col]) if ci else 0 for r, ci in zip(rows, cis)]
+    return [below, above]
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:

@@ -25,7 +25,10 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .errors import BlspError, SpeechStatesError
-from .whisper import greedy_decode, run_whisper_encoder, run_whisper_top
+from .voice_channel import prepend_voice_rows, voice_statistics
+from .whisper import encoder_output_lengths, greedy_decode, run_whisper_encoder, run_whisper_top
+
+MEL_FRAMES_PER_SECOND = 100
 
 # Whisper was trained on 30 s windows, speech then silence; given the speech alone it loops. The
 # decoder reads the clip followed by as much silence again, in a window of at least 5 s (at most the
@@ -58,9 +61,30 @@ class SpeechSource(nn.Module):
         """What this source's cached features are keyed by (`config` names a fingerprinted encoder)."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached features of padded log-mel [B, n_mels, T]: ([B, S, d], lengths)."""
+        """The cached features of padded log-mel [B, n_mels, T]: ([B, S, d], lengths); with a voice
+        channel, the clip's voice statistics head them (blsp.voice_channel)."""
+        features, lengths, voice = self.encode_words(mel, mel_lengths)
+        return (features, lengths) if voice is None else prepend_voice_rows(voice, features, lengths)
+
+    def encode_words(self, mel: torch.Tensor, mel_lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features [B, S, d], lengths, voice statistics [B, R, d] or None without a voice channel)."""
         raise NotImplementedError
+
+    def voice_taps(self) -> dict[int, torch.Tensor] | None:
+        """What `run_whisper_encoder` fills with the voice channel's layers (None: no channel)."""
+        return dict.fromkeys(self.config.voice_layers) if self.config.voice_vectors else None
+
+    def voice_statistics(self, taps: dict[int, torch.Tensor] | None, mel_lengths: torch.Tensor,
+                         tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The voice rows of clips whose encoder ran with `taps`, over the clips' own frames (not the
+        silence a window adds); `tokens`: how many the source read, where it knows (speaking rate)."""
+        if taps is None:
+            return None
+        frames = encoder_output_lengths(mel_lengths)
+        return voice_statistics([taps[k] for k in sorted(taps)], frames, mel_lengths / MEL_FRAMES_PER_SECOND, tokens)
 
     def finish(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """What the adapter reads, from cached features: the parts that train run here."""
@@ -94,9 +118,13 @@ class EncoderFrames(SpeechSource):
         return config.encoder_fingerprint if first is None else f"{config.encoder_fingerprint}-below-layer{first}"
 
     @torch.no_grad()
-    def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_words(self, mel: torch.Tensor, mel_lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # With trained top layers, what is cached is the frozen part's output (`finish` runs the rest).
-        return run_whisper_encoder(self.audio_tower, mel, mel_lengths, self.config.first_trainable_encoder_layer)
+        taps = self.voice_taps()
+        features, lengths = run_whisper_encoder(self.audio_tower, mel, mel_lengths,
+                                                self.config.first_trainable_encoder_layer, taps)
+        return features, lengths, self.voice_statistics(taps, mel_lengths)
 
     def finish(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         first = self.config.first_trainable_encoder_layer
@@ -151,29 +179,36 @@ class DecoderStates(SpeechSource):
         return {"audio_tower": self.audio_tower, "speech_decoder": self.decoder}
 
     @torch.no_grad()
-    def encode(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_words(self, mel: torch.Tensor, mel_lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         weight = self.output_weight
         lengths = [int(n) for n in mel_lengths.tolist()]
         widths = [decoder_window(n) for n in lengths]
         # Clips of one window width go together (the decoder attends to the whole window, so a
         # clip's states must not depend on what it was batched with).
         parts: dict[int, torch.Tensor] = {}
+        voice: dict[int, torch.Tensor] = {}
         steps = torch.zeros(len(lengths), dtype=torch.long, device=mel.device)
         for width in sorted(set(widths)):
             rows = [i for i, w in enumerate(widths) if w == width]
             index = torch.tensor(rows, device=mel.device)
             windows = with_silence(mel[index], mel_lengths[index], width)
-            encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width))
+            taps = self.voice_taps()
+            encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width), taps=taps)
             limits = torch.tensor([decoder_token_limit(lengths[i]) for i in rows], device=mel.device)
             tokens, states, _ = greedy_decode(self.decoder, weight, encoded, self.config.decoder_ids, limits)
             # the states that chose the text's tokens; a clip heard as silence: the one that chose to end
             n = [max(len(t), 1) for t in tokens]
             parts.update({i: states[k, : n[k]] for k, i in enumerate(rows)})
             steps[index] = torch.tensor(n, device=mel.device)
+            said = torch.tensor([len(t) for t in tokens], device=mel.device)
+            stats = self.voice_statistics(taps, mel_lengths[index], said)
+            if stats is not None:
+                voice.update({i: stats[k] for k, i in enumerate(rows)})
         out = mel.new_zeros(len(lengths), int(steps.max()), weight.shape[1])
         for i, states in parts.items():
             out[i, : states.shape[0]] = states
-        return out, steps
+        return out, steps, (torch.stack([voice[i] for i in range(len(lengths))]) if voice else None)
 
 
 SPEECH_SOURCES: dict[str, type[SpeechSource]] = {"encoder": EncoderFrames, "decoder": DecoderStates}

@@ -24,8 +24,13 @@ from .errors import InputError
 from .io import file_sha256
 from .metrics import canonical_label, label_words
 from .prompts import CONTINUATION_INSTRUCTION, label_instruction, task_instruction
+from .voice import DESCRIBE_QUESTION, VOICE_ATTRIBUTES, voice_attributes
 
 ROWS = ("blsp", "cascade", "text")  # speech -> LLM; ASR transcript -> LLM; gold transcript -> LLM
+# The gold transcript with a sentence describing the voice (blsp.voice.described_transcript): the
+# ceiling of a question about the voice, which neither the text nor the cascade can answer. Opt-in
+# (`rows:`): on a task about the words it only adds a sentence the LLM must ignore.
+DESCRIBED = "described"
 ASR_FIELD = "asr"  # a manifest field holding a transcript from any ASR: the cascade then uses it
 
 
@@ -49,6 +54,13 @@ class TranslationOptions:
 class ClassificationOptions:
     label_field: str = "label"  # the manifest field holding the gold label
     labels: tuple[str, ...] = ()  # empty: every value found in the manifest, sorted
+
+
+@dataclass(frozen=True)
+class VoiceDescriptionOptions:
+    """The free-form DESCRIBE_QUESTION, its answers scored per stated attribute (blsp.voice.describes)."""
+
+    n_examples: int = field(default=5, metadata={"min": 0})  # side-by-side answers kept in the result
 
 
 @dataclass(frozen=True)
@@ -93,17 +105,38 @@ class RepresentationOptions:
 class TaskType:
     metrics: tuple[str, ...]
     options: type
-    rows: tuple[str, ...] = ROWS
+    rows: tuple[str, ...] = ROWS  # the rows run when a task names none
+    optional_rows: tuple[str, ...] = ()  # rows run only when a task names them in `rows:`
 
 
 TASK_TYPES: dict[str, TaskType] = {
     "transcription": TaskType(("wer", "cer"), TranscriptionOptions),
     "translation": TaskType(("bleu", "chrf"), TranslationOptions),
-    "classification": TaskType(("accuracy", "macro_f1"), ClassificationOptions),
+    "classification": TaskType(("accuracy", "macro_f1"), ClassificationOptions, optional_rows=(DESCRIBED,)),
+    # per stated attribute, the share of clips whose description names it right; `overall` pools them
+    "voice_description": TaskType(("overall", *VOICE_ATTRIBUTES), VoiceDescriptionOptions,
+                                  optional_rows=(DESCRIBED,)),
     "continuation": TaskType(("loss", "gap_closed", "kl", "agreement"), ContinuationOptions),
     "behaviour": TaskType(("kl", "agreement", "runaway"), BehaviourOptions),
     "representation": TaskType(("cosine",), RepresentationOptions, rows=()),
 }
+
+
+@dataclass(frozen=True)
+class LineFilter:
+    """A task's `where:`: the manifest fields a line must have, with these values, to be evaluated
+    (`voice_seen: false`: the voices never heard in training). A line lacking a field is dropped:
+    a filter on seen/unseen voices says nothing about a clip whose voice is not known."""
+
+    required: tuple[tuple[str, Any], ...]  # (field, value), as the suite lists them
+    source: str  # the suite file and the line of `where:`, for the error when nothing is left
+    line: int
+
+    def keeps(self, utt: Utterance) -> bool:
+        return all(_has_value(utt, key, value) for key, value in self.required)
+
+    def describe(self) -> str:
+        return ", ".join(f"{key}={_yaml_scalar(value)}" for key, value in self.required)
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,7 @@ class TaskSpec:
     limit: int | None = None
     max_new_tokens: int | None = None
     set: str = ""  # the speech set it measures: the behaviour headline has one table per set
+    where: LineFilter | None = None  # only the manifest lines it keeps are evaluated
 
 
 @dataclass(frozen=True)
@@ -146,6 +180,7 @@ class _TaskKeys:
     limit: Union[int, None] = field(default=None, metadata={"min": 1})
     max_new_tokens: Union[int, None] = field(default=None, metadata={"min": 1})
     set: str = ""
+    # `where:` (a mapping of field -> value) is checked by `_line_filter`: _convert knows no mappings
 
 
 @dataclass(frozen=True)
@@ -157,6 +192,10 @@ class _SuiteKeys:
     contrast_model: Union[str, None] = None
     batch_size: Union[int, None] = field(default=None, metadata={"min": 1})
     limit: Union[int, None] = field(default=None, metadata={"min": 1})
+
+
+# YAML 1.1 (PyYAML) reads these unquoted as booleans: labels and values "yes"/"no" need quotes.
+_BARE_BOOL = " (YAML reads a bare yes/no/on/off/true/false as a boolean: quote it, \"yes\")"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +280,8 @@ def _convert(node: Node, hint: Any, minimum: int | None, source: str, key: str) 
         if args and args[0] is str:
             for item in node.children:
                 if not isinstance(item.value, str) or not item.value.strip():
-                    raise InputError(f"`{key}`: every item must be a non-empty string, not {item.value!r}",
-                                     source, item.line)
+                    raise InputError(f"`{key}`: every item must be a non-empty string, not {item.value!r}"
+                                     f"{_BARE_BOOL if isinstance(item.value, bool) else ''}", source, item.line)
         return tuple(value)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise bad
@@ -349,7 +388,7 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
                          source, type_node.line)
     kind = TASK_TYPES[type_node.value]
     option_names = tuple(f.name for f in dataclasses.fields(kind.options))
-    common = _fields_from(node, _TaskKeys, source, f"{type_node.value} task", extra_keys=option_names)
+    common = _fields_from(node, _TaskKeys, source, f"{type_node.value} task", extra_keys=(*option_names, "where"))
     own = {k: v for k, v in kids.items() if k in option_names}
     options = kind.options(**_fields_from(Node(node.value, node.line, own), kind.options, source, "task"))
     if "manifest" not in kids:
@@ -370,8 +409,7 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
         raise InputError(f"a {type_node.value} task has no rows (it compares speech with text inside the LLM)",
                          source, kids["rows"].line)
     for item, row in zip(kids["rows"].children if "rows" in kids else [], rows or ()):
-        if row not in kind.rows:
-            raise InputError(f"unknown row {row!r} (known: {', '.join(kind.rows)})", source, item.line)
+        _check_row(row, type_node.value, source, item.line)
     if type_node.value == "translation" and not options.language:
         raise InputError("a translation task needs `language:` (the target language in words, e.g. German)",
                          source, node.line)
@@ -387,9 +425,51 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
         load_behaviour_instructions(found)  # checked now (its own file:line errors), before any model loads
         options = dataclasses.replace(options, instructions=str(found))
     return TaskSpec(name=common.get("name") or type_node.value, type=type_node.value, manifest=manifest,
-                    line=node.line, metrics=tuple(dict.fromkeys(metrics)), rows=tuple(rows or kind.rows),
+                    line=node.line, metrics=tuple(dict.fromkeys(metrics)), rows=tuple(dict.fromkeys(rows or kind.rows)),
                     options=options, instruction=common.get("instruction"), limit=common.get("limit"),
-                    max_new_tokens=common.get("max_new_tokens"), set=common.get("set", ""))
+                    max_new_tokens=common.get("max_new_tokens"), set=common.get("set", ""),
+                    where=_line_filter(kids["where"], source) if "where" in kids else None)
+
+
+def _check_row(row: str, task_type: str, source: str, line: int) -> None:
+    kind = TASK_TYPES[task_type]
+    if row in kind.rows or row in kind.optional_rows:
+        return
+    supported = [name for name, t in TASK_TYPES.items() if row in t.optional_rows]
+    why = f"; `{row}` is a row of {' and '.join(supported)} tasks" if supported else ""
+    raise InputError(f"unknown row {row!r} for a {task_type} task (known: {', '.join(kind.rows + kind.optional_rows)}"
+                     f"{why})", source, line)
+
+
+def _line_filter(node: Node, source: str) -> LineFilter:
+    """`where: {field: value, ...}`: a non-empty mapping of manifest fields to scalar values."""
+    if not isinstance(node.children, dict) or not node.children:
+        raise InputError(f"`where` must map manifest fields to the values a line needs (e.g. "
+                         f"`where: {{voice_seen: false}}`), not {node.value!r}", source, node.line)
+    required = []
+    for key, child in node.children.items():
+        value = child.value
+        # a line's value is compared as JSON wrote it; a list or null would match nothing useful
+        if isinstance(value, (list, dict)) or value is None:
+            raise InputError(f"`where`: `{key}` must be a string, a number or true/false, not {value!r}",
+                             source, child.line)
+        required.append((key, value))
+    return LineFilter(tuple(required), source, node.line)
+
+
+def _has_value(utt: Utterance, key: str, value: Any) -> bool:
+    """Whether the line has `key` equal to `value`. True is not 1 here (Python says it is):
+    `voice_seen: true` must not keep a line whose voice_seen is a count."""
+    if key not in ("id", "text") and key not in utt.extra:
+        return False
+    have = _field(utt, key)
+    if isinstance(have, bool) or isinstance(value, bool):
+        return isinstance(have, bool) and isinstance(value, bool) and have is value
+    return have == value
+
+
+def _yaml_scalar(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def default_instruction(spec: TaskSpec, labels: tuple[str, ...] = (),
@@ -403,6 +483,8 @@ def default_instruction(spec: TaskSpec, labels: tuple[str, ...] = (),
         return task_instruction("translate", spec.options.language)
     if spec.type == "classification":
         return label_instruction(spec.options.label_field, labels)
+    if spec.type == "voice_description":
+        return DESCRIBE_QUESTION
     return continuation
 
 
@@ -415,8 +497,9 @@ class TaskData:
     n_total: int  # lines in the manifest
     manifest_sha256: str
     labels: tuple[str, ...] = ()  # classification: the label set, as spelled in the suite (or manifest)
-    gold: tuple[Any, ...] = ()  # per utterance: the reference translation(s) or canonical gold label
+    gold: tuple[Any, ...] = ()  # per utterance: the reference translation(s), canonical gold label or voice attributes
     asr: dict[str, str] | None = None  # id -> the manifest's `asr` transcript, when every line has one
+    n_selected: int | None = None  # lines the task's `where` kept (None: no filter)
 
 
 def load_task_data(spec: TaskSpec, limit: int | None = None) -> TaskData:
@@ -429,6 +512,9 @@ def load_task_data(spec: TaskSpec, limit: int | None = None) -> TaskData:
         utterances = read_manifest(spec.manifest).utterances
     if not utterances:
         raise InputError("no utterances in this manifest", str(spec.manifest))
+    n_total = len(utterances)
+    if spec.where is not None:  # before the checks below: a dropped line need not carry the task's fields
+        utterances = _selected(spec, utterances)
     labels, gold = (), ()
     if spec.type == "translation":
         gold = tuple(_reference(u, spec.options.reference_field) for u in utterances)
@@ -439,12 +525,34 @@ def load_task_data(spec: TaskSpec, limit: int | None = None) -> TaskData:
                                  "as many", u.source, u.line)
     elif spec.type == "classification":
         labels, gold = _labels(utterances, spec.options)
+    elif spec.type == "voice_description":
+        gold = [voice_attributes(u.extra) for u in utterances]
+        if not any(gold):
+            raise InputError(f"no line states a voice attribute ({', '.join(VOICE_ATTRIBUTES)}): there is nothing "
+                             "to score the descriptions against", str(spec.manifest))
+    if DESCRIBED in spec.rows and not any(voice_attributes(u.extra) for u in utterances):
+        raise InputError(f"row `{DESCRIBED}`: no line states a voice attribute ({', '.join(VOICE_ATTRIBUTES)}), "
+                         "so it would read the bare transcripts (the text row again)", str(spec.manifest))
     asr = _asr_field(utterances) if "cascade" in spec.rows else None
     n_limit = min(x for x in (limit, spec.limit, len(utterances)) if x is not None)
     kept = tuple(utterances[:n_limit])
-    return TaskData(utterances=kept, n_total=len(utterances), manifest_sha256=file_sha256(spec.manifest),
+    return TaskData(utterances=kept, n_total=n_total, manifest_sha256=file_sha256(spec.manifest),
                     labels=labels, gold=tuple(gold[:n_limit]),
-                    asr={u.id: asr[u.id] for u in kept} if asr is not None else None)
+                    asr={u.id: asr[u.id] for u in kept} if asr is not None else None,
+                    n_selected=len(utterances) if spec.where is not None else None)
+
+
+def _selected(spec: TaskSpec, utterances: list[Utterance]) -> list[Utterance]:
+    """The lines the task's `where` keeps; none is an error at the `where:` line of the suite."""
+    kept = [u for u in utterances if spec.where.keeps(u)]
+    if not kept:
+        # a boolean asked where the lines hold strings is most likely an unquoted yes/no
+        strings = any(isinstance(v, bool) and isinstance(u.extra.get(k), str)
+                      for k, v in spec.where.required for u in utterances)
+        raise InputError(f"task {spec.name!r} (line {spec.line}): `where` ({spec.where.describe()}) keeps none of "
+                         f"the {len(utterances)} line(s) of {spec.manifest}{_BARE_BOOL if strings else ''}",
+                         spec.where.source, spec.where.line)
+    return kept
 
 
 def _field(utt: Utterance, key: str) -> Any:

@@ -5,6 +5,10 @@
            greedy transcript of the Whisper the encoder came from), the same LLM and instruction;
   text     the gold transcript in its place: what the LLM does when it reads perfectly.
 The gap between text and blsp is what the adapter loses; cascade is the baseline to beat.
+Questions about the voice (classification of a voice attribute, voice_description) may add
+
+  described  the gold transcript after a sentence describing the voice (blsp.voice): the ceiling,
+             what the LLM answers when it is told what the speech alone carries.
 
 Every row is generated greedily and batched (`blsp.inference.generate_from_examples`) with the
 same instruction and token budget, so the rows differ only in what fills the slot.
@@ -34,8 +38,10 @@ from .scoring import (
 from .metrics import (
     LABEL_RULE,
     NORMALISER,
+    DESCRIPTION_RULE,
     classification_scores,
     continuation_agreement,
+    description_scores,
     error_rates,
     map_label,
     translation_scores,
@@ -43,7 +49,8 @@ from .metrics import (
 from .fingerprint import weights_fingerprint
 from .modeling import BlspModel
 from .processing import Example
-from .suites import ASR_FIELD, Suite, TaskData, TaskSpec, default_instruction
+from .suites import ASR_FIELD, DESCRIBED, Suite, TaskData, TaskSpec, default_instruction
+from .voice import describe_voice, described_transcript, voice_attributes
 
 MaxTokens = int | Callable[[Sequence[Utterance]], int]
 
@@ -160,13 +167,28 @@ class Runner:
 
 def _slot_texts(spec: TaskSpec, data: TaskData, runner: Runner,
                 prepare: Callable[[Utterance, str | None], str]) -> dict:
-    """What the text rows put in the slot: the gold transcript, and the cascade's transcript."""
+    """What the text rows put in the slot: the gold transcript, the cascade's transcript, and
+    (row described) the gold transcript with its voice described."""
     texts = {"text": [prepare(u, None) for u in data.utterances]}
     if "cascade" in spec.rows:
         asr = runner.cascade_transcripts(data)
         texts["cascade"] = [prepare(u, asr[u.id]) for u in data.utterances]
         texts["asr"] = [asr[u.id] for u in data.utterances]
+    if DESCRIBED in spec.rows:
+        texts[DESCRIBED] = [described_text(u, t) for u, t in zip(data.utterances, texts["text"])]
     return texts
+
+
+def voice_description(utt: Utterance) -> str | None:
+    """The sentence the described row adds for this line's voice; None when the line states nothing."""
+    return describe_voice(voice_attributes(utt.extra))
+
+
+def described_text(utt: Utterance, transcript: str) -> str:
+    """What the described row reads: the voice's description, then the transcript as the text row
+    reads it (so the two rows differ only by the description); the bare transcript when the line
+    states no attribute."""
+    return described_transcript(transcript, voice_description(utt))
 
 
 def _as_step1_fed(utt: Utterance, asr: str | None) -> str:
@@ -182,8 +204,11 @@ def _result(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str, ta
     cascade = None
     if "cascade" in spec.rows:
         cascade = {"source": f"the manifest's `{ASR_FIELD}` field"} if data.asr is not None else runner.asr_identity
-    return {"type": spec.type, "set": spec.set, "manifest": {"path": str(spec.manifest), "sha256": data.manifest_sha256,
-                                            "n_total": data.n_total, "n_evaluated": len(data.utterances)},
+    manifest = {"path": str(spec.manifest), "sha256": data.manifest_sha256, "n_total": data.n_total,
+                "n_evaluated": len(data.utterances)}
+    if spec.where is not None:
+        manifest.update(where=dict(spec.where.required), n_selected=data.n_selected)
+    return {"type": spec.type, "set": spec.set, "manifest": manifest,
             "instruction": instruction, "options": dataclasses.asdict(spec.options), "metrics": list(spec.metrics),
             "rows": list(table), "cascade_asr": cascade, "table": table, **extra}
 
@@ -249,10 +274,59 @@ def run_classification(runner: Runner, spec: TaskSpec, data: TaskData, instructi
             for u, a, g, m in zip(utts, said, data.gold, matches) if m.label is None]
         for p, a, m in zip(per_utt, said, matches):
             p.update({row: a, f"{row}_label": m.label, f"{row}_rule": m.rule})
-        table[row] = {**{m: scores[m] for m in spec.metrics}, "unmapped": scores["unmapped"]}
+        table[row] = _classification_cells(scores, spec.metrics)
         details[row] = scores
+    if DESCRIBED in texts:
+        for p, t in zip(per_utt, texts[DESCRIBED]):
+            p["described_input"] = t
     return _result(runner, spec, data, instruction, table, labels=list(data.labels), label_rule=LABEL_RULE,
                    details=details, per_utterance=per_utt)
+
+
+def _classification_cells(scores: dict, metrics: Sequence[str]) -> dict:
+    """A row's table cells: the metrics asked for, accuracy's 95% interval beside it (a
+    difference of a few points between rows on a hundred clips is noise), the unmapped count."""
+    cells = {m: scores[m] for m in metrics}
+    if "accuracy" in cells:
+        cells = {"accuracy": cells.pop("accuracy"), "accuracy_ci": scores["accuracy_ci95"], **cells}
+    return {**cells, "unmapped": scores["unmapped"]}
+
+
+def _description_cells(scores: dict, metrics: Sequence[str]) -> dict:
+    """A row's table cells, in the order of `metrics`: the overall share with its 95% interval,
+    and the share of each attribute asked for."""
+    cells = {}
+    for m in metrics:
+        if m == "overall":
+            cells.update(overall=scores["overall"], overall_ci=scores["overall_ci95"])
+        else:
+            cells[m] = scores["attributes"][m]["share"]
+    return cells
+
+
+def run_voice_description(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str) -> dict:
+    """Free-form descriptions of the voice (DESCRIBE_QUESTION) by each row, scored per attribute
+    the line states by its keywords (metrics.description_scores): the text and cascade rows can
+    only guess (the floor), the described row is told (the ceiling)."""
+    utts = data.utterances
+    texts = _slot_texts(spec, data, runner, _as_written)
+    budget = spec.max_new_tokens or 48  # one sentence
+    answers = runner.row_answers(spec.rows, utts, instruction, texts, budget, spec.name)
+    table, details, named = {}, {}, {}
+    for row, said in answers.items():
+        scores = description_scores(said, data.gold)
+        named[row] = scores.pop("per_utterance")
+        scores.pop("rule")  # once per result (description_rule), not per row
+        details[row] = scores
+        table[row] = _description_cells(scores, spec.metrics)
+    examples = [{"id": u.id, "transcript": u.text, "attributes": g, "description": voice_description(u),
+                 **({"asr": texts["asr"][i]} if "asr" in texts else {}),
+                 **{row: answers[row][i] for row in answers}, **{f"{row}_named": named[row][i] for row in answers}}
+                for i, (u, g) in enumerate(zip(utts[: spec.options.n_examples], data.gold))]
+    return _result(runner, spec, data, instruction, table, details=details, description_rule=DESCRIPTION_RULE,
+                   examples=examples,
+                   table_note="share of clips whose answer names the attribute right (keywords; only attributes "
+                              "with keywords for the clip's class are scored); overall pools every scored attribute")
 
 
 def run_continuation(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str) -> dict:
@@ -391,7 +465,7 @@ def run_representation(runner: Runner, spec: TaskSpec, data: TaskData, instructi
 
 RUNNERS = {"transcription": run_transcription, "translation": run_translation,
            "classification": run_classification, "continuation": run_continuation, "behaviour": run_behaviour,
-           "representation": run_representation}
+           "representation": run_representation, "voice_description": run_voice_description}
 
 
 def run_tasks(runner: Runner, suite: Suite, data: dict[str, TaskData], continuation_instruction: str,

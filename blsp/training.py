@@ -33,6 +33,7 @@ def init_model(options: TrainOptions) -> BlspModel:
              ("adapter_downsample", c.adapter_downsample, options.model.adapter_downsample),
              ("compress_speech", c.speech_compression or "none", options.objective.compress_speech),
              ("lora_rank", saved_lora.get("rank", 0), options.lora.rank),
+             ("voice_vectors", getattr(c, "voice_vectors", 0), options.model.voice_vectors),
              ("system_prompt", c.system_prompt, options.model.system_prompt)]
     if c.speech_compression or c.speech_states == "decoder":
         pairs.append(("speech_vectors", c.speech_vectors, options.model.speech_vectors))
@@ -73,7 +74,8 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
                 m.encoder, m.llm, adapter_type=m.adapter, adapter_downsample=m.adapter_downsample,
                 system_prompt=m.system_prompt, seed=options.optim.seed, speech_states=m.speech_states,
                 speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
-                speech_language=m.speech_language, bridge_confidence=m.bridge_confidence)
+                speech_language=m.speech_language, bridge_confidence=m.bridge_confidence,
+                voice_vectors=m.voice_vectors)
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None
     place_model(model, options, info)

@@ -76,7 +76,8 @@ def encoder_output_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
 
 
 def run_whisper_encoder(
-    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor, stop: int | None = None
+    encoder: WhisperEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor, stop: int | None = None,
+    taps: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper's encoder without the 30 s padding.
 
@@ -85,6 +86,8 @@ def run_whisper_encoder(
     with. `mel`: [B, n_mels, T] (T <= 3000), `mel_lengths`: [B]. Returns ([B, T', d], lengths).
     `stop`: run only the layers before it and return their hidden state (no final norm): the
     frozen part of an encoder whose top layers train (`run_whisper_top` runs the rest).
+    `taps`: a dict whose keys name layers (1-based: the output of the k-th layer); it is filled with
+    their hidden states [B, T', d] (the voice channel's input: blsp.voice_channel).
     """
     if mel.shape[-1] > encoder.config.max_source_positions * 2:
         raise ValueError("mel input longer than 30 s: split it first (blsp.audio.split_for_encoder)")
@@ -94,7 +97,7 @@ def run_whisper_encoder(
     x = F.gelu(encoder.conv2(x)).transpose(1, 2)
     lengths = encoder_output_lengths(mel_lengths)
     x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
-    x = run_whisper_layers(encoder, x, lengths, 0, stop)
+    x = run_whisper_layers(encoder, x, lengths, 0, stop, taps)
     return (x if stop is not None else encoder.layer_norm(x)), lengths
 
 
@@ -105,13 +108,15 @@ def run_whisper_top(encoder: WhisperEncoder, hidden: torch.Tensor, lengths: torc
 
 
 def run_whisper_layers(encoder: WhisperEncoder, x: torch.Tensor, lengths: torch.Tensor, start: int,
-                       stop: int | None) -> torch.Tensor:
+                       stop: int | None, taps: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
     mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
     mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
-    for layer in encoder.layers[start:stop]:
+    for number, layer in enumerate(encoder.layers[start:stop], start=start + 1):
         x = layer(x, mask)
         x = x[0] if isinstance(x, tuple) else x
+        if taps is not None and number in taps:
+            taps[number] = x
     return x
 
 

@@ -7,6 +7,7 @@
     python recipes/demo.py --size medium    # recipes/demo-medium.yaml: that at twice the data, ~36 minutes
     python recipes/demo.py --size full-encoder  # recipes/demo-full-encoder.yaml: at four times, ~70 minutes
     python recipes/demo.py --size long      # recipes/demo-long.yaml: that, then 4 more rounds
+    python recipes/demo.py --size voice     # recipes/demo-voice.yaml: a voice corpus and channel, the voice suite
     python recipes/demo.py --recipe my.yaml
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and
@@ -35,7 +36,7 @@ from blsp.trainer import draw_loss_curve, runs_warm_start
 HERE = Path(__file__).parent
 SIZES = {"default": HERE / "demo.yaml", "full": HERE / "demo-full.yaml", "encoder": HERE / "demo-encoder.yaml",
          "medium": HERE / "demo-medium.yaml", "full-encoder": HERE / "demo-full-encoder.yaml",
-         "long": HERE / "demo-long.yaml"}
+         "long": HERE / "demo-long.yaml", "voice": HERE / "demo-voice.yaml"}
 
 
 def load_recipe(path: Path) -> dict:
@@ -86,6 +87,7 @@ def main() -> None:
     adapter_dir = str(round_dirs(out, recipe)[-1])
     evaluate(out, adapter_dir, str(behavior / "test.jsonl"), recipe["eval"], timings)
     evaluate_behaviour(out, adapter_dir, behavior / "test.jsonl", recipe["eval"], timings)
+    evaluate_voice(out, adapter_dir, data / "test.jsonl", recipe["eval"], timings)
     report(out, recipe, timings)
 
 
@@ -195,7 +197,7 @@ def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> Non
 
 
 EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrained",
-         "behaviour": "eval_behaviour"}  # -> output dirs
+         "behaviour": "eval_behaviour", "voice": "eval_voice"}  # -> output dirs
 UNSEEN_SET, REAL_SET = "TTS, unseen voice", "real speech"
 # A recipe's eval keys for the behaviour sets, where it gives none (recipes/demo.yaml says why).
 BEHAVIOUR_DEFAULTS = {"behaviour_limit": 16, "degraded": ["telephone"], "real_sources": "small", "real_limit": 24,
@@ -238,6 +240,54 @@ def evaluate_behaviour(out: Path, adapter: str, test: Path, ev: dict, timings: d
     atomic_write_text(sets / "suite.yaml", yaml.safe_dump(suite, sort_keys=False))
     run("evaluation (behaviour)", ["eval", "--model", adapter, "--suite", str(sets / "suite.yaml"),
                                    "--output-dir", str(out / EVALS["behaviour"])], timings)
+
+
+VOICE_KEYS = ("voice_suite", "voice_limit")  # a recipe's eval keys for the voice suite
+
+
+def evaluate_voice(out: Path, adapter: str, test: Path, ev: dict, timings: dict) -> None:
+    """The voice suite (`voice_suite`, e.g. recipes/eval/voice.yaml) on this run's test split: what
+    the LLM says of the voice never heard in training, beside the cascade and the described ceiling."""
+    if not ev.get("voice_suite"):
+        return
+    suite = yaml.safe_load((HERE.parent / ev["voice_suite"]).read_text())
+    sets = out / "sets"
+    sets.mkdir(parents=True, exist_ok=True)
+    for task in suite["tasks"]:  # the run's own test split, relative to the written suite
+        task["manifest"] = os.path.relpath(test, sets)
+        if ev.get("voice_limit"):
+            task["limit"] = ev["voice_limit"]
+    atomic_write_text(sets / "voice.yaml", yaml.safe_dump(suite, sort_keys=False))
+    run("evaluation (voice)", ["eval", "--model", adapter, "--suite", str(sets / "voice.yaml"),
+                               "--output-dir", str(out / EVALS["voice"])], timings)
+
+
+def format_voice(voice: dict) -> list[str]:
+    """The voice suite's tables: accuracy per attribute by row, the descriptions' keyword score."""
+    tasks = voice.get("tasks", {})
+    classified = {name: t for name, t in tasks.items() if t.get("type") == "classification"}
+    if not classified:
+        return []
+    rows = list(next(iter(classified.values()))["rows"])
+    n = next(iter(classified.values()))["manifest"]["n_evaluated"]
+    lines = [f"the voice, on voices never heard in training (first {n} clips a question; accuracy, 95% CI)",
+             f"  {'':<12}" + "".join(f"{row:>22}" for row in rows)]
+    for name, t in classified.items():
+        cells = []
+        for row in rows:
+            cell = t["table"][row]
+            lo, hi = cell.get("accuracy_ci") or (None, None)
+            cells.append(f"{_pct(cell['accuracy'])} ({_pct(lo)}..{_pct(hi)})" if lo is not None
+                         else _pct(cell["accuracy"]))
+        lines.append(f"  {name:<12}" + "".join(f"{c:>22}" for c in cells))
+    for name, t in tasks.items():
+        if t.get("type") != "voice_description":
+            continue
+        shares = "  ".join(f"{row} {_pct(t['table'][row].get('overall'))}" for row in t["rows"])
+        lines.append(f"  descriptions naming each stated attribute right: {shares}")
+        for ex in t.get("examples", [])[:3]:
+            lines += [f"  {ex['id']}: {ex['description']}", f"    blsp says: {ex.get('blsp')}"]
+    return lines
 
 
 def report(out: Path, recipe: dict, timings: dict) -> None:
@@ -312,6 +362,7 @@ def format_report(summary: dict) -> str:
               "(jiwer; Whisper's English normaliser)",
               f"  {blsp_row:<47} WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
               f"  {tr['cascade']['asr'] + ' (the cascade ASR)':<47} WER {_pct(tr['cascade']['wer'])}  CER {_pct(tr['cascade']['cer'])}"]
+    lines += format_voice(summary.get("voice") or {})
     for ex in trained.get("examples", [])[:3]:
         lines += [f"example {ex['id']}", f"  transcript:               {ex['transcript']}",
                   f"  LLM continues the text:   {ex['text_continuation']}",

@@ -205,6 +205,7 @@ def test_an_instruction_set_adds_each_tasks_answer_and_resumes(tmp_path, llm):
 
 @pytest.mark.parametrize("text, message, line", [
     ("summarize: Summarize it.\ntranscribe: Write it down.\n", "reserved", 2),
+    ("voice_gender: Who speaks?\n", "reserved", 1),
     ("a: one\nb c: two\n", "task name", 2),
     ("a: one\na: two\n", "twice", 2),
     ("a: ''\n", "non-empty", 1),
@@ -489,3 +490,55 @@ def test_an_empty_manifest_is_refused(tmp_path, llm):
     with pytest.raises(BlspError, match=f"^{manifest}: no utterances: the manifest is empty$"):
         run_continue(manifest, tmp_path / "b.jsonl", ContinueOptions(max_new_tokens=4), model_and_tokenizer=llm)
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_voice_questions_answer_from_the_voices_description_and_keep_voices_apart(tmp_path, llm):
+    from blsp.continuation import voice_response
+    from blsp.voice import described_transcript, describe_voice, plain_answer, voice_questions
+
+    manifest = write_corpus(tmp_path / "data", n=3)
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    voices = [{"gender": "female", "whispered": "yes"}, {"gender": "male", "rate": "fast", "noisy": "no"}, {}]
+    rows = [{**r, **v} for r, v in zip(rows, voices)]
+    # the first transcript again in another voice: its continuation is shared, its voice answers are not
+    rows.append({**rows[0], "id": "u0_male", "gender": "male", "whispered": "no"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = ContinueOptions(max_new_tokens=5, batch_size=4, voice_questions=6)
+    out = tmp_path / "behavior.jsonl"
+    run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    records = {r["id"]: r for r in lines(out)}
+    continuer = Continuer(*llm, opts)
+    for rid, voice in (("u0", voices[0]), ("u1", voices[1]), ("u0_male", {"gender": "male", "whispered": "no"})):
+        rec = records[rid]
+        assert rec["voice_description"] == describe_voice(voice)
+        heard = described_transcript(rec["prompt_transcript"], describe_voice(voice))
+        assert set(rec["responses"]) == set(voice_questions(voice))
+        for task, question in voice_questions(voice).items():
+            text, truncated = continuer.continue_batch([continuer.prompt_ids(heard, question)])[0]
+            response = rec["responses"][task]
+            assert {k: response[k] for k in ("instruction", "heard")} == {"instruction": question, "heard": heard}
+            # the tiny random LLM's answers are wrong: each is kept aside, the plain answer trains
+            assert response["written_by"] == "plain" and response["llm_answer"] == [text, truncated]
+            assert response["text"] == plain_answer(task, voice) and response["truncated"] is False
+    assert "responses" not in records["u2"] and "voice_description" not in records["u2"]  # states no voice
+    assert records["u0"]["continuation"] == records["u0_male"]["continuation"]
+    assert opts.decoding()["voice_questions"] == 6  # another fingerprint than without
+    right = voice_response("voice_gender", ("The speaker is female.", False), "hi", voices[0])
+    assert right["written_by"] == "llm" and right["text"] == "The speaker is female." and "llm_answer" not in right
+    cut = voice_response("voice_gender", ("The speaker is female and", True), "hi", voices[0])
+    assert cut["written_by"] == "plain" and cut["text"] == "The speaker is female."
+    again = run_continue(manifest, out, opts, model_and_tokenizer=llm)
+    assert again.already_done == 4 and len(lines(out)) == 4
+
+
+def test_a_line_is_asked_n_of_its_voice_questions_drawn_seeded():
+    from blsp.continuation import asked_questions
+    from blsp.voice import voice_questions
+
+    voice = {"gender": "female", "rate": "fast", "whispered": "no"}
+    assert asked_questions("hi", voice, 9, 0) == voice_questions(voice)
+    one = asked_questions("hi", voice, 1, 0)
+    assert len(one) == 1 and one == asked_questions("hi", voice, 1, 0)  # seeded
+    drawn = {next(iter(asked_questions(f"line {i}", voice, 1, 0))) for i in range(40)}
+    assert drawn == set(voice_questions(voice))  # every question gets asked somewhere
+    assert asked_questions("hi", None, 3, 0) == {}

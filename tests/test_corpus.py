@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from blsp.corpus import (
 )
 from blsp.data import read_manifest
 from blsp.errors import BlspError
+from blsp.voice import NOISY_SNR_DB, PITCH_BANDS, RATE_BANDS, VOICE_ATTRIBUTES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,6 +203,9 @@ def test_synth_makes_16k_mono_manifests_and_resumes(tmp_path, capsys):
     assert summary["counts"]["train"] == {"sentences": 4, "utterances": 4}
     assert summary["spec"]["voices"] == ["kal"] and summary["spec_file"].endswith("demo.yaml")
     assert summary["synthesis"]["made"] == 7 and summary["text"]["usable_sentences"] == 6
+    assert [(u.extra["gender"], u.extra["whispered"]) for u in manifests["test"]] == [("female", "no"), ("male", "no")]
+    assert summary["voice_attributes"]["test"] == {"gender": {"male": 1, "female": 1}, "whispered": {"yes": 0, "no": 2}}
+    assert "rate" not in manifests["train"][0].extra  # drawn only with voice_attributes: true
 
     wavs = sorted((out / "wav").rglob("*.wav"))
     mtimes = [w.stat().st_mtime_ns for w in wavs]
@@ -301,3 +308,193 @@ def test_manifest_bad_inputs_are_user_errors(tmp_path, capsys):
     (chapter / "1-2.trans.txt").write_text("1-2-0000 NO AUDIO FOR THIS\n")
     with pytest.raises(BlspError, match=r"1-2.trans.txt:1: audio file not found"):
         corpus.librispeech_records(tmp_path / "ls")
+
+
+# ----------------------------------------------------------------------------------------------
+# Voice attributes
+# ----------------------------------------------------------------------------------------------
+# `espeak-ng --voices=variant` (1.51) and `--voices=en`, cut: a name that shifts the columns, a
+# file name with a space, other languages, ages, and an M/F mbrola voice per language.
+ESPEAK_VARIANTS = """\
+Pty Language       Age/Gender VoiceName          File                 Other Languages
+ 5  variant         --/M      Half-LifeAnnouncementSystem !v/announcer         
+ 5  variant         --/M      Mr_Serious         !v/Mr serious        
+ 5  variant         --/M      Storm              !v/Storm             (en-us 5)
+ 5  variant         --/F      female4            !v/f4                
+ 5  variant         --/F      female_whisper     !v/whisperf          
+ 5  variant         --/M      klatt              !v/klatt             
+ 5  variant         --/M      male6              !v/m6                
+ 5  variant         --/M      whisper            !v/whisper           
+ 5  variant         70/F      female1            !v/f1                
+ 5  variant         25/-      nobody             !v/nobody            
+"""
+ESPEAK_EN = """\
+Pty Language       Age/Gender VoiceName          File                 Other Languages
+ 2  en-gb           --/M      English_(Great_Britain) gmw/en               (en 2)
+ 3  en-uk           --/M      english-mb-en1     mb/mb-en1            (en-gb 3)(en 2)
+ 2  en-us           --/M      English_(America)  gmw/en-US            (en 3)
+ 5  en-us           --/F      us-mbrola-1        mb/mb-us1            (en 8)
+ 9  en              --/F      en-german-1        mb/mb-de1-en         
+ 5  en-gb-x-rp      --/M      English_(Received_Pronunciation) gmw/en-GB-x-rp       (en-gb 4)(en 5)
+ 7  xx-test         --/F      Made_up            gmw/xx               (en 1)(yy 4)
+"""
+
+
+def test_espeak_genders_are_read_from_its_voice_listing():
+    variants = corpus.espeak_variant_genders(corpus.parse_espeak_voices(ESPEAK_VARIANTS))
+    assert variants == {"announcer": "male", "Mr serious": "male", "Storm": "male", "f4": "female",
+                        "whisperf": "female", "klatt": "male", "m6": "male", "whisper": "male", "f1": "female",
+                        "nobody": None}
+    rows = corpus.parse_espeak_voices(ESPEAK_EN)
+    assert [r.others for r in rows[:2]] == [(("en", 2),), (("en-gb", 3), ("en", 2))]
+    languages = corpus.espeak_language_genders(rows)
+    # mbrola voices (mb/) are not what `-v en-us` speaks with; an alias goes to its lowest priority
+    assert languages["en-us"] == "male" and languages["en-gb-x-rp"] == "male"
+    assert languages["xx-test"] == "female" and languages["en"] == "female" and languages["yy"] == "female"
+    assert "en-uk" not in languages
+
+
+def test_voice_gender_and_whisper(monkeypatch):
+    monkeypatch.setattr(corpus, "_espeak_variants", lambda: {"f4": "female", "whisper": "male", "whisperf": "female"})
+    monkeypatch.setattr(corpus, "_espeak_languages", lambda: {"en-us": "male"})
+    got = {name: (corpus.Voice.parse(name).gender, corpus.Voice.parse(name).whispered) for name in (
+        "awb", "rms", "kal16", "slt", "piper:joe", "nosuch", "espeak:en-us", "espeak:en-us+f4",
+        "espeak:en-us+whisper", "espeak:en-us+whisperf", "espeak:en-us+m99")}
+    assert got == {"awb": ("male", False), "rms": ("male", False), "kal16": ("male", False), "slt": ("female", False),
+                   "piper:joe": ("male", False), "nosuch": (None, False), "espeak:en-us": ("male", False),
+                   "espeak:en-us+f4": ("female", False), "espeak:en-us+whisper": ("male", True),
+                   "espeak:en-us+whisperf": ("female", True), "espeak:en-us+m99": (None, False)}
+
+
+def test_installed_espeak_genders():
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    variants = corpus._espeak_variants()
+    assert {v: variants[v] for v in ("f1", "f4", "m1", "m6", "whisper", "whisperf")} == {
+        "f1": "female", "f4": "female", "m1": "male", "m6": "male", "whisper": "male", "whisperf": "female"}
+    assert "Mr serious" in variants and "5)" not in variants and "serious" not in variants
+    assert corpus.Voice.parse("espeak:en-us").gender == "male" == corpus.Voice.parse("espeak:en").gender
+
+
+def attribute_spec(**kw) -> CorpusSpec:
+    return small_spec(**{"duration_stretch": (1.0, 1.0), "pitch_scale": (1.0, 1.0), **kw})
+
+
+BANDS_NOT_RANGES = "with voice_attributes: true, duration_stretch and pitch_scale come from the rate and pitch bands"
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"noisy_share": 0.3}, "noisy_share needs voice_attributes: true"),
+    ({"voice_attributes": True, "noisy_share": 1.5}, "noisy_share must be a number from 0 to 1"),
+    ({"voice_attributes": True, "noisy_share": "some"}, "noisy_share must be a number from 0 to 1"),
+    ({"voice_attributes": "yes"}, "voice_attributes must be true or false"),
+    ({"voice_attributes": True, "duration_stretch": (0.9, 1.1)}, BANDS_NOT_RANGES),
+    ({"voice_attributes": True, "pitch_scale": (0.9, 1.1)}, BANDS_NOT_RANGES),
+])
+def test_voice_attribute_settings_are_checked(settings, error):
+    with pytest.raises(BlspError, match=f"corpus spec: {error}"):
+        attribute_spec(**settings)
+
+
+SENTENCES = [f"Sentence {a} {b} {c} is here." for a in "one two three four five six seven eight".split()
+             for b in "red green blue white black gray".split() for c in "cat dog fox owl".split()]
+
+
+def test_voice_attributes_are_drawn_in_their_bands_and_recorded(monkeypatch):
+    monkeypatch.setattr(corpus, "_espeak_variants", lambda: {"whisper": "male", "f4": "female"})
+    voices = ("awb", "rms", "espeak:en-us+whisper", "espeak:en-us+f4")
+    spec = attribute_spec(train_sentences=150, voices=voices, voices_per_sentence=4, voice_attributes=True,
+                          noisy_share=0.3)
+    planned = plan_utterances(split_sentences(SENTENCES, spec), spec)
+    assert planned == plan_utterances(split_sentences(SENTENCES, spec), spec)  # a rerun draws the same
+    records = [u.manifest_record(spec.voices) for u in planned]
+    assert len(records) == (len(SENTENCES) - 50) * 4 + 20 + 30 * 2  # the train sentences left, in all 4 voices
+    for r in records:
+        low, high = RATE_BANDS[r["rate"]]
+        assert low <= r["duration_stretch"] <= high
+        if r["voice"] in ("rms", "espeak:en-us+whisper"):  # no pitch control, or no pitch to hear
+            assert "pitch" not in r and r["pitch_scale"] == 1.0
+        else:
+            low, high = PITCH_BANDS[r["pitch"]]
+            assert low <= r["pitch_scale"] <= high
+        assert (r["noisy"] == "yes") == ("snr_db" in r)
+        assert r["noisy"] == "no" or NOISY_SNR_DB[0] <= r["snr_db"] <= NOISY_SNR_DB[1]
+        assert r["whispered"] == ("yes" if "whisper" in r["voice"] else "no")
+        assert r["gender"] == ("female" if r["voice"] in ("slt", "espeak:en-us+f4") else "male")
+    for name, field in (("rate", "rate"), ("pitch", "pitch")):  # uniform over the classes
+        counts = Counter(r[field] for r in records if field in r)
+        assert set(counts) == set(VOICE_ATTRIBUTES[name].labels)
+        assert all(abs(n / sum(counts.values()) - 1 / 3) < 0.05 for n in counts.values()), counts
+    noisy = sum(r["noisy"] == "yes" for r in records) / len(records)
+    assert abs(noisy - 0.3) < 0.05
+    assert len({r["snr_db"] for r in records if "snr_db" in r}) > 50  # drawn, not one level
+
+    # the noise is drawn last: no noise keeps every other draw, the clean clips' files and names
+    quiet = replace(spec, noisy_share=0.0)
+    for noisy_utt, clean_utt in zip(planned, plan_utterances(split_sentences(SENTENCES, quiet), quiet)):
+        assert (noisy_utt.rate, noisy_utt.duration_stretch, noisy_utt.pitch_scale) == (
+            clean_utt.rate, clean_utt.duration_stretch, clean_utt.pitch_scale)
+        assert clean_utt.noisy == "no" and clean_utt.snr_db is None
+        assert (noisy_utt.audio == clean_utt.audio) == (noisy_utt.snr_db is None)
+
+
+def test_without_voice_attributes_clips_are_named_as_before():
+    spec = small_spec()
+    planned = plan_utterances(split_sentences(SENTENCES, spec), spec)
+    for utt in planned[:50]:
+        old = hashlib.sha1(f"{utt.voice}|{utt.duration_stretch}|{utt.pitch_scale}|{utt.text}".encode()).hexdigest()
+        assert utt.audio == f"wav/{utt.voice}/{old[:16]}.wav"
+        record = utt.manifest_record(spec.voices)
+        assert set(record) == {"id", "audio", "text", "voice", "split", "voice_seen", "sentence", "duration_stretch",
+                               "pitch_scale", "gender", "whispered"}
+        assert (record["gender"], record["whispered"]) == ("female" if utt.voice == "slt" else "male", "no")
+    first = planned[0]  # pinned: a demo corpus built before voice attributes is reused, not remade
+    assert (first.text, first.voice, first.duration_stretch, first.pitch_scale) == (
+        "Sentence five black cat is here.", "awb", 0.963, 0.903)
+    assert first.audio == "wav/awb/c0ed422e936524dc.wav"
+
+
+def test_voice_corpus_spec():
+    spec = load_corpus_spec(REPO / "recipes" / "data" / "voice.yaml")
+    assert spec.voice_attributes and 0.2 <= spec.noisy_share <= 0.4
+    assert not set(spec.voices) & set(spec.test_voices)
+    for voices in (spec.voices, spec.test_voices):
+        parsed = [corpus.Voice.parse(v) for v in voices]
+        assert any(v.whispered for v in parsed) and any(not v.whispered for v in parsed)
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed: the espeak voices' genders cannot be read")
+    for voices in (spec.voices, spec.test_voices):
+        assert {corpus.Voice.parse(v).gender for v in voices} == {"male", "female"}
+        assert all(corpus.Voice.parse(v).whispered for v in voices if "whisper" in v)
+
+
+def noise_plan(share: float, sentences: list[str]) -> list:
+    spec = CorpusSpec(train_sentences=len(sentences), dev_sentences=0, test_sentences=1, voices=("awb",),
+                      test_voices=("slt",), voice_attributes=True, noisy_share=share)
+    return plan_utterances({"train": sentences, "dev": [], "test": []}, spec)
+
+
+def test_noisy_clips_have_the_drawn_snr(tmp_path):
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed (apt-get install flite)")
+    sentences = SIX[:2]
+    noisy, clean = noise_plan(1.0, sentences), noise_plan(0.0, sentences)
+    corpus.synthesize(noisy + clean, tmp_path / "a", workers=2)
+    corpus.synthesize(noisy, tmp_path / "b", workers=2)
+    for n, c in zip(noisy, clean):
+        assert n.audio != c.audio and n.duration_stretch == c.duration_stretch
+        speech = sf.read(tmp_path / "a" / c.audio, dtype="float64")[0]
+        mixed = sf.read(tmp_path / "a" / n.audio, dtype="float64")[0]
+        assert len(speech) == len(mixed) > SAMPLE_RATE
+        gain = np.dot(mixed, speech) / np.dot(speech, speech)  # below 1 where the mix was peak-limited
+        added = mixed - gain * speech
+        snr = 10 * np.log10(np.mean((gain * speech) ** 2) / np.mean(added ** 2))
+        assert abs(snr - n.snr_db) < 0.5, (snr, n.snr_db)
+        # the pauses (20 ms frames under a tenth of the clip's level) are filled by the noise
+        frames = lambda x: x[: len(x) // 320 * 320].reshape(-1, 320)  # noqa: E731
+        level = np.sqrt(np.mean(speech ** 2))
+        pause = np.sqrt(np.mean(frames(speech) ** 2, axis=1)) < 0.1 * level
+        assert pause.sum() >= 3
+        heard = np.sqrt(np.mean(frames(mixed)[pause] ** 2))
+        assert 0.5 < heard / (gain * level * 10 ** (-n.snr_db / 20)) < 2
+        assert (tmp_path / "a" / n.audio).read_bytes() == (tmp_path / "b" / n.audio).read_bytes()  # seeded

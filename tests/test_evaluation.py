@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import write_corpus
 
 from blsp.cli import main
+from blsp.errors import InputError
 from blsp.data import load_utterance_audio, normalize_transcript
 from blsp.io import file_sha256
 from blsp.metrics import bootstrap_gap_ci, error_rates, gap_closed
@@ -437,3 +438,133 @@ def test_a_suite_cascade_transcribes_with_the_encoders_whisper(tiny_dirs, tiny_w
     assert all(isinstance(r["asr"], str) for r in rows)
     assert results["tasks"]["classification"]["rows"] == ["cascade"]
     assert results["identity"]["adapter"] == "untrained"
+
+
+# ----------------------------------------------------------------------------------------------
+# Voice: the described row (the ceiling), accuracy's interval, voice_description
+# ----------------------------------------------------------------------------------------------
+VOICES = [dict(gender="female", rate="fast", pitch="high", whispered="no", noisy="yes", voice_seen=False),
+          dict(gender="male", rate="slow", pitch="normal", voice_seen=False),
+          dict(gender="male", voice_seen=True),
+          dict(voice_seen=False)]  # a line stating no attribute: the described row reads the bare transcript
+VOICE_SUITE = """\
+tasks:
+  - name: gender
+    type: classification
+    manifest: data/manifest.jsonl
+    label_field: gender
+    labels: [male, female]
+    rows: [{rows}]
+    where: {{voice_seen: false}}
+  - name: description
+    type: voice_description
+    manifest: data/manifest.jsonl
+    rows: [{rows}]
+    n_examples: 2
+"""
+
+
+def voice_data(root: Path, gender_on_every_line: bool = True) -> Path:
+    path = write_corpus(root / "data", n=len(VOICES))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r, v in zip(rows, VOICES):
+        r.update(v, asr=r["text"].upper())  # the cascade's transcripts given: no Whisper needed
+    if gender_on_every_line:
+        rows[3]["gender"] = "female"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_described_row_reads_the_voice_then_the_words(tmp_path):
+    from blsp.suites import load_suite, load_task_data
+    from blsp.tasks import Runner, _as_written, _slot_texts
+
+    voice_data(tmp_path, gender_on_every_line=False)
+    (tmp_path / "suite.yaml").write_text(VOICE_SUITE.format(rows="cascade, text, described"))
+    gender, description = load_suite(tmp_path / "suite.yaml").tasks
+    texts = _slot_texts(description, load_task_data(description), Runner(None), _as_written)
+    t0, t1 = texts["text"][:2]
+    assert texts["described"][0] == ("The speaker is a woman, talking fast in a high-pitched voice over loud "
+                                     f"background noise. They say: \"{t0}\"")
+    assert texts["described"][1] == ("The speaker is a man, talking slowly in a voice of normal pitch. "
+                                     f"They say: \"{t1}\"")
+    assert texts["described"][3] == texts["text"][3]  # nothing stated: the bare transcript
+    assert texts["cascade"][0] == t0.upper()
+    # the filter applies before the slots are filled: u2 (a seen voice) is not read; u3 has no gold gender
+    with pytest.raises(InputError, match="missing or empty `gender`"):
+        load_task_data(gender)
+    voice_data(tmp_path)
+    texts = _slot_texts(gender, load_task_data(gender), Runner(None), _as_written)
+    assert texts["described"][2] == f"The speaker is a woman. They say: \"{texts['text'][2]}\""
+
+
+def test_voice_rows_scored_with_a_scripted_llm(tmp_path, monkeypatch):
+    """The LLM replaced by a script that knows the voice only when it is described: the described
+    row is right everywhere, the text row answers "male" (right on 1 of 3) and says nothing of the
+    voice; the table carries accuracy's Wilson interval. A line stating no voice gets "I cannot tell"
+    from either row."""
+    import blsp.tasks
+    from blsp.metrics import wilson_interval
+    from blsp.report import format_task
+    from blsp.suites import load_suite, load_task_data
+    from blsp.tasks import Runner, run_tasks
+
+    def scripted(model, utterances, texts, instruction, *args, **kwargs):
+        if instruction.startswith("Describe"):
+            return [t.split(" They say:")[0] if "They say:" in t else "I cannot tell." for t in texts]
+        return ["female" if "a woman" in t else "male" for t in texts]
+
+    monkeypatch.setattr(blsp.tasks, "text_generate", scripted)
+    voice_data(tmp_path)
+    (tmp_path / "suite.yaml").write_text(VOICE_SUITE.format(rows="text, described"))
+    suite = load_suite(tmp_path / "suite.yaml")
+    data = {t.name: load_task_data(t) for t in suite.tasks}
+    results = run_tasks(Runner(None, progress=False), suite, data, "unused")
+
+    gender = results["gender"]
+    assert gender["manifest"]["where"] == {"voice_seen": False} and gender["manifest"]["n_selected"] == 3
+    # gold (unseen voices): female, male, female
+    assert gender["table"]["text"]["accuracy"] == 1 / 3 and gender["table"]["described"]["accuracy"] == 1.0
+    assert gender["table"]["text"]["accuracy_ci"] == wilson_interval(1, 3) == gender["details"]["text"]["accuracy_ci95"]
+    assert list(gender["table"]["text"]) == ["accuracy", "accuracy_ci", "macro_f1", "unmapped"]
+    assert gender["per_utterance"][0]["described_input"].startswith("The speaker is a woman")
+
+    desc = results["description"]
+    described, text = desc["table"]["described"], desc["table"]["text"]
+    # scored pairs: u0 gender, rate, pitch, noisy (whispered "no" has no keywords); u1 gender, rate; u2, u3 gender
+    assert desc["details"]["described"]["scored"] == 8 and described["overall"] == 1.0
+    assert described["gender"] == described["rate"] == described["pitch"] == described["noisy"] == 1.0
+    assert described["whispered"] is None  # no clip stated a whisper with keywords
+    assert text["overall"] == 0.0 and text["overall_ci"] == wilson_interval(0, 8)
+    ex = desc["examples"]
+    assert [e["id"] for e in ex] == ["u0", "u1"] and ex[1]["described"].startswith("The speaker is a man")
+    assert ex[0]["described_named"] == {"gender": True, "rate": True, "pitch": True, "whispered": None, "noisy": True}
+    assert ex[0]["attributes"]["noisy"] == "yes" and ex[0]["text"] == "I cannot tell."
+
+    printed = "\n".join(format_task("gender", gender))
+    assert "(where voice_seen=false: 3 line(s))" in printed and "accuracy          95% CI" in printed
+    lo, hi = wilson_interval(1, 3)
+    assert f"{100 * lo:.1f}%..{100 * hi:.1f}%" in printed and "described (gold+voice->LLM)" in printed
+    json.dumps(results, allow_nan=False)
+
+
+def test_voice_suite_on_tiny_models(tiny_dirs, tiny_whisper_dir, tmp_path, capsys):
+    voice_data(tmp_path)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(VOICE_SUITE.format(rows="blsp, cascade, text, described"))
+    out = tmp_path / "r"
+    code = main(["eval", "--untrained", "--encoder", tiny_whisper_dir, "--llm", tiny_dirs["llm"], "--suite",
+                 str(suite), "--max-new-tokens", "3", "--batch-size", "4", "--no-feature-cache",
+                 "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    gender, desc = results["tasks"]["gender"], results["tasks"]["description"]
+    assert gender["rows"] == desc["rows"] == ["blsp", "cascade", "text", "described"]
+    for row, cells in gender["table"].items():
+        lo, hi = cells["accuracy_ci"]
+        assert lo <= cells["accuracy"] <= hi, row
+    assert desc["manifest"]["n_evaluated"] == 4 and set(desc["table"]["blsp"]) == {
+        "overall", "overall_ci", "gender", "rate", "pitch", "whispered", "noisy"}
+    assert (out / "gender.png").stat().st_size > 1000 and (out / "description.png").stat().st_size > 1000
+    assert "all attributes" in printed and "described (gold+voice->LLM)" in printed

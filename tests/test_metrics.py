@@ -10,9 +10,11 @@ from blsp.metrics import (
     canonical_label,
     classification_scores,
     continuation_agreement,
+    description_scores,
     error_rates,
     map_label,
     translation_scores,
+    wilson_interval,
 )
 
 
@@ -116,6 +118,55 @@ def test_accuracy_and_macro_f1_of_a_small_table():
     # a label in the set but in neither gold nor predictions has no F1 and is left out of the mean
     s2 = classification_scores(["a", "b"], ["a", "a"], ["a", "b", "c"])
     assert s2["per_label"]["c"]["f1"] is None and s2["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+    json.dumps(s, allow_nan=False)
+
+
+def test_wilson_interval_by_hand():
+    """Wilson: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.95996 for 95%."""
+    z2 = 1.959963984540054 ** 2
+    # 8 of 10: p .8, denominator 1.384146, centre .716741, half-width .226578
+    assert wilson_interval(8, 10) == pytest.approx([0.490162, 0.943318], abs=1e-6)
+    # 0 of 4: [0, z²/(n + z²)], not the normal approximation's [0, 0]
+    lo, hi = wilson_interval(0, 4)
+    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(z2 / (4 + z2))
+    assert wilson_interval(4, 4) == pytest.approx([4 / (4 + z2), 1.0])
+    assert wilson_interval(0, 0) is None
+    # 99%: wider
+    lo99, hi99 = wilson_interval(8, 10, level=0.99)
+    assert lo99 < 0.490162 and hi99 > 0.943318
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+    # the small table above: 3 of 6 right, centred at .5, half-width .3123837
+    s = classification_scores(["pos", "pos", "pos", "neg", "neg", "neu"], ["pos", "pos", "neg", "neg", None, "pos"],
+                              ["pos", "neg", "neu"])
+    assert s["accuracy_ci95"] == pytest.approx([0.5 - 0.3123837, 0.5 + 0.3123837], abs=1e-6)
+
+
+def test_description_scores_on_handwritten_answers():
+    truths = [{"gender": "female", "rate": "fast", "pitch": "high", "whispered": "no", "noisy": "yes"},
+              {"gender": "male", "rate": "slow", "pitch": "normal"},
+              {"gender": "male", "whispered": "yes"},
+              {}]
+    answers = ["A woman speaking quickly in a high voice over background noise.",  # all four scored right
+               "She talks slowly.",  # gender wrong (she), rate right; a normal pitch has no keywords
+               "A man, or maybe a woman, whispering.",  # both genders named: wrong; whisper right
+               "Hello."]  # nothing stated, nothing scored
+    s = description_scores(answers, truths)
+    attrs = s["attributes"]
+    assert (attrs["gender"]["right"], attrs["gender"]["scored"]) == (1, 3) and attrs["gender"]["share"] == 1 / 3
+    assert attrs["rate"]["share"] == 1.0 and attrs["rate"]["scored"] == 2
+    assert attrs["pitch"]["share"] == 1.0 and (attrs["pitch"]["scored"], attrs["pitch"]["not_scored"]) == (1, 1)
+    assert attrs["whispered"]["share"] == 1.0 and attrs["whispered"]["not_scored"] == 1  # "no" has no keywords
+    assert attrs["noisy"]["share"] == 1.0
+    assert (s["right"], s["scored"], s["overall"]) == (6, 8, 0.75)  # pooled over (clip, attribute) pairs
+    assert s["overall_ci95"] == wilson_interval(6, 8) and attrs["gender"]["ci95"] == wilson_interval(1, 3)
+    assert s["all_right"] == 1 / 3  # of the three clips with a scored attribute, only the first
+    assert s["per_utterance"][1] == {"gender": False, "rate": True, "pitch": None} and s["per_utterance"][3] == {}
+    assert s["n"] == 4
+    none = description_scores(["x"], [{"rate": "normal"}])
+    assert none["overall"] is None and none["overall_ci95"] is None and none["attributes"]["rate"]["share"] is None
+    with pytest.raises(ValueError):
+        description_scores(["a"], [])
     json.dumps(s, allow_nan=False)
 
 

@@ -175,7 +175,7 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
 
 
-@pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long"])
+@pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long", "voice"])
 def test_every_demo_size_parses_into_the_commands_it_runs(size):
     """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
     from blsp.cli import build_parser
@@ -200,7 +200,10 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
                                    *demo.round_train_flags(recipe, spec)])
         train_options(again)
     assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS,
-                                   *demo.BEHAVIOUR_DEFAULTS}
+                                   *demo.BEHAVIOUR_DEFAULTS, *demo.VOICE_KEYS}
+    if recipe["eval"].get("voice_suite"):
+        suite = demo.HERE.parent / recipe["eval"]["voice_suite"]
+        assert suite.exists() and recipe["continue"].get("voice_questions") and recipe["train"].get("voice_vectors")
     ev = {**demo.BEHAVIOUR_DEFAULTS, **recipe["eval"]}
     parser.parse_args(["data", "degrade", "--manifest", "m", "--output", "o", "--conditions", ",".join(ev["degraded"])])
     parser.parse_args(["data", "real", "--output", "o", "--sources", ev["real_sources"]])
@@ -241,3 +244,20 @@ def test_make_demo_installs_what_blsp_serve_needs(tmp_path):
                          text=True, check=True).stdout
     installs = [line for line in dry.splitlines() if "pip install" in line and " -e " in line]
     assert installs and any("[serve" in line or ",serve" in line for line in installs), installs
+
+
+def test_the_demo_report_shows_the_voice_suite_beside_its_rows():
+    demo = load_recipe_module("demo")
+    task = {"type": "classification", "rows": ["blsp", "cascade", "described"], "manifest": {"n_evaluated": 40},
+            "table": {"blsp": {"accuracy": 0.925, "accuracy_ci": [0.8, 0.97]},
+                      "cascade": {"accuracy": 0.5, "accuracy_ci": [0.35, 0.65]},
+                      "described": {"accuracy": 0.55, "accuracy_ci": [0.4, 0.7]}}}
+    description = {"type": "voice_description", "rows": ["blsp", "cascade"],
+                   "table": {"blsp": {"overall": 0.81}, "cascade": {"overall": 0.2}},
+                   "examples": [{"id": "t1", "description": "The speaker is a woman.", "blsp": "A woman speaks."}]}
+    lines = demo.format_voice({"tasks": {"gender": task, "description": description}})
+    text = "\n".join(lines)
+    assert "voices never heard in training (first 40 clips" in lines[0]
+    assert "gender" in text and "92.5% (80.0%..97.0%)" in text and "50.0% (35.0%..65.0%)" in text
+    assert "blsp 81.0%  cascade 20.0%" in text and "blsp says: A woman speaks." in text
+    assert demo.format_voice({}) == []

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from test_corpus import records, tone
+from conftest import write_corpus
 from test_evaluation import behavior_data
 
 from blsp.cli import main
 from blsp.suites import load_suite, load_task_data
+from blsp.voice import DESCRIBE_QUESTION, VOICE_ATTRIBUTES
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.name for p in (REPO / "recipes" / "eval").glob("*.yaml"))
@@ -85,7 +87,23 @@ def fake_demo(root: Path) -> None:
         for r in records(behavior)))
 
 
-FAKES = {"demo.yaml": fake_demo, "librispeech-test-clean.yaml": fake_librispeech, "covost2.yaml": fake_covost2,
+def fake_voice(root: Path) -> None:
+    """The voice corpus's test split in runs/voice/data/: lines stating the voice attributes, one
+    of them a training voice and one a real clip (its noise level and voice unknown): the suite's
+    `where` drops both."""
+    data = write_corpus(root / "runs" / "voice" / "data", n=5)
+    attributes = [dict(gender="female", rate="fast", pitch="high", whispered="no", noisy="yes", voice_seen=False),
+                  dict(gender="male", rate="slow", pitch="low", whispered="yes", noisy="no", voice_seen=True),
+                  dict(gender="male", rate="normal", pitch="normal", whispered="no", noisy="no", voice_seen=False),
+                  dict(gender="female"),
+                  dict(gender="female", rate="slow", pitch="low", whispered="yes", noisy="no", voice_seen=False)]
+    lines = [{**r, **a, **({"voice": f"espeak:en-us+v{i}"} if "voice_seen" in a else {})}
+             for i, (r, a) in enumerate(zip(records(data), attributes))]
+    (data.parent / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+FAKES = {"demo.yaml": fake_demo, "voice.yaml": fake_voice,
+         "librispeech-test-clean.yaml": fake_librispeech, "covost2.yaml": fake_covost2,
          "mustc.yaml": fake_mustc, "slue-voxceleb.yaml": fake_slue}
 
 
@@ -139,3 +157,31 @@ def test_converted_references(repo_copy, capsys):
     assert [(r["id"], r["audio"].rsplit("/", 1)[1], r["text"], r["sentiment"]) for r in slue] == [
         ("id10059_229vKIGbxrI_00001", "id10059_229vKIGbxrI_00001.flac:3200:19200", "i love this show", "Positive"),
         ("id10059_229vKIGbxrI_00002", "id10059_229vKIGbxrI_00002.flac:0:16000", "it was fine i guess", "Neutral")]
+
+
+def test_the_voice_suite_asks_what_step_1_answered(repo_copy, tiny_dirs, tiny_whisper_dir, capsys):
+    """recipes/eval/voice.yaml: one task per attribute with blsp.voice's question and labels, and
+    the description task; the four rows; only the unseen voices' lines."""
+    fake_voice(repo_copy)
+    suite = load_suite(repo_copy / "recipes" / "eval" / "voice.yaml")
+    by_name = {t.name: t for t in suite.tasks}
+    assert list(by_name) == [*VOICE_ATTRIBUTES, "description"]
+    for name, attribute in VOICE_ATTRIBUTES.items():
+        task = by_name[name]
+        assert task.instruction == attribute.question and task.options.labels == attribute.labels
+        assert task.options.label_field == name
+    for task in suite.tasks:
+        assert task.rows == ("blsp", "cascade", "text", "described")
+        data = load_task_data(task)
+        assert [u.id for u in data.utterances] == ["u0", "u2", "u4"] and data.n_selected == 3
+    out = repo_copy / "out"
+    code = main(["eval", "--untrained", "--encoder", tiny_whisper_dir, "--llm", tiny_dirs["llm"], "--suite",
+                 str(repo_copy / "recipes" / "eval" / "voice.yaml"), "--max-new-tokens", "3", "--batch-size", "4",
+                 "--no-feature-cache", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    tasks = json.loads((out / "results.json").read_text())["tasks"]
+    assert tasks["description"]["instruction"] == DESCRIBE_QUESTION
+    assert tasks["gender"]["manifest"]["where"] == {"voice_seen": False}
+    assert set(tasks["description"]["table"]["described"]) == {"overall", "overall_ci", *VOICE_ATTRIBUTES}
+    assert "(where voice_seen=false: 3 line(s))" in printed and "described (gold+voice->LLM)" in printed

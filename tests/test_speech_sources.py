@@ -130,13 +130,20 @@ def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_b
     torch.testing.assert_close(states[1, :kept], expected[0, :kept], atol=1e-5, rtol=1e-5)
 
 
-def test_a_decoder_states_model_trains_only_its_adapter_and_round_trips(decoder_model, tmp_path):
-    mel, lengths = mels([0.7, 1.2])
-    states, steps = decoder_model.encode_mel(mel, lengths)
-    proc = decoder_model.processor
+def continuation_batch(model, seconds: list[float]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A training batch of noise clips of these lengths under the continuation instruction,
+    target "a b", and the clips' (mel, lengths)."""
+    mel, lengths = mels(seconds)
+    states, steps = model.encode_mel(mel, lengths)
+    proc = model.processor
     examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[states[row, : steps[row]]],
-                        target=proc.prompt.target_ids("a b")) for row in range(2)]
-    batch = proc.collate(examples)
+                        target=proc.prompt.target_ids("a b")) for row in range(len(seconds))]
+    return proc.collate(examples), mel, lengths
+
+
+def test_a_decoder_states_model_trains_only_its_adapter_and_round_trips(decoder_model, tmp_path):
+    batch, mel, lengths = continuation_batch(decoder_model, [0.7, 1.2])
+    states, _ = decoder_model.encode_mel(mel, lengths)
     decoder_model.train()
     loss = decoder_model(**batch).loss
     loss.backward()

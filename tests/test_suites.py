@@ -171,3 +171,123 @@ def test_the_command_stops_before_loading_a_model(tmp_path, manifest, capsys, mo
                  "--output-dir", str(tmp_path / "r")])
     assert code == 2 and "either --suite" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Voice: the `where` filter, the described row, the voice_description task
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def voice_manifest(tmp_path) -> Path:
+    """Five lines: unseen voices (u0, u3), a seen one (u1), one without voice_seen (u2: a real
+    clip) and one whose voice_seen is 0, not false (u4); u2 states no attribute at all."""
+    path = write_corpus(tmp_path / "data", n=5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    extra = [dict(voice_seen=False, gender="female", rate="fast", pitch="high", whispered="no", noisy="yes"),
+             dict(voice_seen=True, gender="male", rate="slow", pitch="low", whispered="yes", noisy="no"),
+             dict(),
+             dict(voice_seen=False, gender="male", pitch="normal"),
+             dict(voice_seen=0, gender="female")]
+    path.write_text("".join(json.dumps({**r, **e}) + "\n" for r, e in zip(rows, extra)))
+    return path
+
+
+def voice_suite(tmp_path: Path, task: str) -> Path:
+    return write_suite(tmp_path, "name: v\ntasks:\n" + task)
+
+
+GENDER = "  - type: classification\n    manifest: data/manifest.jsonl\n    label_field: gender\n"
+
+
+def test_where_keeps_the_lines_with_the_value_and_drops_those_without_the_field(tmp_path, voice_manifest):
+    suite = load_suite(voice_suite(tmp_path, GENDER + "    where: {voice_seen: false}\n"))
+    spec = suite.tasks[0]
+    assert spec.where.required == (("voice_seen", False),) and spec.where.line == 6
+    data = load_task_data(spec)
+    # u1 is seen, u2 has no voice_seen, u4's 0 is not false
+    assert [u.id for u in data.utterances] == ["u0", "u3"] and data.gold == ("female", "male")
+    assert data.n_total == 5 and data.n_selected == 2
+    assert [u.id for u in load_task_data(spec, limit=1).utterances] == ["u0"]  # the limit after the filter
+    # a dropped line need not carry the task's field: u2 has no gender, yet no error
+    seen = load_task_data(load_suite(voice_suite(tmp_path, GENDER + "    where:\n      voice_seen: true\n"
+                                                           "      gender: male\n")).tasks[0])
+    assert [u.id for u in seen.utterances] == ["u1"]
+    # without a filter, u2's missing label is an error at its line
+    with pytest.raises(InputError) as err:
+        load_task_data(load_suite(voice_suite(tmp_path, GENDER)).tasks[0])
+    assert err.value.line == 3 and "missing or empty `gender`" in err.value.reason
+
+
+@pytest.mark.parametrize("where, line, words", [
+    ("    where: voice_seen\n", 6, "`where` must map manifest fields to the values"),
+    ("    where: {}\n", 6, "`where` must map manifest fields"),
+    ("    where:\n      voice_seen: [false]\n", 7, "`where`: `voice_seen` must be a string, a number or true/false"),
+    ("    where:\n      voice_seen: null\n", 7, "must be a string, a number or true/false"),
+    ("    wher: {voice_seen: false}\n", 6, "unknown classification task setting `wher`"),
+])
+def test_where_errors_name_the_suite_line(where, line, words, tmp_path, voice_manifest):
+    path = voice_suite(tmp_path, GENDER + where)
+    with pytest.raises(InputError) as err:
+        load_suite(path)
+    assert (err.value.path, err.value.line) == (str(path), line) and words in err.value.reason, str(err.value)
+
+
+def test_a_where_that_keeps_nothing_is_an_error_at_its_line(tmp_path, voice_manifest):
+    path = voice_suite(tmp_path, "  - name: g\n    type: classification\n    manifest: data/manifest.jsonl\n"
+                                 "    label_field: gender\n    where: {voice: nobody}\n")
+    spec = load_suite(path).tasks[0]  # the suite is fine; the manifest is read with the task's data
+    with pytest.raises(InputError) as err:
+        load_task_data(spec)
+    assert (err.value.path, err.value.line) == (str(path), 7)
+    assert "task 'g' (line 3): `where` (voice=nobody) keeps none of the 5 line(s)" in err.value.reason
+    assert "quote it" not in err.value.reason
+    # an unquoted yes reads as true: the message says so when the lines hold strings
+    path = voice_suite(tmp_path, GENDER + "    where: {whispered: yes}\n")
+    with pytest.raises(InputError, match="whispered=true.* quote it"):
+        load_task_data(load_suite(path).tasks[0])
+
+
+def test_the_described_row_is_opt_in_and_known_to_voice_tasks_only(tmp_path, voice_manifest):
+    task = GENDER + "    where: {voice_seen: false}\n"
+    assert load_suite(voice_suite(tmp_path, task)).tasks[0].rows == ("blsp", "cascade", "text")
+    spec = load_suite(voice_suite(tmp_path, task + "    rows: [text, described]\n")).tasks[0]
+    assert spec.rows == ("text", "described")
+    spec = load_suite(voice_suite(tmp_path, "  - {type: voice_description, manifest: data/manifest.jsonl, "
+                                            "rows: [blsp, described], metrics: [overall, pitch]}\n")).tasks[0]
+    assert spec.rows == ("blsp", "described") and spec.metrics == ("overall", "pitch")
+    assert default_instruction(spec) == "Describe the speaker's voice in one sentence."
+    path = voice_suite(tmp_path, "  - type: transcription\n    manifest: data/manifest.jsonl\n"
+                                 "    rows:\n      - blsp\n      - described\n")
+    with pytest.raises(InputError) as err:
+        load_suite(path)
+    assert err.value.line == 7 and "unknown row 'described' for a transcription task (known: blsp, cascade, text; " \
+        "`described` is a row of classification and voice_description tasks)" in err.value.reason
+    path = voice_suite(tmp_path, "  - {type: voice_description, manifest: data/manifest.jsonl, metrics: [age]}\n")
+    with pytest.raises(InputError, match="unknown metric 'age' for a voice_description task"):
+        load_suite(path)
+
+
+def test_voice_tasks_need_lines_that_state_an_attribute(tmp_path, manifest):
+    """`manifest` (the sentiment one) states no voice attribute: nothing to score, no ceiling."""
+    spec = load_suite(write_suite(tmp_path, "tasks:\n  - {type: voice_description, manifest: data/manifest.jsonl}\n"
+                                  )).tasks[0]
+    with pytest.raises(InputError, match="no line states a voice attribute .*nothing to score"):
+        load_task_data(spec)
+    spec = load_suite(write_suite(tmp_path, "tasks:\n  - {type: classification, manifest: data/manifest.jsonl, "
+                                  "label_field: sentiment, rows: [text, described]}\n")).tasks[0]
+    with pytest.raises(InputError, match="row `described`: no line states a voice attribute"):
+        load_task_data(spec)
+
+
+def test_voice_description_data_is_each_lines_stated_attributes(tmp_path, voice_manifest):
+    spec = load_suite(voice_suite(tmp_path, "  - {type: voice_description, manifest: data/manifest.jsonl}\n")).tasks[0]
+    data = load_task_data(spec)
+    assert data.gold[2] == {} and data.gold[3] == {"gender": "male", "pitch": "normal"}
+    assert data.gold[0] == {"gender": "female", "rate": "fast", "pitch": "high", "whispered": "no", "noisy": "yes"}
+
+
+def test_an_unquoted_yes_label_says_why(tmp_path, voice_manifest):
+    path = voice_suite(tmp_path, GENDER.replace("gender", "whispered") + "    labels: [yes, no]\n")
+    with pytest.raises(InputError) as err:
+        load_suite(path)
+    assert err.value.line == 6
+    assert "not True (YAML reads a bare yes/no/on/off/true/false as a boolean" in err.value.reason

@@ -391,6 +391,37 @@ def test_mix_trains_shares_on_step_1s_other_answers_and_names_a_line_without_one
     assert f"{data}:2:" in str(err.value)
 
 
+def test_mix_voice_trains_a_lines_answers_about_its_voice_read_beside_its_description(tiny_dirs, tmp_path,
+                                                                                      tiny_model):
+    from blsp.behavior import build_items, check_behavior_data
+    from blsp.errors import BlspError
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    for i, rec in enumerate(records[:3]):  # the last line states no voice: drawn for voice, it continues
+        rec["responses"] = {f"voice_{a}": {"instruction": f"{a}?", "text": f"{a} {i}", "truncated": False,
+                                           "heard": f"The speaker is a woman. They say: \"{rec['text']}\""}
+                            for a in ("gender", "rate")}
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    opts = options(tiny_dirs, tmp_path, mix="voice=1")
+    check_behavior_data(utts, opts)
+    items = build_items(proc, utts, opts)
+    for i, (item, u) in enumerate(zip(items[:3], utts)):
+        task = next(a for a in ("gender", "rate") if item.target == proc.prompt.target_ids(f"{a} {i}"))
+        assert item.prompt == proc.speech_prompt(f"{task}?")
+        assert item.teacher_prompt == proc.transcript_prompt(f"{task}?", u.extra["responses"][f"voice_{task}"]["heard"])
+        assert item.exact  # a fact about the voice: learnt by cross-entropy, as a transcript
+    assert items[3].target == proc.prompt.target_ids(utts[3].extra["continuation"])
+    assert [i.target for i in items] == [i.target for i in build_items(proc, utts, opts)]  # seeded
+    for rec in records:
+        rec.pop("responses", None)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(BlspError, match="--voice-questions"):
+        check_behavior_data(read_behavior_data([data])[0], opts)
+
+
 def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(tiny_dirs, tmp_path):
     from blsp.errors import BlspError
     from blsp.modeling import BlspModel

@@ -1,0 +1,127 @@
+"""The voice channel: voice statistics cached at the head of a clip's features, read as a few LLM
+vectors before the words (blsp.voice_channel, blsp.modeling)."""
+
+import pytest
+import torch
+
+from blsp.errors import BlspError
+from blsp.modeling import BlspModel
+from blsp.processing import SPEECH_TOKEN_ID
+from blsp.voice_channel import (STATISTICS, VoiceChannel, default_voice_layers, split_voice_rows, voice_rows,
+                                voice_statistics)
+from test_speech_sources import continuation_batch, mels
+
+
+def test_voice_statistics_are_mean_std_and_change_over_the_clips_own_frames():
+    h = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [100.0, 0.0]]])  # the last frame: padding
+    rows = voice_statistics([h], frames=torch.tensor([3]), seconds=torch.tensor([2.0]), tokens=torch.tensor([8]))
+    assert rows.shape == (1, len(STATISTICS) + 1, 2)
+    mean, std, delta, log_seconds = rows[0, :, 0].tolist()
+    assert mean == pytest.approx(2.0)
+    assert std == pytest.approx((2 / 3) ** 0.5)
+    assert delta == pytest.approx(1.5)  # |3-1| and |2-3|: the padding's jump is not counted
+    assert log_seconds == pytest.approx(torch.tensor(2.0).log().item())
+    assert rows[0, -1, 1] == pytest.approx(8 / 2 / 4)  # tokens a second, over 4
+
+
+def test_default_voice_layers_sit_a_third_and_two_thirds_up():
+    assert default_voice_layers(6) == (2, 4)
+    assert default_voice_layers(2) == (1,)
+    assert default_voice_layers(32) == (10, 21)
+
+
+@pytest.fixture
+def voiced_decoder_model(tiny_whisper_dir, tiny_dirs):
+    return BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                     speech_states="decoder", seed=0, voice_vectors=3)
+
+
+def test_voice_rows_head_the_features_and_the_llm_reads_voice_vectors_first(voiced_decoder_model, tiny_whisper_dir,
+                                                                             tiny_dirs):
+    model = voiced_decoder_model
+    plain = BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                      speech_states="decoder", seed=0)
+    assert model.config.voice_layers == [1] and plain.config.voice_vectors == 0
+    assert model.config.feature_key == plain.config.feature_key + "-voice1"
+    mel, lengths = mels([0.5, 2.2])
+    feats, n = model.encode_mel(mel, lengths)
+    words, m = plain.encode_mel(mel, lengths)
+    r = voice_rows(model.config)
+    assert r == len(STATISTICS) + 1
+    torch.testing.assert_close(n, m + r)
+    # the words' features are the plain source's, behind the voice rows
+    for row in range(2):
+        torch.testing.assert_close(feats[row, r : n[row]], words[row, : m[row]])
+    # a clip's voice rows do not depend on what it was batched with
+    alone, _ = model.encode_mel(mel[1:2, :, : lengths[1]], lengths[1:2])
+    torch.testing.assert_close(alone[0, :r], feats[1, :r], atol=1e-5, rtol=1e-5)
+    # the scalar row: log seconds, and tokens a second over 4
+    seconds = lengths.float() / 100
+    torch.testing.assert_close(feats[:, r - 1, 0], seconds.log())
+    torch.testing.assert_close(feats[:, r - 1, 1], m.float() / seconds / 4)
+    # the processor counts the voice vectors among the speech slots
+    proc = model.processor
+    assert proc.speech_lengths(int(n[0])) == 3 + int(m[0])
+
+
+def test_voice_channel_trains_round_trips_and_changes_what_the_llm_reads(voiced_decoder_model, tmp_path):
+    model = voiced_decoder_model
+    batch, _, _ = continuation_batch(model, [0.7, 1.2])
+    embeds, _ = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["encoder_features"],
+                                     batch["encoder_lengths"])
+    first_slot = int((batch["input_ids"][0] == SPEECH_TOKEN_ID).nonzero()[0])
+    # untrained, the channel adds nothing: its closing gain starts at 0
+    assert embeds[0, first_slot : first_slot + 3].abs().max() == 0
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert model.voice_channel.norm.weight.grad.abs().sum() > 0
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert all(id(p) in trainable for p in model.voice_channel.parameters())
+    with torch.no_grad():
+        model.voice_channel.norm.weight.fill_(0.5)
+    model.eval()
+    moved, _ = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["encoder_features"],
+                                    batch["encoder_lengths"])
+    assert moved[0, first_slot : first_slot + 3].abs().max() > 0
+    torch.testing.assert_close(moved[:, first_slot + 3 :], embeds[:, first_slot + 3 :])  # the words: untouched
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.voice_vectors == 3 and loaded.config.voice_layers == [1]
+    torch.testing.assert_close(loaded(**batch).loss, model(**batch).loss)
+
+
+def test_voice_rows_missing_from_cached_features_are_an_error_not_a_silent_shift():
+    with pytest.raises(BlspError, match="voice statistics"):
+        split_voice_rows(torch.zeros(2, 3, 4), torch.tensor([3, 2]), 4)
+
+
+def test_voice_settings_are_checked(tiny_dirs):
+    from blsp.config import BlspConfig
+
+    model = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], seed=0, voice_vectors=2)
+    assert model.config.voice_layers == [1]  # conftest's Whisper has 2 encoder layers
+    with pytest.raises(BlspError, match="above the encoder's first trained layer"):
+        model.unfreeze_encoder_layers(2)
+    with pytest.raises(BlspError, match="encoder has layers 1-2"):
+        BlspConfig(encoder_config=model.config.encoder_config, llm_config=model.config.llm_config,
+                   voice_vectors=2, voice_layers=[3])
+    with pytest.raises(BlspError, match="0 \\(no voice channel\\)"):
+        BlspConfig(encoder_config=model.config.encoder_config, llm_config=model.config.llm_config, voice_vectors=-1)
+
+
+def test_a_clip_split_into_pieces_keeps_one_set_of_voice_rows(tiny_dirs):
+    from blsp.features import join_pieces
+
+    a = torch.cat([torch.full((2, 1), 1.0), torch.zeros(6, 1)])  # 2 voice rows, 6 word rows
+    b = torch.cat([torch.full((2, 1), 4.0), torch.ones(2, 1)])  # 2 voice rows, 2 word rows
+    joined = join_pieces([a, b], 2)
+    assert joined.shape == (10, 1)
+    assert joined[:2, 0].tolist() == pytest.approx([1.75, 1.75])  # weighted 6:2
+    assert joined[2:, 0].tolist() == [0.0] * 6 + [1.0] * 2
+
+
+def test_voice_channel_output_shape():
+    channel = VoiceChannel(d_in=8, n_layers=2, d_llm=5, n_vectors=4)
+    rows = torch.rand(3, 2 * len(STATISTICS) + 1, 8)
+    assert channel(rows).shape == (3, 4, 5)
