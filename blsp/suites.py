@@ -449,17 +449,21 @@ def _line_filter(node: Node, source: str) -> LineFilter:
     required = []
     for key, child in node.children.items():
         value = child.value
-        # a line's value is compared as JSON wrote it; a list or null would match nothing useful
-        if isinstance(value, (list, dict)) or value is None:
-            raise InputError(f"`where`: `{key}` must be a string, a number or true/false, not {value!r}",
-                             source, child.line)
-        required.append((key, value))
+        # a line's value is compared as JSON wrote it; null would match nothing useful. A list: any
+        # of its values (`pitch: [low, normal, high]`: the lines that state a pitch)
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, (list, dict)) or v is None for v in values):
+            raise InputError(f"`where`: `{key}` must be a string, a number or true/false, or a list of them (any "
+                             f"of), not {value!r}", source, child.line)
+        required.append((key, tuple(values) if isinstance(value, list) else value))
     return LineFilter(tuple(required), source, node.line)
 
 
 def _has_value(utt: Utterance, key: str, value: Any) -> bool:
     """Whether the line has `key` equal to `value`. True is not 1 here (Python says it is):
-    `voice_seen: true` must not keep a line whose voice_seen is a count."""
+    `voice_seen: true` must not keep a line whose voice_seen is a count. A tuple: any of its values."""
+    if isinstance(value, tuple):
+        return any(_has_value(utt, key, v) for v in value)
     if key not in ("id", "text") and key not in utt.extra:
         return False
     have = _field(utt, key)
@@ -469,6 +473,8 @@ def _has_value(utt: Utterance, key: str, value: Any) -> bool:
 
 
 def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "|".join(map(_yaml_scalar, value))
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -211,6 +211,9 @@ def test_where_keeps_the_lines_with_the_value_and_drops_those_without_the_field(
     seen = load_task_data(load_suite(voice_suite(tmp_path, GENDER + "    where:\n      voice_seen: true\n"
                                                            "      gender: male\n")).tasks[0])
     assert [u.id for u in seen.utterances] == ["u1"]
+    # a list: any of its values (the lines that state a pitch, here low or normal)
+    pitched = load_task_data(load_suite(voice_suite(tmp_path, GENDER + "    where: {pitch: [low, normal]}\n")).tasks[0])
+    assert [u.id for u in pitched.utterances] == ["u1", "u3"]
     # without a filter, u2's missing label is an error at its line
     with pytest.raises(InputError) as err:
         load_task_data(load_suite(voice_suite(tmp_path, GENDER)).tasks[0])
@@ -220,7 +223,8 @@ def test_where_keeps_the_lines_with_the_value_and_drops_those_without_the_field(
 @pytest.mark.parametrize("where, line, words", [
     ("    where: voice_seen\n", 6, "`where` must map manifest fields to the values"),
     ("    where: {}\n", 6, "`where` must map manifest fields"),
-    ("    where:\n      voice_seen: [false]\n", 7, "`where`: `voice_seen` must be a string, a number or true/false"),
+    ("    where:\n      voice_seen: [[false]]\n", 7, "`where`: `voice_seen` must be a string, a number or true/false"),
+    ("    where:\n      voice_seen: []\n", 7, "or a list of them"),
     ("    where:\n      voice_seen: null\n", 7, "must be a string, a number or true/false"),
     ("    wher: {voice_seen: false}\n", 6, "unknown classification task setting `wher`"),
 ])
