@@ -461,7 +461,7 @@ class BlspModel(PreTrainedModel):
         vectors, keep = self.speech_reader.select(speech, lengths)
         slots = lengths
         if self.voice_channel is not None:
-            vectors, keep, slots = self._with_voice(encoder_features, vectors, keep, lengths)
+            vectors, keep, slots = self._with_voice(encoder_features, encoder_lengths, vectors, keep, lengths)
         valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < slots[:, None]
         flat = vectors[valid]
         if flat.shape[0] != n_slots:
@@ -475,9 +475,10 @@ class BlspModel(PreTrainedModel):
         rows, _, _ = split_voice_rows(features.to(param.device), lengths.to(param.device), voice_rows(self.config))
         return self.voice_channel(rows)
 
-    def _with_voice(self, features, vectors, keep, lengths):
-        """The voice vectors ahead of each clip's word vectors (the reader's choice of those kept)."""
-        voice = self.voice_vectors(features, lengths).to(vectors.dtype)
+    def _with_voice(self, features, feature_lengths, vectors, keep, lengths):
+        """The voice vectors ahead of each clip's word vectors (the reader's choice of those kept);
+        `feature_lengths`: the cached features' rows, `lengths`: the word vectors'."""
+        voice = self.voice_vectors(features, feature_lengths).to(vectors.dtype)
         n = voice.shape[1]
         if keep is not None:
             keep = torch.cat([keep.new_ones(keep.shape[0], n), keep], dim=1)

@@ -6,7 +6,7 @@ import torch
 
 from blsp.errors import BlspError
 from blsp.modeling import BlspModel
-from blsp.processing import SPEECH_TOKEN_ID
+from blsp.processing import SPEECH_TOKEN_ID, Example
 from blsp.voice_channel import (STATISTICS, VoiceChannel, default_voice_layers, split_voice_rows, voice_rows,
                                 voice_statistics)
 from test_speech_sources import continuation_batch, mels
@@ -67,6 +67,11 @@ def test_voice_rows_head_the_features_and_the_llm_reads_voice_vectors_first(voic
 def test_voice_channel_trains_round_trips_and_changes_what_the_llm_reads(voiced_decoder_model, tmp_path):
     model = voiced_decoder_model
     batch, _, _ = continuation_batch(model, [0.7, 1.2])
+    # a clip of fewer words than voice rows reads its voice too (the check counts feature rows)
+    r = voice_rows(model.config)
+    short = model.processor.collate([Example(model.processor.speech_prompt("Hi."), [batch["encoder_features"][0, : r + 1]])])
+    assert short["encoder_lengths"].tolist() == [r + 1]
+    model.prepare_inputs(short["input_ids"], short["attention_mask"], short["encoder_features"], short["encoder_lengths"])
     embeds, _ = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["encoder_features"],
                                      batch["encoder_lengths"])
     first_slot = int((batch["input_ids"][0] == SPEECH_TOKEN_ID).nonzero()[0])
