@@ -158,8 +158,9 @@ def _error_bars(result: dict, col: str, rows: list[str]):
     cis = [table[r].get(col + CI_SUFFIX) for r in rows]
     if not any(cis):
         return None
-    below = [scale * (table[r][col] - ci[0]) if ci else 0 for r, ci in zip(rows, cis)]
-    above = [scale * (ci[1] - table[r][col]) if ci else 0 for r, ci in zip(rows, cis)]
+    # at 0% or 100% the interval's end differs from the value by rounding (-7e-18): matplotlib refuses
+    below = [max(0.0, scale * (table[r][col] - ci[0])) if ci else 0 for r, ci in zip(rows, cis)]
+    above = [max(0.0, scale * (ci[1] - table[r][col])) if ci else 0 for r, ci in zip(rows, cis)]
     return [below, above]
 
 

@@ -279,3 +279,14 @@ def test_label_agreement_is_the_share_of_the_same_label():
     assert label_agreement(["Neutral."], ["neutral"], LABELS)["agreement"] == 100.0
     assert label_agreement([], [], LABELS)["agreement"] is None
     json.dumps(a, allow_nan=False)
+
+
+def test_wilson_ends_exactly_at_none_and_all_right_and_the_plot_takes_them():
+    from blsp.metrics import wilson_interval
+    from blsp.report import _error_bars
+
+    assert wilson_interval(0, 40)[0] == 0.0 and wilson_interval(40, 40)[1] == 1.0
+    table = {"blsp": {"accuracy": 0.0, "accuracy_ci": [6.9e-18, 0.09]}, "text": {"accuracy": 1.0,
+                                                                                "accuracy_ci": [0.9, 1.0 - 1e-17]}}
+    below, above = _error_bars({"table": table}, "accuracy", ["blsp", "text"])
+    assert min(below + above) >= 0
