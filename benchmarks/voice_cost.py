@@ -44,9 +44,6 @@ TARGET = "and so the story goes on, one more time, as it always has and always w
 def build(voice_vectors: int, encoder: str, llm: str) -> BlspModel:
     model = BlspModel.from_components(encoder, llm, adapter_type="stack", adapter_downsample=1,
                                       speech_states="decoder", speech_vectors="tokens", voice_vectors=voice_vectors)
-    if voice_vectors:  # a trained channel's gain is not 0: give it one, so its vectors are not all zeros
-        with torch.no_grad():
-            model.voice_channel.norm.weight.fill_(0.1)
     return model.eval()
 
 

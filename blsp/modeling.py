@@ -172,7 +172,7 @@ class BlspModel(PreTrainedModel):
         emb_std = self.language_model.get_input_embeddings().weight.float().std().item()
         init_adapter(self.adapter, seed, 0.0 if self.reads_token_bridge else emb_std)
         if self.voice_channel is not None:
-            init_voice_channel(self.voice_channel, seed)
+            init_voice_channel(self.voice_channel, seed, emb_std)
 
     def speech_slots(self, feature_rows: int) -> int:
         """How many speech vectors the LLM reads for a clip whose cached features have this many
