@@ -39,7 +39,7 @@ from .fingerprint import weights_fingerprint
 from .llm import load_language_model
 from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
 from .metrics import answer_is_right
-from .voice import described_transcript, describe_voice, plain_answer, voice_attributes, voice_questions
+from .voice import describe_voice, heard_with_voice, plain_answer, voice_attributes, voice_questions
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def voice_response(task: str, answer: tuple[str, bool], transcript: str, voice: 
     where that is right, else the plain answer, the LLM's kept as `llm_answer` (blsp.voice)."""
     text, cut = answer
     out = {"instruction": voice_questions(voice)[task], "text": text, "truncated": cut, "written_by": "llm",
-           "heard": described_transcript(transcript, describe_voice(voice))}
+           "heard": heard_with_voice(transcript, voice)}
     if cut or not answer_is_right(task, text, voice):
         out.update(text=plain_answer(task, voice), truncated=False, written_by="plain", llm_answer=[text, cut])
     return out
@@ -325,7 +325,7 @@ class Continuer:
                  for task, question in self.asked(job).items()]
         if not asked:
             return out
-        prompts = [self.prompt_ids(described_transcript(jobs[i].transcript, describe_voice(jobs[i].voice)), q)
+        prompts = [self.prompt_ids(heard_with_voice(jobs[i].transcript, jobs[i].voice), q)
                    for i, _, q in asked]
         for (i, task, _), answer in zip(asked, self.continue_batch(prompts, [f"{keys[i]}/{task}" for i, task, _ in asked])):
             out[i][task] = answer
@@ -553,7 +553,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
             ids = continuer.prompt_ids(transcript)
             asked = [(transcript, i) for i in instructions.values()]
             if voice:
-                asked += [(described_transcript(transcript, describe_voice(voice)), q)
+                asked += [(heard_with_voice(transcript, voice), q)
                           for q in asked_questions(transcript, voice, options.voice_questions, options.seed).values()]
             longest = max([len(ids)] + [len(continuer.prompt_ids(t, i)) for t, i in asked])
             if longest >= options.max_prompt_tokens:

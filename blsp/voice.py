@@ -109,6 +109,11 @@ def described_transcript(transcript: str, description: str | None) -> str:
     return f"{description} They say: \"{transcript.strip()}\""
 
 
+def heard_with_voice(transcript: str, attributes: Mapping[str, str]) -> str:
+    """What the text path reads for a clip of this voice: its description, then the transcript."""
+    return described_transcript(transcript, describe_voice(attributes))
+
+
 def voice_questions(attributes: Mapping[str, str]) -> dict[str, str]:
     """Task name -> question for the attributes a line states, plus the free-form description."""
     questions = {f"voice_{name}": VOICE_ATTRIBUTES[name].question for name in attributes}
