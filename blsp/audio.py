@@ -296,3 +296,29 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAM
     buf = io.BytesIO()
     _soundfile().write(buf, np.asarray(audio), sample_rate, subtype="PCM_16", format="WAV")
     atomic_write_bytes(path, buf.getvalue())
+
+
+# Pitch: the median F0 of a clip's voiced frames (librosa's YIN), as the corpus labels it
+F0_MIN_HZ, F0_MAX_HZ = 60.0, 500.0  # below and above any speaking voice
+F0_FRAME_S, F0_HOP_S = 0.04, 0.01  # two periods of the lowest F0 per frame
+VOICED_ENERGY = 0.3  # a frame is voiced when its RMS is at least this share of the clip's median (non-silent)
+
+
+def median_f0(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float | None:
+    """The median F0 (Hz) over the clip's loud frames, or None for a clip too short or silent.
+    YIN always answers, even on breath: a whispered clip's value means nothing, so the corpus
+    does not label its pitch."""
+    import librosa
+
+    frame, hop = int(sample_rate * F0_FRAME_S), int(sample_rate * F0_HOP_S)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.size < frame:
+        return None
+    f0 = librosa.yin(audio, fmin=F0_MIN_HZ, fmax=F0_MAX_HZ, sr=sample_rate, frame_length=frame, hop_length=hop)
+    rms = librosa.feature.rms(y=audio, frame_length=frame, hop_length=hop)[0]
+    n = min(len(f0), len(rms))
+    f0, rms = f0[:n], rms[:n]
+    if not (rms > 0).any():
+        return None
+    voiced = rms >= VOICED_ENERGY * np.median(rms[rms > 0])
+    return round(float(np.median(f0[voiced])), 1) if voiced.any() else None

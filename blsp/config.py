@@ -16,7 +16,7 @@ from .adapters import check_adapter_type
 from .errors import BlspError
 from .readers.bridge import check_bridge_adapter
 from .speech_sources import SPEECH_SOURCES, check_speech_states
-from .voice_channel import check_voice_settings, default_voice_layers
+from .voice_channel import check_voice_settings, default_voice_layers, has_voice_channel
 
 COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
@@ -89,6 +89,7 @@ class BlspConfig(PretrainedConfig):
         bridge_confidence: float | None = None,
         voice_vectors: int = 0,
         voice_layers: list[int] | None = None,
+        voice_attributes: list[str] | None = None,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -134,15 +135,19 @@ class BlspConfig(PretrainedConfig):
         self.bridge_confidence = bridge_confidence
         # The voice channel (blsp.voice_channel): this many vectors of how the voice sounds, read
         # before the words, from statistics of the encoder's hidden states after `voice_layers`
-        # (1-based); 0: none, the LLM hears only the words (the paper's path).
+        # (1-based), and one more per `voice_attributes` (blsp.voice: "gender", "rate", ...) that
+        # names what its classifier heard; 0 and none: the LLM hears only the words (the paper's path).
         layers = self.encoder_config.encoder_layers if self.encoder_config is not None else None
-        if voice_vectors and not voice_layers and layers is not None:
+        hears = bool(voice_vectors or voice_attributes)
+        if hears and not voice_layers and layers is not None:
             voice_layers = list(default_voice_layers(layers))
         self.voice_vectors = int(voice_vectors)
-        self.voice_layers = [int(k) for k in voice_layers] if voice_vectors and voice_layers else None
+        self.voice_layers = [int(k) for k in voice_layers] if hears and voice_layers else None
+        self.voice_attributes = list(voice_attributes) if voice_attributes else None
         super().__init__(**kwargs)
         check_voice_settings(self.voice_vectors, self.voice_layers, layers,
-                             self.first_trainable_encoder_layer if layers is not None else None)
+                             self.first_trainable_encoder_layer if layers is not None else None,
+                             self.voice_attributes)
 
     @property
     def first_trainable_encoder_layer(self) -> int | None:
@@ -158,7 +163,7 @@ class BlspConfig(PretrainedConfig):
             return None
         key = SPEECH_SOURCES[self.speech_states].feature_key(self)
         # the voice statistics head every clip's features (blsp.voice_channel)
-        return f"{key}-voice{'.'.join(map(str, self.voice_layers))}" if self.voice_vectors else key
+        return f"{key}-voice{'.'.join(map(str, self.voice_layers))}" if has_voice_channel(self) else key
 
     @property
     def reads_token_bridge(self) -> bool:

@@ -4,7 +4,7 @@
 user's own, with several text-to-speech voices, speed and pitch varied per utterance, and writes
 16 kHz mono WAVs with train/dev/test manifests. Each manifest line says what is known of the voice
 (blsp.voice): its gender and whether it whispers, and, with `voice_attributes: true`, the speaking
-rate, pitch and background noise drawn for that clip. Sentences are split before any voice is chosen,
+rate and background noise drawn for that clip and its pitch, measured (median F0). Sentences are split before any voice is chosen,
 so no sentence is in two splits; the test voices never speak a training sentence, and every test
 sentence is also spoken by a training voice, so seen and unseen voices compare on the same text.
 
@@ -42,10 +42,10 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-from .audio import load_audio, write_wav
+from .audio import load_audio, median_f0, write_wav
 from .errors import BlspError
 from .io import atomic_write_json, atomic_write_text
-from .voice import NOISY_SNR_DB, PITCH_BANDS, RATE_BANDS, VOICE_ATTRIBUTES, voice_attributes
+from .voice import NOISY_SNR_DB, PITCH_BANDS, RATE_BANDS, VOICE_ATTRIBUTES, pitch_class, voice_attributes
 
 SPLITS = ("train", "dev", "test")
 DEMO_CORPUS_SPEC = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo.yaml"
@@ -60,9 +60,10 @@ class CorpusSpec:
 
     `duration_stretch` (>1 is slower) and `pitch_scale` (times the voice's own mean F0) are
     ranges sampled uniformly per utterance, so one voice does not always sound the same. With
-    `voice_attributes`, each clip instead draws a rate and a pitch class and its stretch and scale
-    inside that class's band (blsp.voice), and `noisy_share` of the clips get pink noise, so the
-    manifest can name what a listener hears.
+    `voice_attributes`, each clip instead draws a rate class and a pitch band and its stretch and
+    scale inside them (blsp.voice), `noisy_share` of the clips get pink noise, and each voiced
+    clip's pitch is measured (its median F0 and that F0's class), so the manifest can name what a
+    listener hears.
     """
 
     train_sentences: int
@@ -294,15 +295,16 @@ class PlannedUtterance:
     gender: str | None = None  # from the voice
     whispered: str | None = None  # from the voice
     rate: str | None = None  # drawn with voice_attributes, as are the three below
-    pitch: str | None = None  # not drawn for voices without pitch control, nor whispered ones
+    pitch: str | None = None  # measured after synthesis (measure_pitch): PITCH_HZ's class of f0_hz
     noisy: str | None = None
     snr_db: float | None = None  # pink noise this far below the speech; None: clean
+    f0_hz: float | None = None  # the clean clip's median F0, measured; None for whisperers
 
     def manifest_record(self, train_voices: tuple[str, ...]) -> dict:
         record = {"id": self.id, "audio": self.audio, "text": self.text, "voice": self.voice, "split": self.split,
                   "voice_seen": self.voice in train_voices, "sentence": self.sentence,
                   "duration_stretch": self.duration_stretch, "pitch_scale": self.pitch_scale}
-        known = {name: getattr(self, name) for name in (*VOICE_ATTRIBUTES, "snr_db")}
+        known = {name: getattr(self, name) for name in (*VOICE_ATTRIBUTES, "snr_db", "f0_hz")}
         return {**record, **{name: value for name, value in known.items() if value is not None}}
 
 
@@ -312,7 +314,7 @@ class VoiceDraw:
 
     rate: str
     duration_stretch: float
-    pitch: str | None  # None: the voice's pitch cannot be moved, or a whisper has none to hear
+    pitch: str | None  # the band of pitch_scale; None: the voice's pitch cannot be moved, or a whisper's
     pitch_scale: float
     snr_db: float | None  # None: clean
 
@@ -322,9 +324,10 @@ class VoiceDraw:
 
 
 def draw_voice(rng: random.Random, voice: Voice, noisy_share: float) -> VoiceDraw:
-    """A rate class, then a stretch inside its band; a pitch class and scale likewise where the
-    voice has pitch to move; noise with probability `noisy_share`, at an SNR inside NOISY_SNR_DB.
-    Classes are drawn uniformly so that no answer wins by being the common one."""
+    """A rate class, then a stretch inside its band; a pitch band and scale likewise where the
+    voice has pitch to move (the clip's pitch class is measured later: measure_pitch); noise with
+    probability `noisy_share`, at an SNR inside NOISY_SNR_DB. Classes are drawn uniformly so that
+    no answer wins by being the common one."""
     rate = rng.choice(VOICE_ATTRIBUTES["rate"].labels)
     stretch = round(rng.uniform(*RATE_BANDS[rate]), 3)  # rounding keeps it in the band: its ends have 3 decimals
     pitch, scale = None, 1.0
@@ -374,7 +377,7 @@ def plan_utterances(splits: dict[str, list[str]], spec: CorpusSpec) -> list[Plan
                 if spec.voice_attributes:
                     draw = draw_voice(rng, voice, spec.noisy_share)
                     stretch, pitch, snr = draw.duration_stretch, draw.pitch_scale, draw.snr_db
-                    drawn = {"rate": draw.rate, "pitch": draw.pitch, "noisy": draw.noisy, "snr_db": snr}
+                    drawn = {"rate": draw.rate, "noisy": draw.noisy, "snr_db": snr}
                 else:
                     stretch = round(rng.uniform(*spec.duration_stretch), 3)
                     pitch, snr = round(rng.uniform(*spec.pitch_scale), 3) if voice.has_pitch else 1.0, None
@@ -639,6 +642,40 @@ def synthesize(planned: list[PlannedUtterance], out_dir: Path, workers: int) -> 
             "clips_per_s": round(len(todo) / seconds, 2) if todo and seconds > 0 else None}
 
 
+PITCH_FILE = "f0.json"  # measure_pitch's measurements by clip, kept so that a rerun measures none again
+
+
+def measure_pitch(planned: list[PlannedUtterance], out_dir: Path, workers: int) -> list[PlannedUtterance]:
+    """Each voiced clip's median F0 (blsp.audio.median_f0) and its pitch class (PITCH_HZ), measured
+    on the clean speech: a noisy clip's is rendered again without its noise. Whisperers have no
+    pitch to state. Measurements are kept in out_dir/f0.json (a rerun reuses them)."""
+    from tqdm import tqdm
+
+    path = out_dir / PITCH_FILE
+    known: dict[str, float | None] = json.loads(path.read_text()) if path.is_file() else {}
+    voices = {name: Voice.parse(name) for name in sorted({u.voice for u in planned})}
+    todo = [u for u in planned if not voices[u.voice].whispered and u.audio not in known]
+    with tempfile.TemporaryDirectory(prefix="blsp-f0-") as tmp, ThreadPoolExecutor(max(1, workers)) as pool:
+        measured = pool.map(lambda u: _clean_f0(u, voices[u.voice], out_dir, tmp), todo)
+        for utt, f0 in zip(todo, tqdm(measured, total=len(todo), desc="pitch", unit="clip", mininterval=1)):
+            known[utt.audio] = f0
+    if todo:
+        atomic_write_json(path, known)
+    return [u if voices[u.voice].whispered else
+            dataclasses.replace(u, f0_hz=known[u.audio], pitch=pitch_class(known[u.audio])) for u in planned]
+
+
+def _clean_f0(utt: PlannedUtterance, voice: Voice, out_dir: Path, tmp_dir: str) -> float | None:
+    if utt.snr_db is None:
+        return median_f0(load_audio(out_dir / utt.audio))
+    raw = os.path.join(tmp_dir, "clean-" + Path(utt.audio).name)
+    _render(voice, utt.text, utt.duration_stretch, utt.pitch_scale, raw)
+    try:
+        return median_f0(load_audio(Path(raw)))
+    finally:
+        os.unlink(raw)
+
+
 def _nonempty(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
@@ -678,6 +715,8 @@ def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: It
     splits = split_sentences(sentences, spec)
     planned = plan_utterances(splits, spec)
     synthesis = synthesize(planned, out_dir, workers)
+    if spec.voice_attributes:
+        planned = measure_pitch(planned, out_dir, workers)
     records = {s: [u.manifest_record(spec.voices) for u in planned if u.split == s] for s in SPLITS}
     for split in SPLITS:
         atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))

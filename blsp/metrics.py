@@ -18,7 +18,7 @@ from statistics import NormalDist
 import numpy as np
 
 from .data import normalize_transcript
-from .voice import VOICE_ATTRIBUTES, describes
+from .voice import KEYWORDS, VOICE_ATTRIBUTES, describes, said_negated
 
 NORMALISER = (
     "whisper-english: transformers EnglishTextNormalizer (Whisper's English normaliser) "
@@ -146,7 +146,7 @@ def _contains(words: tuple[str, ...], part: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class LabelMatch:
     label: str | None  # None: unmapped
-    rule: str  # "exact", "contains", "ambiguous" or "none"
+    rule: str  # "exact", "contains", "keywords" (map_voice_label), "ambiguous" or "none"
     candidates: tuple[str, ...] = ()  # the labels found, when ambiguous
 
 
@@ -166,6 +166,32 @@ def map_label(answer: str, labels: Sequence[str]) -> LabelMatch:
     if found:
         return LabelMatch(None, "ambiguous", tuple(label for label, _ in found))
     return LabelMatch(None, "none")
+
+
+VOICE_LABEL_RULE = (
+    LABEL_RULE.replace("3) else unmapped", "3) else, unmapped so far, the class whose words (blsp.voice.KEYWORDS: "
+                       "\"woman\" is female, \"slowly\" slow, \"whispering\" yes) the answer says, not negated, "
+                       "when exactly one; of a yes/no attribute whose one class has words, the other class where the "
+                       "answer says them only negated (\"not whispering\"); 4) else unmapped")
+)
+
+
+def map_voice_label(answer: str, attribute: str) -> LabelMatch:
+    """An answer to a question about the voice as one of the attribute's classes: by LABEL_RULE,
+    and where that finds no label, by the words that name a class ("The speaker is a woman." is
+    female, "The speaker is not whispering." is no): VOICE_LABEL_RULE. A hedge that names two
+    classes stays ambiguous."""
+    labels = VOICE_ATTRIBUTES[attribute].labels
+    match = map_label(answer, labels)
+    if match.rule != "none":
+        return match
+    named = [label for label in labels if describes(answer, attribute, label)]
+    if len(named) == 1:
+        return LabelMatch(named[0], "keywords")
+    keyed = [label for label in labels if label in KEYWORDS.get(attribute, {})]
+    if not named and len(keyed) == 1 and len(labels) == 2 and said_negated(answer, KEYWORDS[attribute][keyed[0]]):
+        return LabelMatch(next(label for label in labels if label != keyed[0]), "keywords")
+    return match
 
 
 def canonical_label(value: str, labels: Sequence[str]) -> str | None:
@@ -395,11 +421,11 @@ def label_agreement(answers: Sequence[str], text_answers: Sequence[str], labels:
 
 def answer_is_right(task: str, answer: str, attributes: Mapping[str, str]) -> bool:
     """Whether an answer to a voice question (`voice_questions`' task names) states the voice as it
-    is: a closed question's answer maps to the right class (blsp.metrics.map_label); a description
+    is: a closed question's answer maps to the right class (map_voice_label); a description
     names every stated attribute that has keywords right, and at least one."""
     name = task.removeprefix("voice_")
     if name in VOICE_ATTRIBUTES:
-        return map_label(answer, VOICE_ATTRIBUTES[name].labels).label == attributes.get(name)
+        return map_voice_label(answer, name).label == attributes.get(name)
     verdicts = [describes(answer, a, v) for a, v in attributes.items()]
     scored = [v for v in verdicts if v is not None]
     return bool(scored) and all(scored)

@@ -40,7 +40,17 @@ from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_
 from .processing import SPEECH_TOKEN_ID
 from .readers import READERS, CTCReader, SpeechReader, TokenBridgeReader, build_reader
 from .speech_sources import SPEECH_SOURCES, SpeechSource, build_speech_source, check_speech_states, decoder_tokenizer
-from .voice_channel import VoiceChannel, check_voice_settings, init_voice_channel, split_voice_rows, voice_rows
+from .voice import VOICE_ATTRIBUTES
+from .voice_channel import (
+    VoiceChannel,
+    check_voice_settings,
+    has_voice_channel,
+    init_class_vectors,
+    init_voice_channel,
+    split_voice_rows,
+    voice_rows,
+    voice_slots,
+)
 from .whisper import decoding_ids, load_whisper
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -91,9 +101,10 @@ class BlspModel(PreTrainedModel):
         self.adapter = build_adapter(config, embeddings.shape[1])
         self.speech_reader: SpeechReader = build_reader(config, embeddings)
         self.voice_channel: VoiceChannel | None = None
-        if config.voice_vectors:
+        if has_voice_channel(config):
             self.voice_channel = VoiceChannel(config.encoder_config.d_model, len(config.voice_layers),
-                                              embeddings.shape[1], config.voice_vectors)
+                                              embeddings.shape[1], config.voice_vectors,
+                                              tuple(config.voice_attributes or ()))
         self.lora_gate: LoraGate | None = None
         if config.lora:
             self.lora_gate = add_lora(self.language_model, LoraSettings(**config.lora))
@@ -156,7 +167,8 @@ class BlspModel(PreTrainedModel):
                             "adapter reads the decoder's states of a greedy transcript, which no gradient reaches)")
         if not 0 <= n <= layers:
             raise BlspError(f"--unfreeze-encoder-layers {n}: the encoder has {layers} layers")
-        check_voice_settings(self.config.voice_vectors, self.config.voice_layers, layers, (layers - n) if n else None)
+        check_voice_settings(self.config.voice_vectors, self.config.voice_layers, layers, (layers - n) if n else None,
+                             self.config.voice_attributes)
         self.config.encoder_trainable_layers = n
         self.freeze_backbones()
 
@@ -178,7 +190,7 @@ class BlspModel(PreTrainedModel):
         """How many speech vectors the LLM reads for a clip whose cached features have this many
         rows: the voice channel's vectors, then the adapter's over the words' rows."""
         words = feature_rows - voice_rows(self.config)
-        return self.config.voice_vectors + int(self.adapter.output_lengths(words))
+        return voice_slots(self.config) + int(self.adapter.output_lengths(words))
 
     def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
         """Give the model a CTC head over `vocab` that compresses its speech (blsp.readers.ctc);
@@ -261,7 +273,8 @@ class BlspModel(PreTrainedModel):
             raise CheckpointError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        voice = list(self.voice_channel.parameters()) if self.voice_channel is not None else []
+        # the voice channel's heads are fitted on labels before step 2, not trained (blsp.voice_channel)
+        voice = [p for p in self.voice_channel.parameters() if p.requires_grad] if self.voice_channel is not None else []
         return (list(self.adapter.parameters()) + self.speech_reader.trainable_parameters() + voice
                 + lora_parameters(self.language_model) + self.trainable_encoder_parameters())
 
@@ -282,12 +295,14 @@ class BlspModel(PreTrainedModel):
         speech_language: str = "en",
         bridge_confidence: float | None = None,
         voice_vectors: int = 0,
+        voice_attributes: Sequence[str] = (),
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
         states as it transcribes `speech_language`, "auto": the language it hears), and with
         `speech_vectors` "tokens" the adapter corrects the token bridge's vectors; `voice_vectors`
-        > 0: a voice channel of that many vectors (blsp.voice_channel)."""
+        > 0: a voice channel of that many free vectors, and one per `voice_attributes`
+        (blsp.voice_channel)."""
         if tokens_unreadable(speech_vectors, None, speech_states):  # a new model has no CTC head yet
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
@@ -314,11 +329,14 @@ class BlspModel(PreTrainedModel):
             decoder_fingerprint=weights_fingerprint(whisper.get_decoder()) if decoding else None,
             bridge_confidence=bridge_confidence,
             voice_vectors=voice_vectors,
+            voice_attributes=list(voice_attributes) or None,
         )
         model = cls(config, audio_tower=whisper.get_encoder(), language_model=language_model,
                     speech_decoder=whisper.get_decoder() if decoding else None)
         model.init_adapter(seed)
         model.attach_processor(tokenizer)
+        if model.voice_channel is not None and model.voice_channel.attributes:
+            init_class_vectors(model.voice_channel, tokenizer, model.language_model.get_input_embeddings().weight)
         if model.reads_token_bridge:
             model.build_token_bridge(whisper_tokenizer)
         return model
@@ -469,11 +487,25 @@ class BlspModel(PreTrainedModel):
         embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
         return embeds, (keep[valid] if keep is not None else None), (speech, lengths)
 
-    def voice_vectors(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The voice channel's vectors [B, voice_vectors, d_llm] of cached features."""
+    def voice_rows_of(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The voice statistics rows [B, R, d] at the head of cached features, on the channel's device."""
         param = next(self.voice_channel.parameters())
         rows, _, _ = split_voice_rows(features.to(param.device), lengths.to(param.device), voice_rows(self.config))
-        return self.voice_channel(rows)
+        return rows
+
+    def voice_vectors(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The voice channel's vectors [B, voice slots, d_llm] of cached features."""
+        return self.voice_channel(self.voice_rows_of(features, lengths))
+
+    def heard_voice(self, features: torch.Tensor, lengths: torch.Tensor) -> list[dict[str, dict[str, float]]]:
+        """Per clip, what the voice channel's heads heard: attribute -> class -> probability
+        (empty without named attributes)."""
+        if self.voice_channel is None or not self.voice_channel.attributes:
+            return [{} for _ in range(features.shape[0])]
+        with torch.no_grad():
+            post = self.voice_channel.posteriors(self.voice_rows_of(features, lengths))
+        return [{a: {c: round(float(p[i, k]), 4) for k, c in enumerate(VOICE_ATTRIBUTES[a].labels)}
+                 for a, p in post.items()} for i in range(features.shape[0])]
 
     def _with_voice(self, features, feature_lengths, vectors, keep, lengths):
         """The voice vectors ahead of each clip's word vectors (the reader's choice of those kept);

@@ -67,6 +67,11 @@ class ModelOptions:
         0, "a voice channel: N vectors of how the voice sounds (statistics of the Whisper encoder's middle layers "
         "through a small MLP), read by the LLM before the words; 0: the words alone (blsp/voice_channel.py)",
         metavar="N")
+    voice_attributes: str = option(
+        "", "voice attributes the channel names, comma-separated (gender,rate,pitch,whispered,noisy), or all: one "
+        "vector each, the LLM's embedding of the class word a classifier on the same statistics hears (fitted on the "
+        "lines' labels before training), that trains from there; beside the --voice-vectors free ones",
+        metavar="NAMES")
     instruction: str = option(CONTINUATION_INSTRUCTION, "the instruction the continuations were written under")
     system_prompt: str | None = option(None, "default: the chat template's own")
 
@@ -503,6 +508,7 @@ def check_options(options: TrainOptions) -> None:
     if model.voice_vectors < 0:
         raise BlspError(f"--voice-vectors {model.voice_vectors}: 0 (no voice channel) or more"
                         + options.preset_note("voice_vectors"))
+    voice_attribute_names(model.voice_attributes)  # raises on an unknown name
     n = model.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if model.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {model.adapter_downsample}: the conv adapter downsamples by a power "
@@ -556,3 +562,17 @@ def check_options(options: TrainOptions) -> None:
 def lora_settings(options: TrainOptions) -> LoraSettings:
     return LoraSettings(rank=options.lora.rank, alpha=options.lora.alpha, dropout=options.lora.dropout,
                         where=options.lora.where, target_modules=parse_modules(options.lora.modules))
+
+
+def voice_attribute_names(value: str) -> tuple[str, ...]:
+    """--voice-attributes as names: "all" is every attribute of blsp.voice, "" none."""
+    from .voice import VOICE_ATTRIBUTES
+
+    if value.strip() == "all":
+        return tuple(VOICE_ATTRIBUTES)
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in VOICE_ATTRIBUTES]
+    if unknown or len(set(names)) != len(names):
+        raise BlspError(f"--voice-attributes {value}: {'unknown ' + ', '.join(unknown) if unknown else 'repeats a name'} "
+                        f"(known: {', '.join(VOICE_ATTRIBUTES)}, or all)")
+    return names

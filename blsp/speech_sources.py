@@ -25,7 +25,7 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .errors import BlspError, SpeechStatesError
-from .voice_channel import prepend_voice_rows, voice_statistics
+from .voice_channel import has_voice_channel, prepend_voice_rows, voice_statistics
 from .whisper import encoder_output_lengths, greedy_decode, run_whisper_encoder, run_whisper_top
 
 MEL_FRAMES_PER_SECOND = 100
@@ -75,7 +75,7 @@ class SpeechSource(nn.Module):
 
     def voice_taps(self) -> dict[int, torch.Tensor] | None:
         """What `run_whisper_encoder` fills with the voice channel's layers (None: no channel)."""
-        return dict.fromkeys(self.config.voice_layers) if self.config.voice_vectors else None
+        return dict.fromkeys(self.config.voice_layers) if has_voice_channel(self.config) else None
 
     def voice_statistics(self, taps: dict[int, torch.Tensor] | None, mel_lengths: torch.Tensor,
                          tokens: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -248,5 +248,8 @@ def check_streaming_options(options: TrainOptions) -> None:
         raise BlspError("--warm-start and --compress-speech need every clip's features before step 2; with "
                         "--data DIR of shards use neither (or train on JSONL manifests)"
                         + options.preset_note("warm_start", "compress_speech"))
+    if options.model.voice_attributes:
+        raise BlspError("--voice-attributes fits its classifiers on every clip's voice statistics before step 2; with "
+                        "--data DIR of shards train on JSONL manifests, or use --voice-vectors alone")
     if options.run.shuffle_buffer < 1:
         raise BlspError("--shuffle-buffer must be at least 1")

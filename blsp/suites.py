@@ -54,6 +54,9 @@ class TranslationOptions:
 class ClassificationOptions:
     label_field: str = "label"  # the manifest field holding the gold label
     labels: tuple[str, ...] = ()  # empty: every value found in the manifest, sorted
+    # "voice": label_field is a voice attribute (blsp.voice), and an answer that names no label
+    # still names a class by its words ("a woman", "slowly", "not whispering": VOICE_LABEL_RULE)
+    label_keywords: str = ""
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,8 @@ def _task(node: Node, base: Path, source: str) -> TaskSpec:
     if type_node.value == "translation" and not options.language:
         raise InputError("a translation task needs `language:` (the target language in words, e.g. German)",
                          source, node.line)
+    if isinstance(options, ClassificationOptions) and options.label_keywords:
+        _check_label_keywords(options, source, kids["label_keywords"].line)
     if isinstance(options, RepresentationOptions) and options.contrast_model:
         contrast = _resolve(base, options.contrast_model)
         _check_model_dir(contrast, source, kids["contrast_model"].line)
@@ -574,6 +579,19 @@ def _reference(utt: Utterance, key: str) -> str | tuple[str, ...]:
         return tuple(value)
     raise InputError(f"missing or empty `{key}` (the reference translation: a string or a list of strings)",
                      utt.source, utt.line)
+
+
+def _check_label_keywords(options: ClassificationOptions, source: str, line: int) -> None:
+    if options.label_keywords != "voice":
+        raise InputError(f"label_keywords {options.label_keywords!r}: only \"voice\" (the voice attribute's words)",
+                         source, line)
+    attribute = VOICE_ATTRIBUTES.get(options.label_field)
+    if attribute is None:
+        raise InputError(f"label_keywords: voice needs label_field to be a voice attribute "
+                         f"({', '.join(VOICE_ATTRIBUTES)}), not {options.label_field!r}", source, line)
+    if set(options.labels) != set(attribute.labels):
+        raise InputError(f"label_keywords: voice needs labels to be {options.label_field}'s classes "
+                         f"({', '.join(attribute.labels)})", source, line)
 
 
 def _labels(utterances: list[Utterance], options: ClassificationOptions) -> tuple[tuple[str, ...], list[str]]:

@@ -37,6 +37,7 @@ from .scoring import (
 )
 from .metrics import (
     LABEL_RULE,
+    VOICE_LABEL_RULE,
     NORMALISER,
     DESCRIPTION_RULE,
     classification_scores,
@@ -44,6 +45,7 @@ from .metrics import (
     description_scores,
     error_rates,
     map_label,
+    map_voice_label,
     translation_scores,
 )
 from .fingerprint import weights_fingerprint
@@ -259,14 +261,15 @@ def run_translation(runner: Runner, spec: TaskSpec, data: TaskData, instruction:
 
 def run_classification(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str) -> dict:
     """Accuracy and macro-F1 of each row; answers that map to no label are wrong and listed."""
-    utts = data.utterances
+    utts, opts = data.utterances, spec.options
     texts = _slot_texts(spec, data, runner, _as_written)
     budget = spec.max_new_tokens or 16
     answers = runner.row_answers(spec.rows, utts, instruction, texts, budget, spec.name)
     table, details = {}, {}
     per_utt = [{"id": u.id, "gold": g} for u, g in zip(utts, data.gold)]
     for row, said in answers.items():
-        matches = [map_label(a, data.labels) for a in said]
+        matches = [map_voice_label(a, opts.label_field) if opts.label_keywords else map_label(a, data.labels)
+                   for a in said]
         scores = classification_scores(data.gold, [m.label for m in matches], data.labels)
         scores["unmapped_answers"] = [
             {"id": u.id, "answer": a, "gold": g, "why": m.rule,
@@ -279,7 +282,8 @@ def run_classification(runner: Runner, spec: TaskSpec, data: TaskData, instructi
     if DESCRIBED in texts:
         for p, t in zip(per_utt, texts[DESCRIBED]):
             p["described_input"] = t
-    return _result(runner, spec, data, instruction, table, labels=list(data.labels), label_rule=LABEL_RULE,
+    rule = VOICE_LABEL_RULE if opts.label_keywords else LABEL_RULE
+    return _result(runner, spec, data, instruction, table, labels=list(data.labels), label_rule=rule,
                    details=details, per_utterance=per_utt)
 
 

@@ -46,9 +46,12 @@ from .packaged import CACHE_DIR
 from .processing import Example
 from .sampling import global_batch_indices, micro_batches
 from .vocabulary import ctc_vocabulary
+from .voice import voice_attributes
+from .voice_channel import fit_voice_heads, voice_rows
 from .warmstart import WarmStartRun, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
+VOICE_HEADS_LOG = "voice_heads.json"  # the voice channel's classifiers' fit (blsp.voice_channel)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -342,6 +345,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             truncate_log(log_path, self.step)
         self.timings = {}
+        if self.step == 0 and fits_voice_heads(self.model):
+            self.fit_voice_heads()
         if self.step == 0 and runs_warm_start(self.options):
             t0 = time.perf_counter()
             self.warm_start()
@@ -375,6 +380,21 @@ class Trainer:
             plot_loss(log_path, self.output_dir / "train_loss.png")
         barrier()
         return {"steps": self.step, "output_dir": str(self.output_dir)}
+
+    def fit_voice_heads(self) -> None:
+        """The voice channel's attribute classifiers, fitted on every training clip's statistics
+        and the labels its line states (blsp.voice_channel.fit_voice_heads); the fit's log beside
+        the run's. Every rank fits the same heads on the same clips."""
+        channel = self.model.voice_channel
+        clips = list({it.utterance.audio: it.utterance for it in self.items}.values())
+        n = voice_rows(self.model.config)
+        rows = torch.stack([self.cache.load(u.audio)[:n] for u in clips]).to(channel.feature_mean.device)
+        labels = {a: [voice_attributes(u.extra).get(a) for u in clips] for a in channel.attributes}
+        log = fit_voice_heads(channel, rows, labels)
+        if self.info.is_main:
+            atomic_write_json(self.output_dir / VOICE_HEADS_LOG, log)
+            print("step 2: voice heads fitted (training accuracy): "
+                  + ", ".join(f"{a} {v['train_accuracy']:.0%}" for a, v in log.items()), file=sys.stderr)
 
     def warm_start_utterances(self) -> list[Utterance]:
         """What the warm start hears: every training item's clip, then --warm-start-data's others."""
@@ -455,6 +475,13 @@ class Trainer:
         self.step = state["step"]
         if self.info.is_main:
             print(f"resume: from {latest} (step {self.step} of {self.total_steps})", file=sys.stderr)
+
+
+def fits_voice_heads(model: BlspModel) -> bool:
+    """Whether the model's voice channel names attributes whose classifiers are not fitted yet
+    (a model trained on from --init-from keeps its own)."""
+    channel = model.voice_channel
+    return channel is not None and bool(channel.attributes) and not bool(channel.fitted)
 
 
 def runs_warm_start(options: TrainOptions) -> bool:

@@ -17,7 +17,7 @@ from .distributed import DistInfo, default_device, init_distributed
 from .errors import BlspError, SpeechStatesError
 from .fsdp import shard_model
 from .modeling import BlspModel
-from .options import TrainOptions, lora_settings
+from .options import TrainOptions, lora_settings, voice_attribute_names
 from .trainer import Trainer
 
 def init_model(options: TrainOptions) -> BlspModel:
@@ -34,6 +34,8 @@ def init_model(options: TrainOptions) -> BlspModel:
              ("compress_speech", c.speech_compression or "none", options.objective.compress_speech),
              ("lora_rank", saved_lora.get("rank", 0), options.lora.rank),
              ("voice_vectors", getattr(c, "voice_vectors", 0), options.model.voice_vectors),
+             ("voice_attributes", ",".join(getattr(c, "voice_attributes", None) or ()),
+              ",".join(voice_attribute_names(options.model.voice_attributes))),
              ("system_prompt", c.system_prompt, options.model.system_prompt)]
     if c.speech_compression or c.speech_states == "decoder":
         pairs.append(("speech_vectors", c.speech_vectors, options.model.speech_vectors))
@@ -75,7 +77,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
                 system_prompt=m.system_prompt, seed=options.optim.seed, speech_states=m.speech_states,
                 speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
                 speech_language=m.speech_language, bridge_confidence=m.bridge_confidence,
-                voice_vectors=m.voice_vectors)
+                voice_vectors=m.voice_vectors, voice_attributes=voice_attribute_names(m.voice_attributes))
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None
     place_model(model, options, info)

@@ -159,3 +159,24 @@ def test_write_wav_round_trip(tmp_path):
     assert (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE, 1, "PCM_16")
     np.testing.assert_allclose(load_audio(tmp_path / "out" / "x.wav"), audio, atol=1 / 32768)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.wav"]  # no temp file left
+
+
+def voiced(f0: float, seconds: float = 1.0, sr: int = 16000) -> np.ndarray:
+    """A buzz of five harmonics at `f0`, with a silent half second before it (not counted)."""
+    t = np.arange(int(seconds * sr)) / sr
+    buzz = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)).astype(np.float32) * 0.2
+    return np.concatenate([np.zeros(sr // 2, dtype=np.float32), buzz])
+
+
+@pytest.mark.parametrize("f0", [90.0, 140.0, 220.0])
+def test_median_f0_measures_the_voiced_frames(f0):
+    from blsp.audio import median_f0
+
+    assert median_f0(voiced(f0)) == pytest.approx(f0, rel=0.02)
+
+
+def test_median_f0_of_silence_or_a_sliver_is_none():
+    from blsp.audio import median_f0
+
+    assert median_f0(np.zeros(16000, dtype=np.float32)) is None
+    assert median_f0(np.ones(100, dtype=np.float32)) is None

@@ -413,17 +413,18 @@ def test_voice_attributes_are_drawn_in_their_bands_and_recorded(monkeypatch):
         low, high = RATE_BANDS[r["rate"]]
         assert low <= r["duration_stretch"] <= high
         if r["voice"] in ("rms", "espeak:en-us+whisper"):  # no pitch control, or no pitch to hear
-            assert "pitch" not in r and r["pitch_scale"] == 1.0
+            assert r["pitch_scale"] == 1.0
         else:
-            low, high = PITCH_BANDS[r["pitch"]]
-            assert low <= r["pitch_scale"] <= high
+            assert any(low <= r["pitch_scale"] <= high for low, high in PITCH_BANDS.values())
+        assert "pitch" not in r and "f0_hz" not in r  # measured on the clips made (measure_pitch)
         assert (r["noisy"] == "yes") == ("snr_db" in r)
         assert r["noisy"] == "no" or NOISY_SNR_DB[0] <= r["snr_db"] <= NOISY_SNR_DB[1]
         assert r["whispered"] == ("yes" if "whisper" in r["voice"] else "no")
         assert r["gender"] == ("female" if r["voice"] in ("slt", "espeak:en-us+f4") else "male")
-    for name, field in (("rate", "rate"), ("pitch", "pitch")):  # uniform over the classes
-        counts = Counter(r[field] for r in records if field in r)
-        assert set(counts) == set(VOICE_ATTRIBUTES[name].labels)
+    bands = [next(k for k, (lo, hi) in PITCH_BANDS.items() if lo <= u.pitch_scale <= hi)
+             for u in planned if u.voice in ("awb", "espeak:en-us+f4")]
+    for counts in (Counter(r["rate"] for r in records), Counter(bands)):  # uniform over the classes
+        assert set(counts) == {"slow", "normal", "fast"} or set(counts) == {"low", "normal", "high"}
         assert all(abs(n / sum(counts.values()) - 1 / 3) < 0.05 for n in counts.values()), counts
     noisy = sum(r["noisy"] == "yes" for r in records) / len(records)
     assert abs(noisy - 0.3) < 0.05
@@ -498,3 +499,40 @@ def test_noisy_clips_have_the_drawn_snr(tmp_path):
         heard = np.sqrt(np.mean(frames(mixed)[pause] ** 2))
         assert 0.5 < heard / (gain * level * 10 ** (-n.snr_db / 20)) < 2
         assert (tmp_path / "a" / n.audio).read_bytes() == (tmp_path / "b" / n.audio).read_bytes()  # seeded
+
+
+def test_pitch_is_measured_on_the_clean_clip_and_a_rerun_reuses_the_measures(tmp_path, monkeypatch):
+    """A fake engine buzzes at 130 Hz times the clip's pitch scale: a clip's stated pitch is that
+    F0's class, measured without its noise, and whisperers state none."""
+    from test_audio import voiced
+
+    calls = []
+
+    def render(voice, text, stretch, pitch, wav):
+        calls.append(wav)
+        sf.write(wav, voiced(130.0 * pitch), SAMPLE_RATE)
+
+    monkeypatch.setattr(corpus, "_render", render)
+    monkeypatch.setattr(corpus, "check_voice", lambda voice: None)
+    monkeypatch.setattr(corpus, "_espeak_variants", lambda: {"whisper": "male", "f4": "female", "m3": "male"})
+    voices = ("espeak:en-us+f4", "espeak:en-us+whisper")
+    spec = attribute_spec(train_sentences=12, dev_sentences=1, test_sentences=1, voices=voices,
+                          test_voices=("espeak:en-us+m3",), voices_per_sentence=2, voice_attributes=True,
+                          noisy_share=0.5)
+    planned = plan_utterances(split_sentences(SENTENCES[:14], spec), spec)
+    corpus.synthesize(planned, tmp_path, workers=2)
+    made = len(calls)
+    measured = corpus.measure_pitch(planned, tmp_path, workers=2)
+    noisy_voiced = [u for u in planned if u.snr_db is not None and "whisper" not in u.voice]
+    assert noisy_voiced and len(calls) == made + len(noisy_voiced)  # a noisy clip is rendered again, clean
+    for u in measured:
+        if "whisper" in u.voice:
+            assert u.pitch is None and u.f0_hz is None
+            continue
+        assert u.f0_hz == pytest.approx(130.0 * u.pitch_scale, rel=0.02)
+        assert u.pitch == corpus.pitch_class(u.f0_hz)
+        record = u.manifest_record(spec.voices)
+        assert record["f0_hz"] == u.f0_hz and record.get("pitch") == u.pitch
+    assert {u.pitch for u in measured} >= {"low", "normal"}  # by the measure: bands 88-101, 123-136, 169-188 Hz
+    assert corpus.measure_pitch(planned, tmp_path, workers=2) == measured
+    assert len(calls) == made + len(noisy_voiced)  # the rerun measured nothing again (f0.json)

@@ -13,6 +13,7 @@ from blsp.metrics import (
     description_scores,
     error_rates,
     map_label,
+    map_voice_label,
     translation_scores,
     wilson_interval,
 )
@@ -290,3 +291,22 @@ def test_wilson_ends_exactly_at_none_and_all_right_and_the_plot_takes_them():
                                                                                 "accuracy_ci": [0.9, 1.0 - 1e-17]}}
     below, above = _error_bars({"table": table}, "accuracy", ["blsp", "text"])
     assert min(below + above) >= 0
+
+
+@pytest.mark.parametrize("answer, attribute, label, rule", [
+    ("female", "gender", "female", "exact"),
+    ("The speaker is a woman.", "gender", "female", "keywords"),
+    ("The speaker is a man, speaking in a quiet room.", "gender", "male", "keywords"),
+    ("The speaker talks slowly.", "rate", "slow", "keywords"),
+    ("The speaker talks at a normal pace.", "rate", "normal", "contains"),
+    ("The speaker talks slowly, at a normal pace, or fast.", "rate", None, "ambiguous"),  # a hedge
+    ("The speaker is whispering.", "whispered", "yes", "keywords"),
+    ("The speaker is not whispering.", "whispered", "no", "keywords"),  # the keyword, negated
+    ("No, the speaker is not whispering.", "whispered", "no", "contains"),
+    ("There is loud background noise.", "noisy", "yes", "keywords"),
+    ("The room is quiet.", "noisy", None, "none"),
+    ("The speaker is a man, but they are actually a woman.", "gender", None, "none"),
+])
+def test_voice_answers_map_by_their_labels_then_by_the_words_that_name_a_class(answer, attribute, label, rule):
+    match = map_voice_label(answer, attribute)
+    assert (match.label, match.rule) == (label, rule)

@@ -295,3 +295,18 @@ def test_an_unquoted_yes_label_says_why(tmp_path, voice_manifest):
         load_suite(path)
     assert err.value.line == 6
     assert "not True (YAML reads a bare yes/no/on/off/true/false as a boolean" in err.value.reason
+
+
+@pytest.mark.parametrize("extra, words", [
+    ("    labels: [male, female]\n    label_keywords: accent\n", 'only "voice"'),
+    ("    label_field: sentiment\n    labels: [male, female]\n    label_keywords: voice\n", "a voice attribute"),
+    ("    labels: [man, woman]\n    label_keywords: voice\n", "gender's classes"),
+])
+def test_label_keywords_need_a_voice_attribute_and_its_classes(extra, words, tmp_path, voice_manifest):
+    task = GENDER.replace("    label_field: gender\n", "") if "label_field" in extra else GENDER
+    path = voice_suite(tmp_path, task + extra)
+    with pytest.raises(InputError) as err:
+        load_suite(path)
+    assert words in err.value.reason, str(err.value)
+    ok = load_suite(voice_suite(tmp_path, GENDER + "    labels: [female, male]\n    label_keywords: voice\n"))
+    assert ok.tasks[0].options.label_keywords == "voice"

@@ -422,6 +422,36 @@ def test_mix_voice_trains_a_lines_answers_about_its_voice_read_beside_its_descri
         check_behavior_data(read_behavior_data([data])[0], opts)
 
 
+def test_named_voice_attributes_are_fitted_on_the_lines_labels_before_training_and_kept(tiny_dirs, tmp_path):
+    from blsp.modeling import BlspModel
+    from blsp.errors import BlspError
+
+    data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    for i, rec in enumerate(records):  # the tones rise with i: the later half "high"
+        rec["pitch"] = "high" if i >= 3 else "low"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    opts = options(tiny_dirs, tmp_path, voice_attributes="pitch", max_steps=2)
+    run_train([data], tmp_path / "run", opts)
+    log = json.loads((tmp_path / "run" / "voice_heads.json").read_text())
+    assert log["pitch"]["classes"] == {"low": 3, "normal": 0, "high": 3} and log["pitch"]["train_accuracy"] == 1.0
+    model = BlspModel.from_pretrained(tmp_path / "run")
+    assert model.config.voice_attributes == ["pitch"] and bool(model.voice_channel.fitted)
+    # trained on from the saved model, the heads stay as fitted (no second fit on other labels)
+    heads = {k: v.clone() for k, v in model.voice_channel.heads.state_dict().items()}
+    for rec in records:
+        rec["pitch"] = "normal"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_train([data], tmp_path / "more", options(tiny_dirs, tmp_path, voice_attributes="pitch", max_steps=1,
+                                                 init_from=str(tmp_path / "run")))
+    again = BlspModel.from_pretrained(tmp_path / "more").voice_channel.heads.state_dict()
+    assert all(torch.equal(heads[k], again[k]) for k in heads)
+    with pytest.raises(BlspError, match="voice attribute pitch.*two classes"):
+        run_train([data], tmp_path / "fresh", options(tiny_dirs, tmp_path, voice_attributes="pitch", max_steps=1))
+    with pytest.raises(BlspError, match="--voice-attributes"):
+        run_train([data], tmp_path / "x", options(tiny_dirs, tmp_path, max_steps=1, init_from=str(tmp_path / "run")))
+
+
 def test_unfrozen_encoder_layers_train_are_saved_and_cache_features_below_them(tiny_dirs, tmp_path):
     from blsp.errors import BlspError
     from blsp.modeling import BlspModel

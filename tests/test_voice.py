@@ -109,3 +109,11 @@ def test_a_negated_keyword_is_not_said():
     assert describes("A man whispering over loud background noise.", "noisy", "yes") is True
     assert describes("He is not whispering.", "whispered", "yes") is False
     assert describes("She speaks without a whisper, in a high voice.", "pitch", "high") is True
+
+
+def test_pitch_classes_are_bands_of_measured_f0_with_gaps_between():
+    from blsp.voice import PITCH_HZ, pitch_class
+
+    assert [pitch_class(f) for f in (85.0, 100.0, 108.0, 115.0, 140.0, 165.0, 175.0, 240.0, None)] == [
+        "low", "low", None, "normal", "normal", None, "high", "high", None]
+    assert list(PITCH_HZ) == list(VOICE_ATTRIBUTES["pitch"].labels)

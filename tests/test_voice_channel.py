@@ -131,3 +131,95 @@ def test_voice_channel_output_shape():
     channel = VoiceChannel(d_in=8, n_layers=2, d_llm=5, n_vectors=4)
     rows = torch.rand(3, 2 * len(STATISTICS) + 1, 8)
     assert channel(rows).shape == (3, 4, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Named attributes: a fitted classifier per attribute, its posterior mixing class-word vectors
+# ----------------------------------------------------------------------------------------------
+def separable_rows(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Voice rows [n, 7, 8] whose first statistic's mean says the class (its sign), under noise."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.rand(n, 2 * len(STATISTICS) + 1, 8, generator=gen) + 0.5
+    fast = torch.arange(n) % 2 == 0
+    rows[:, 0, 0] = torch.where(fast, 1.0, -1.0) + 0.3 * torch.randn(n, generator=gen)
+    return rows, ["fast" if f else "slow" for f in fast]
+
+
+def test_voice_heads_fit_on_labels_and_generalise_to_new_clips():
+    from blsp.voice_channel import fit_voice_heads
+
+    channel = VoiceChannel(d_in=8, n_layers=2, d_llm=5, n_vectors=0, attributes=("rate", "gender"))
+    rows, rate = separable_rows(200)
+    gender = ["male"] * 100 + ["female"] * 90 + [None] * 10  # a clip whose gender is not known is left out
+    log = fit_voice_heads(channel, rows, {"rate": rate, "gender": gender})
+    assert log["rate"]["classes"] == {"slow": 100, "normal": 0, "fast": 100}
+    assert log["rate"]["train_accuracy"] == 1.0 and log["gender"]["clips"] == 190
+    assert bool(channel.fitted)
+    test_rows, test_rate = separable_rows(40, seed=1)
+    post = channel.posteriors(test_rows)
+    assert post["rate"].shape == (40, 3) and post["gender"].shape == (40, 2)
+    labels = ("slow", "normal", "fast")
+    said = [labels[k] for k in post["rate"].argmax(-1).tolist()]
+    assert sum(a == b for a, b in zip(said, test_rate)) >= 38  # 95% of unseen clips: it reads the signal
+    # the attribute's vector is its posterior's mix of the class vectors
+    with torch.no_grad():
+        channel.class_vectors["rate"].copy_(torch.eye(3, 5))
+    out = channel(test_rows)
+    assert out.shape == (40, 2, 5)
+    torch.testing.assert_close(out[:, 0, :3], post["rate"])
+    with pytest.raises(BlspError, match="voice attribute gender.*two classes"):
+        fit_voice_heads(channel, rows, {"rate": rate, "gender": ["male"] * 200})
+
+
+@pytest.fixture
+def named_voice_model(tiny_whisper_dir, tiny_dirs):
+    return BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                     speech_states="decoder", seed=0, voice_vectors=2,
+                                     voice_attributes=("gender", "whispered"))
+
+
+def test_named_attributes_read_first_start_at_the_class_words_and_round_trip(named_voice_model, tmp_path):
+    from blsp.voice_channel import fit_voice_heads
+
+    model = named_voice_model
+    channel = model.voice_channel
+    assert model.config.voice_attributes == ["gender", "whispered"]
+    emb = model.language_model.get_input_embeddings().weight
+    tok = model.processor.tokenizer
+    female = tok(" female", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(channel.class_vectors["gender"][1], emb[female].float().mean(0))
+    # heads are fitted, not trained: the optimizer never sees them; the class vectors train
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert not any(id(p) in trainable for p in channel.heads.parameters())
+    assert all(id(p) in trainable for p in channel.class_vectors.parameters())
+    batch, _, _ = continuation_batch(model, [0.7, 1.2, 0.9, 1.5])
+    n = voice_rows(model.config)
+    rows = batch["encoder_features"][:, :n]
+    fit_voice_heads(channel, rows, {"gender": ["male", "female", "male", "female"],
+                                    "whispered": ["no", "yes", "no", "no"]})
+    assert model.processor.speech_lengths(int(batch["encoder_lengths"][0])) == \
+        2 + 2 + int(batch["encoder_lengths"][0]) - n  # two named, two free, then the words
+    heard = model.heard_voice(batch["encoder_features"], batch["encoder_lengths"])
+    assert max(heard[1]["gender"], key=heard[1]["gender"].get) == "female"
+    assert sum(heard[0]["whispered"].values()) == pytest.approx(1.0)
+    loss = model(**batch).loss
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.voice_attributes == ["gender", "whispered"] and bool(loaded.voice_channel.fitted)
+    torch.testing.assert_close(loaded(**batch).loss, loss)
+    assert loaded.heard_voice(batch["encoder_features"], batch["encoder_lengths"]) == heard
+
+
+def test_voice_attribute_names_are_checked(tiny_dirs):
+    from blsp.config import BlspConfig
+    from blsp.options import voice_attribute_names
+
+    assert voice_attribute_names("all") == ("gender", "rate", "pitch", "whispered", "noisy")
+    assert voice_attribute_names("rate, noisy") == ("rate", "noisy")
+    with pytest.raises(BlspError, match="unknown accent"):
+        voice_attribute_names("gender,accent")
+    model = BlspModel.from_components(tiny_dirs["encoder"], tiny_dirs["llm"], seed=0, voice_attributes=("rate",))
+    assert model.config.voice_layers == [1] and model.config.feature_key.endswith("-voice1")
+    with pytest.raises(BlspError, match="each at most once"):
+        BlspConfig(encoder_config=model.config.encoder_config, llm_config=model.config.llm_config,
+                   voice_attributes=["rate", "rate"])
