@@ -13,7 +13,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from .data import Utterance, is_copy_continuation, read_manifest
 from .errors import BlspError, InputError
 from .options import TrainOptions, choose_task, mix_shares
 from .prompts import task_instruction
+from .voice import heard_with_voice, plain_answer, voice_attributes, voice_questions
 
 
 @dataclass
@@ -85,17 +86,59 @@ VOICE_MIX = "voice"  # `--mix voice=SHARE`: one of the line's answers about its 
 
 
 def voice_tasks(utt: Utterance) -> list[str]:
-    """The line's step-1 answers about its voice (`blsp continue --voice-questions`), by task name."""
+    """The questions about its voice a line has an answer to, by task name: step 1's
+    (`blsp continue --voice-questions`), and one per attribute the line states (voice_answer)."""
     responses = utt.extra.get("responses")
-    return sorted(t for t in responses if t.startswith("voice_") and step1_answer(utt, t)) \
-        if isinstance(responses, dict) else []
+    asked = {t for t in responses if t.startswith("voice_") and step1_answer(utt, t)} \
+        if isinstance(responses, dict) else set()
+    return sorted(asked | set(voice_questions(voice_attributes(utt.extra))))
+
+
+def voice_answer(utt: Utterance, task: str) -> dict | None:
+    """The line's answer to a question about its voice: step 1's where it asked it (the LLM's own
+    answer where right, else the plain fact), else the plain fact itself from the attributes the
+    line states, as step 1 would have written it without the LLM; read beside the description."""
+    response = step1_answer(utt, task)
+    if response is not None:
+        return response
+    attributes = voice_attributes(utt.extra)
+    question = voice_questions(attributes).get(task)
+    if question is None:
+        return None
+    transcript = utt.extra.get("prompt_transcript") or utt.text
+    return {"instruction": question, "text": plain_answer(task, attributes), "truncated": False,
+            "written_by": "plain", "heard": heard_with_voice(transcript, attributes)}
+
+
+def voice_task_weights(utterances: Sequence[Utterance]) -> Callable[[Utterance, str], float]:
+    """How often a line drawn for `--mix voice` is asked each of its questions: in inverse
+    proportion to how common its class is among the lines (a whisperer is asked whether it
+    whispers about as often as all the others together), so that no answer is learnt as the
+    usual one (1 in 12 clips whispers: drawn uniformly, "No" was the model's answer to every clip);
+    the description at the mean of the line's weights."""
+    counts: dict[str, dict[str, int]] = {}
+    for u in utterances:
+        for name, value in voice_attributes(u.extra).items():
+            counts.setdefault(name, {}).setdefault(value, 0)
+            counts[name][value] += 1
+    totals = {name: sum(c.values()) for name, c in counts.items()}
+
+    def weight(utt: Utterance, task: str) -> float:
+        attributes = voice_attributes(utt.extra)
+        inverse = {n: totals[n] / counts[n][v] for n, v in attributes.items() if n in counts}
+        name = task.removeprefix("voice_")
+        if name in inverse:
+            return inverse[name]
+        return sum(inverse.values()) / len(inverse) if inverse else 1.0
+
+    return weight
 
 
 def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
     """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
     if task == "transcribe":
         return task_instruction("transcribe"), utt.text, False
-    response = step1_answer(utt, task)
+    response = voice_answer(utt, task) if task.startswith("voice_") else step1_answer(utt, task)
     if response is None:
         raise InputError(f"--mix {task}=...: this line has no step-1 answer for task {task!r} (run `blsp continue "
                          f"--instruction-set FILE` with a task of that name)", utt.source, utt.line)
@@ -110,8 +153,9 @@ def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) 
         if task == VOICE_MIX:
             if not any(voice_tasks(u) for u in utterances):
                 raise BlspError(f"--mix {VOICE_MIX}=...: no line of {', '.join(sorted({u.source for u in utterances}))} "
-                                "has step-1 answers about its voice (run `blsp continue --voice-questions` on a "
-                                "manifest whose lines state their voice: `blsp data synth` with voice_attributes)")
+                                "states its voice or has step-1 answers about it (a manifest whose lines state "
+                                "their voice: `blsp data synth` with voice_attributes; `blsp continue "
+                                "--voice-questions` adds the LLM's own answers)")
         elif task != "transcribe":
             check_mixed_task(utterances, task)
     if "kl" in options.objective.loss:
@@ -163,7 +207,8 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     else:
         instruction, text, truncated = task_target(utt, task)
         # an answer about the voice was written reading its description beside the transcript
-        transcript = (step1_answer(utt, task) or {}).get("heard") or transcript
+        transcript = ((voice_answer(utt, task) if task.startswith("voice_") else None) or {}).get("heard") \
+            or transcript
     target = proc.prompt.target_ids(text, truncated)
     if task is None:
         target = target[: options.objective.max_target_tokens]
@@ -225,11 +270,12 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
               "the transcript (--drop-copies)", file=sys.stderr)
         utterances = kept
     items = []
+    weight = voice_task_weights(utterances) if VOICE_MIX in shares else None
     for u in utterances:
         task = choose_task(rng.random(), shares)
         if task == VOICE_MIX:  # one of its questions about the voice; a line with none continues
             asked = voice_tasks(u)
-            task = asked[rng.randrange(len(asked))] if asked else None
+            task = rng.choices(asked, weights=[weight(u, t) for t in asked])[0] if asked else None
         items.append(behavior_item(proc, u, options, task, prompts, llm_fingerprint))
     return items
 

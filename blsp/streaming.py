@@ -43,7 +43,7 @@ from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
 from .options import TrainOptions, choose_task, mix_shares
-from .behavior import BehaviorItem, behavior_item, speech_prompts
+from .behavior import VOICE_MIX, BehaviorItem, behavior_item, speech_prompts, voice_tasks
 from .sampling import sample_order
 from .trainer import Trainer, step_record, truncate_log
 
@@ -164,7 +164,11 @@ class StreamingTrainer(Trainer):
                              utt.line)
         if not cont.strip() or (self.options.objective.drop_copies and is_copy_continuation(utt)):
             return None
-        task = choose_task(random.Random(f"{self.options.optim.seed}/{utt.id}").random(), self.shares)
+        rng = random.Random(f"{self.options.optim.seed}/{utt.id}")
+        task = choose_task(rng.random(), self.shares)
+        if task == VOICE_MIX:  # a stream has no class counts to weigh its questions by: drawn uniformly
+            asked = voice_tasks(utt)
+            task = asked[rng.randrange(len(asked))] if asked else None
         return behavior_item(self.model.processor, utt, self.options, task, self.prompts,
                              self.model.config.llm_fingerprint)
 

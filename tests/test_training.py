@@ -887,3 +887,36 @@ def test_under_kl_a_transcription_item_is_learnt_by_cross_entropy_and_the_rest_d
         sharded, _ = trainer.micro_batch_loss([2, 3])
     assert forwards == [1]
     torch.testing.assert_close(sharded, ce_only)
+
+
+def test_mix_voice_asks_any_stated_attribute_plainly_and_the_rare_classes_more(tiny_dirs, tmp_path, tiny_model):
+    """Lines that state their voice but were asked nothing at step 1 still answer about it (the
+    plain fact, read beside the description); a whisperer is asked whether it whispers far more
+    often than its share of the lines."""
+    from collections import Counter
+
+    from blsp.behavior import voice_answer
+
+    data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    records = [dict(r, id=f"{r['id']}-{k}") for k in range(40) for r in records]  # 240 lines
+    for i, rec in enumerate(records):
+        rec.update(gender="female" if i % 2 else "male", whispered="yes" if i % 12 == 0 else "no")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    answer = voice_answer(utts[0], "voice_whispered")
+    assert answer["text"] == "Yes, the speaker is whispering." and answer["written_by"] == "plain"
+    assert answer["heard"].startswith("The speaker is a man, whispering.")
+    items = build_items(proc, utts, options(tiny_dirs, tmp_path, mix="voice=1"))
+    asked = Counter()
+    for item, u in zip(items, utts):
+        assert item.exact
+        task = next(t for t in ("voice_gender", "voice_whispered", "voice_describe")
+                    if item.target == proc.prompt.target_ids(voice_answer(u, t)["text"]))
+        asked[(task, u.extra["whispered"])] += 1
+    # 20 whisperers of 240, weighted 12 (to gender's 2 and the description's 7): 57% of them are
+    # asked it (a third if drawn uniformly); their peers' "no" weighs 1.1, so 24% of those are
+    yes = asked[("voice_whispered", "yes")] / 20
+    no = asked[("voice_whispered", "no")] / 220
+    assert yes > 0.45 and no < 0.33, asked
