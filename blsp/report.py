@@ -21,7 +21,7 @@ LABELS = {"wer": "WER", "cer": "CER", "bleu": "BLEU", "chrf": "chrF", "accuracy"
           "centred_different": "c. other instr", "centred_mismatched": "c. other utt"}
 ROW_NAMES = {"blsp": "BLSP (speech)", "cascade": "cascade (ASR->LLM)", "text": "text (gold->LLM)",
              "asr": "ASR transcript itself", "floor": "instruction only", "contrast": "contrast adapter",
-             "described": "described (gold+voice->LLM)"}
+             "described": "described (gold+voice->LLM)", "heard": "heard (channel's classifier)"}
 
 
 def fmt(metric: str, value) -> str:

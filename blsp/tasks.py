@@ -53,8 +53,10 @@ from .modeling import BlspModel
 from .processing import Example
 from .suites import ASR_FIELD, DESCRIBED, Suite, TaskData, TaskSpec, default_instruction
 from .voice import describe_voice, described_transcript, voice_attributes
+from .voice_channel import voice_rows
 
 MaxTokens = int | Callable[[Sequence[Utterance]], int]
+HEARD = "heard"  # a voice task's row of what the voice channel's classifier heard (no LLM involved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +123,22 @@ class Runner:
 
     def features(self, utterances: Sequence[Utterance]) -> SpeechFeatures:
         return SpeechFeatures(self.model, utterances, self.feature_cache)
+
+    def heard_labels(self, utterances: Sequence[Utterance], attribute: str) -> list[str] | None:
+        """Per clip, the class the voice channel's classifier for `attribute` hears (its argmax),
+        or None where the model names no such attribute."""
+        channel = self.model.voice_channel
+        if channel is None or attribute not in channel.attributes:
+            return None
+        n = voice_rows(self.model.config)
+        feats = self.features(utterances)(utterances)
+        heard = []
+        for start in range(0, len(feats), self.batch_size):
+            rows = torch.stack([f[:n] for f in feats[start : start + self.batch_size]])
+            lengths = torch.full((rows.shape[0],), n)
+            for posterior in self.model.heard_voice(rows, lengths):
+                heard.append(max(posterior[attribute], key=posterior[attribute].get))
+        return heard
 
     def cascade_transcripts(self, data: TaskData) -> dict[str, str]:
         """id -> the cascade's transcript: the manifest's own ASR output, else Whisper's (each
@@ -282,6 +300,12 @@ def run_classification(runner: Runner, spec: TaskSpec, data: TaskData, instructi
     if DESCRIBED in texts:
         for p, t in zip(per_utt, texts[DESCRIBED]):
             p["described_input"] = t
+    heard = runner.heard_labels(utts, opts.label_field) if opts.label_keywords == "voice" else None
+    if heard is not None:  # what the voice channel's classifier heard, before the LLM says anything
+        scores = {**classification_scores(data.gold, heard, data.labels), "unmapped_answers": []}
+        table[HEARD], details[HEARD] = _classification_cells(scores, spec.metrics), scores
+        for p, label in zip(per_utt, heard):
+            p[f"{HEARD}_label"] = label
     rule = VOICE_LABEL_RULE if opts.label_keywords else LABEL_RULE
     return _result(runner, spec, data, instruction, table, labels=list(data.labels), label_rule=rule,
                    details=details, per_utterance=per_utt)

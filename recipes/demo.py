@@ -280,6 +280,10 @@ def format_voice(voice: dict) -> list[str]:
             cells.append(f"{_pct(cell['accuracy'])} ({_pct(lo)}..{_pct(hi)})" if lo is not None
                          else _pct(cell["accuracy"]))
         lines.append(f"  {name:<12}" + "".join(f"{c:>22}" for c in cells))
+    heard = {name: t["table"]["heard"]["accuracy"] for name, t in classified.items() if "heard" in t["table"]}
+    if heard:
+        lines.append("  what the voice channel's classifiers heard, before the LLM says it: "
+                     + ", ".join(f"{name} {_pct(acc)}" for name, acc in heard.items()))
     for name, t in tasks.items():
         if t.get("type") != "voice_description":
             continue

@@ -13,7 +13,7 @@ from conftest import write_corpus
 
 from blsp.cli import main
 from blsp.errors import InputError
-from blsp.data import load_utterance_audio, normalize_transcript
+from blsp.data import load_utterance_audio, normalize_transcript, read_manifest
 from blsp.io import file_sha256
 from blsp.metrics import bootstrap_gap_ci, error_rates, gap_closed
 from blsp.scoring import (
@@ -568,3 +568,31 @@ def test_voice_suite_on_tiny_models(tiny_dirs, tiny_whisper_dir, tmp_path, capsy
         "overall", "overall_ci", "gender", "rate", "pitch", "whispered", "noisy"}
     assert (out / "gender.png").stat().st_size > 1000 and (out / "description.png").stat().st_size > 1000
     assert "all attributes" in printed and "described (gold+voice->LLM)" in printed
+
+
+def test_a_voice_task_shows_what_the_channels_classifier_heard(tiny_dirs, tiny_whisper_dir, tmp_path, capsys):
+    """A model whose voice channel names gender: its classifier's own answers are a row (`heard`)
+    beside the LLM's, and the demo's report line says them."""
+    from blsp.modeling import BlspModel
+    from blsp.scoring import SpeechFeatures
+    from blsp.voice_channel import fit_voice_heads, voice_rows
+
+    voice_data(tmp_path)
+    utts = read_manifest(tmp_path / "data" / "manifest.jsonl").utterances
+    model = BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                      speech_states="decoder", seed=0, voice_attributes=("gender",))
+    n = voice_rows(model.config)
+    rows = torch.stack([f[:n] for f in SpeechFeatures(model, utts)(utts)])
+    fit_voice_heads(model.voice_channel, rows, {"gender": [u.extra.get("gender") for u in utts]})
+    model.save_pretrained(tmp_path / "model")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(VOICE_SUITE.format(rows="text").replace("labels: [male, female]\n",
+                                                               "labels: [male, female]\n    label_keywords: voice\n"))
+    out = tmp_path / "r"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite), "--max-new-tokens", "3",
+                 "--no-feature-cache", "--output-dir", str(out)]) == 0
+    gender = json.loads((out / "results.json").read_text())["tasks"]["gender"]
+    # fitted on these very clips (every one separable): the classifier hears each clip's gender
+    assert gender["table"]["heard"]["accuracy"] == 1.0
+    assert [p["heard_label"] for p in gender["per_utterance"]] == [p["gold"] for p in gender["per_utterance"]]
+    assert "heard (channel's classifier)" in capsys.readouterr().out

@@ -251,7 +251,8 @@ def test_the_demo_report_shows_the_voice_suite_beside_its_rows():
     task = {"type": "classification", "rows": ["blsp", "cascade", "described"], "manifest": {"n_evaluated": 40},
             "table": {"blsp": {"accuracy": 0.925, "accuracy_ci": [0.8, 0.97]},
                       "cascade": {"accuracy": 0.5, "accuracy_ci": [0.35, 0.65]},
-                      "described": {"accuracy": 0.55, "accuracy_ci": [0.4, 0.7]}}}
+                      "described": {"accuracy": 0.55, "accuracy_ci": [0.4, 0.7]},
+                      "heard": {"accuracy": 0.975}}}
     description = {"type": "voice_description", "rows": ["blsp", "cascade"],
                    "table": {"blsp": {"overall": 0.81}, "cascade": {"overall": 0.2}},
                    "examples": [{"id": "t1", "description": "The speaker is a woman.", "blsp": "A woman speaks."}]}
@@ -260,4 +261,5 @@ def test_the_demo_report_shows_the_voice_suite_beside_its_rows():
     assert "voices never heard in training (first 40 clips" in lines[0]
     assert "gender" in text and "92.5% (80.0%..97.0%)" in text and "50.0% (35.0%..65.0%)" in text
     assert "blsp 81.0%  cascade 20.0%" in text and "blsp says: A woman speaks." in text
+    assert "classifiers heard, before the LLM says it: gender 97.5%" in text
     assert demo.format_voice({}) == []
