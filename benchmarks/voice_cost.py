@@ -2,12 +2,14 @@
 """What the voice channel costs: step 2 with it against without, and time to first token against the cascade.
 
     PYTHONPATH=. python benchmarks/voice_cost.py --manifest runs/demo-voice/data/test.jsonl
-    PYTHONPATH=. python benchmarks/voice_cost.py --manifest M --clips 24 --steps 20 --voice-vectors 4
+    PYTHONPATH=. python benchmarks/voice_cost.py --manifest M --clips 24 --steps 20 --voice-vectors 4 \
+        --voice-attributes all --lora-rank 8   # the voice demo's model
 
 All in this process, on the packaged Whisper-base and SmolLM2-135M-Instruct, the default preset's
 model (Whisper's decoder states through the token bridge), built twice: without a voice channel
-and with `--voice-vectors` (blsp/voice_channel.py). Measured alternately, A then B then A..., so a
-noisy machine slows both alike:
+and with the channel (`--voice-attributes`, `--voice-vectors`: blsp/voice_channel.py; with
+`--lora-rank` also LoRA where the LLM reads speech, as the voice demo trains it). Measured
+alternately, A then B then A..., so a noisy machine slows both alike:
 
 - step 2, encoding: the features of every clip (Whisper's encoder and greedy decoder, plus the
   voice statistics with the channel): seconds a clip.
@@ -33,7 +35,9 @@ import torch
 
 from blsp.data import load_utterance_audio, read_manifest
 from blsp.features import encode_waveforms
+from blsp.lora import LoraSettings
 from blsp.modeling import BlspModel
+from blsp.options import voice_attribute_names
 from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION, task_instruction
 from blsp.whisper import load_whisper, load_whisper_tokenizer, transcribe
@@ -41,9 +45,13 @@ from blsp.whisper import load_whisper, load_whisper_tokenizer, transcribe
 TARGET = "and so the story goes on, one more time, as it always has and always will."  # ~20 tokens
 
 
-def build(voice_vectors: int, encoder: str, llm: str) -> BlspModel:
+def build(encoder: str, llm: str, voice_vectors: int = 0, voice_attributes: tuple[str, ...] = (),
+          lora_rank: int = 0) -> BlspModel:
     model = BlspModel.from_components(encoder, llm, adapter_type="stack", adapter_downsample=1,
-                                      speech_states="decoder", speech_vectors="tokens", voice_vectors=voice_vectors)
+                                      speech_states="decoder", speech_vectors="tokens", voice_vectors=voice_vectors,
+                                      voice_attributes=voice_attributes)
+    if lora_rank:
+        model.enable_lora(LoraSettings(rank=lora_rank, where="all"))
     return model.eval()
 
 
@@ -87,6 +95,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps per model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--voice-vectors", type=int, default=4)
+    parser.add_argument("--voice-attributes", default="all", help="comma-separated, all, or none")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the voice model (where: all); 0: none")
     parser.add_argument("--encoder", default="whisper-base")
     parser.add_argument("--llm", default="smollm2-135m-instruct")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "voice_cost.json"))
@@ -95,7 +105,9 @@ def main() -> None:
 
     utts = read_manifest(args.manifest).utterances[: args.clips]
     waves = [load_utterance_audio(u) for u in utts]
-    models = {"words": build(0, args.encoder, args.llm), "voice": build(args.voice_vectors, args.encoder, args.llm)}
+    attributes = voice_attribute_names("" if args.voice_attributes == "none" else args.voice_attributes)
+    models = {"words": build(args.encoder, args.llm),
+              "voice": build(args.encoder, args.llm, args.voice_vectors, attributes, args.lora_rank)}
     whisper = load_whisper(args.encoder)
     whisper_tokenizer = load_whisper_tokenizer(args.encoder)
 
@@ -129,6 +141,7 @@ def main() -> None:
     step2 = {name: encode_s[name] / len(waves) * args.batch_size + med(step_s[name]) for name in models}
     result = {
         "clips": len(waves), "steps": args.steps, "batch_size": args.batch_size, "voice_vectors": args.voice_vectors,
+        "voice_attributes": list(attributes), "lora_rank": args.lora_rank,
         "encode_s_per_clip": {k: v / len(waves) for k, v in encode_s.items()},
         "train_step_s_median": {k: med(v) for k, v in step_s.items()},
         # a step's clips encoded once (the feature cache) plus the step: what a step-2 epoch costs a step
