@@ -99,9 +99,12 @@ def voice_answer(utt: Utterance, task: str) -> dict | None:
     answer where right, else the plain fact), else the plain fact itself from the attributes the
     line states, as step 1 would have written it without the LLM; read beside the description."""
     response = step1_answer(utt, task)
+    attributes = voice_attributes(utt.extra)
+    if response is not None and response.get("written_by") == "plain" and attributes:
+        # a plain fact is derived, not written: as the code phrases it now (PLAIN_ANSWERS)
+        return {**response, "text": plain_answer(task, attributes), "truncated": False}
     if response is not None:
         return response
-    attributes = voice_attributes(utt.extra)
     question = voice_questions(attributes).get(task)
     if question is None:
         return None

@@ -191,8 +191,12 @@ PLAIN_ANSWERS: dict[str, dict[str, str]] = {
              "fast": "The speaker talks fast."},
     "pitch": {"low": "The speaker's voice is low in pitch.", "normal": "The speaker's voice is normal in pitch.",
               "high": "The speaker's voice is high in pitch."},
-    "whispered": {"yes": "Yes, the speaker is whispering.", "no": "No, the speaker is not whispering."},
-    "noisy": {"yes": "Yes, there is loud background noise.", "no": "No, there is no background noise."},
+    # A yes/no answer says what is heard first and the verdict after it: "Yes, ..." first, the
+    # voice demo's model answered every clip alike ("Yes" to the noise question, "No" to the whisper
+    # one) while its descriptions named the noise and the whisper right in every clip: stating the
+    # class word (as a description does) and then the verdict is what it can learn (2026-12-07).
+    "whispered": {"yes": "The speaker is whispering, so: yes.", "no": "The speaker is talking, not whispering, so: no."},
+    "noisy": {"yes": "The recording is noisy, so: yes.", "no": "The recording is quiet, so: no."},
 }
 
 

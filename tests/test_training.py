@@ -906,8 +906,16 @@ def test_mix_voice_asks_any_stated_attribute_plainly_and_the_rare_classes_more(t
     utts, _ = read_behavior_data([data])
     proc = tiny_model.processor
     answer = voice_answer(utts[0], "voice_whispered")
-    assert answer["text"] == "Yes, the speaker is whispering." and answer["written_by"] == "plain"
+    assert answer["text"] == "The speaker is whispering, so: yes." and answer["written_by"] == "plain"
     assert answer["heard"].startswith("The speaker is a man, whispering.")
+    # step 1's plain fact is re-derived as the code phrases it now; the LLM's own answer is kept
+    old = {"instruction": "Is the speaker whispering?", "text": "Yes, the speaker is whispering.",
+           "truncated": False, "heard": "h"}
+    utts[0].extra["responses"] = {"voice_whispered": {**old, "written_by": "plain"},
+                                  "voice_gender": {**old, "text": "A man.", "written_by": "llm"}}
+    assert voice_answer(utts[0], "voice_whispered")["text"] == "The speaker is whispering, so: yes."
+    assert voice_answer(utts[0], "voice_gender")["text"] == "A man."
+    del utts[0].extra["responses"]
     items = build_items(proc, utts, options(tiny_dirs, tmp_path, mix="voice=1"))
     asked = Counter()
     for item, u in zip(items, utts):
