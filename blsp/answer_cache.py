@@ -29,10 +29,11 @@ from .io import atomic_write_json
 
 
 def text_path_is_frozen(model: Any) -> bool:
-    """Whether a prompt without speech reads the frozen LLM alone (no LoRA, or LoRA at speech
-    positions only), and the LLM's weights have a fingerprint to key its answers by."""
+    """Whether a prompt without speech reads the frozen LLM alone (no LoRA, or LoRA that acts on
+    speech requests only: `where` speech or request), and the LLM's weights have a fingerprint to
+    key its answers by."""
     lora = model.config.lora
-    return model.config.llm_fingerprint is not None and (not lora or lora.get("where", "speech") == "speech")
+    return model.config.llm_fingerprint is not None and (not lora or lora.get("where", "speech") != "all")
 
 
 def _digest(what: dict) -> str:

@@ -4,7 +4,10 @@ The paper trains the adapter alone. A low-rank update of the LLM's projections l
 the speech halfway; `where="speech"` applies it at speech positions only, so every text position's
 own computation is the frozen LLM's (it still attends to the adapted speech positions). Text-only
 prompts then give exactly the frozen LLM's answers, and a prompt prefix without speech keeps its
-cached keys and values (blsp.modeling's shared prefix).
+cached keys and values (blsp.modeling's shared prefix). `where="request"` applies it at every
+position of a sequence that holds speech (its answer's tokens too: what a closed question about
+the voice needs) and nowhere in one that holds none: text-only prompts still get the frozen LLM.
+`where="all"` is plain peft: everywhere, text-only prompts included.
 
 peft injects the LoRA layers into the LLM in place (`inject_adapter_in_model`): the LLM stays the
 transformers model it was, `language_model` of `BlspModel`; peft holds, saves and loads the
@@ -25,7 +28,7 @@ from torch import nn
 
 from .errors import BlspError
 
-PLACES = ("speech", "all")
+PLACES = ("speech", "request", "all")
 # The projections of every decoder layer in Llama-, Qwen-, Mistral-style LLMs.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -37,7 +40,9 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    where: str = "speech"  # speech: LoRA acts at speech positions only; all: everywhere (plain peft)
+    # speech: LoRA acts at speech positions only; request: everywhere in a sequence holding speech;
+    # all: everywhere (plain peft)
+    where: str = "speech"
     target_modules: tuple[str, ...] = ATTENTION
 
     def __post_init__(self) -> None:
@@ -67,18 +72,21 @@ def parse_modules(text: str) -> tuple[str, ...]:
 
 
 class LoraGate:
-    """Where the LoRA branches act, for one forward: everywhere, or at speech positions only.
+    """Where the LoRA branches act, for one forward: everywhere, at speech positions only, or at
+    every position of the sequences that hold speech.
 
     With `speech_only`, a forward over T positions acts where the *last* T flags of the [B, P]
     speech mask are set: a forward over a whole prompt uses all of it; one after a cached text
     prefix (training's shared prefix) or a generation step after the prompt (which always ends in
-    text: the assistant header) uses its tail. Outside `positions(...)` no position is speech, so
-    the LLM on text alone is exactly the frozen LLM. `disabled()` turns LoRA off everywhere (the
-    KD teacher is the frozen LLM reading the transcript).
+    text: the assistant header) uses its tail. With `whole_rows`, it acts on all T positions of
+    each row whose mask holds any speech (a generation step of a speech request included). Outside
+    `positions(...)` no position is speech, so the LLM on text alone is exactly the frozen LLM.
+    `disabled()` turns LoRA off everywhere (the KD teacher is the frozen LLM reading the transcript).
     """
 
-    def __init__(self, speech_only: bool) -> None:
-        self.speech_only = speech_only
+    def __init__(self, speech_only: bool, whole_rows: bool = False) -> None:
+        self.speech_only = speech_only or whole_rows  # the gate computes the branch on chosen rows
+        self.whole_rows = whole_rows
         self.mask: torch.Tensor | None = None
         self.enabled = True
         self._rows: torch.Tensor | None = None  # see rows(): the speech rows of the mask below,
@@ -104,7 +112,7 @@ class LoraGate:
     @property
     def acts_on_text(self) -> bool:
         """Whether text positions' keys and values depend on LoRA now (a cached prefix would be stale)."""
-        return self.enabled and not self.speech_only
+        return self.enabled and (self.whole_rows or not self.speech_only)
 
     def state(self) -> tuple:
         return self.mask, self.enabled
@@ -128,6 +136,8 @@ class LoraGate:
         key = (self.mask._version, tuple(shape[:2]))
         if self._rows_mask is not self.mask or self._rows_key != key:
             flags = self.mask[:, -shape[1]:]
+            if self.whole_rows:  # every position of a sequence that holds speech
+                flags = self.mask.any(dim=1, keepdim=True).expand(-1, shape[1])
             if flags.shape != shape[:2]:
                 raise BlspError(f"speech-position LoRA: a forward over {tuple(shape[:2])} positions does not fit "
                                 f"the speech mask {tuple(self.mask.shape)}")
@@ -181,7 +191,7 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
     inject_adapter_in_model(config, language_model, adapter_name=ADAPTER_NAME)
-    gate = LoraGate(speech_only=settings.where == "speech")
+    gate = LoraGate(speech_only=settings.where == "speech", whole_rows=settings.where == "request")
     for module in lora_layers(language_model):
         if not hasattr(module, "_disable_adapters"):  # peft's switch to its base layer alone
             raise BlspError(f"LoRA: this peft version's {type(module).__name__} has no `_disable_adapters` switch; "

@@ -17,7 +17,7 @@ import yaml
 
 from .config import SPEECH_VECTORS, check_bridge_confidence, reads_tokens, tokens_unreadable
 from .errors import BlspError, CheckpointError
-from .lora import LoraSettings, parse_modules
+from .lora import PLACES, LoraSettings, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION
 from .readers.bridge import check_bridge_adapter
 from .speech_sources import SPEECH_SOURCES
@@ -165,7 +165,8 @@ class LoraOptions:
     alpha: float = option(16.0, "LoRA's scale is alpha / rank")
     dropout: float = option(0.0, "dropout on LoRA's input while training (peft's lora_dropout); 0: none", metavar="P")
     where: str = option("speech", "speech: LoRA acts at speech positions only, so text-only prompts get the "
-                        "frozen LLM's answers; all: at every position", choices=("speech", "all"))
+                        "frozen LLM's answers; request: at every position of a prompt that holds speech (its "
+                        "answer too), none of a text-only one; all: at every position", choices=PLACES)
     modules: str = option("attention", "attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated "
                           "module names", metavar="NAMES")
     lr: float | None = option(None, "LoRA's peak learning rate (default: --lr, the adapter's)",

@@ -179,9 +179,11 @@ class Runner:
                 out[row] = speech_generate(self.model, utterances, instruction, feats or self.features(utterances),
                                            batch_size=self.batch_size, max_new_tokens=max_new_tokens, desc=desc,
                                            progress=self.progress, generate_kwargs=self.generate_kwargs)
-            else:
-                out[row] = text_generate(self.model, utterances, texts[row], instruction, self.batch_size,
-                                         max_new_tokens, desc, self.progress, self.generate_kwargs, self.answer_cache)
+            else:  # the text rows read the frozen LLM: LoRA that acts on text too is off for them
+                with self.model.lora_off():
+                    out[row] = text_generate(self.model, utterances, texts[row], instruction, self.batch_size,
+                                             max_new_tokens, desc, self.progress, self.generate_kwargs,
+                                             self.answer_cache)
         return out
 
 

@@ -81,6 +81,31 @@ def test_lora_everywhere_changes_text_prompts_and_can_be_turned_off(tiny_model):
         assert torch.equal(_logits(tiny_model, text), before)
 
 
+def test_request_lora_acts_on_every_position_of_a_speech_prompt_and_never_on_text(tiny_model):
+    """`where="request"`: a prompt that holds speech is changed from its first position on and
+    generates other tokens; a text-only prompt is bit-identical to the frozen LLM, even batched
+    beside a speech prompt (the gate chooses rows, not positions)."""
+    from blsp.lora import ADAPTER_NAME, lora_layers
+
+    text, speech = _text_batch(tiny_model), _speech_batch(tiny_model)
+    text_before, speech_before = _logits(tiny_model, text), _logits(tiny_model, speech)
+    tiny_model.enable_lora(LoraSettings(rank=4, where="request"))
+    _randomise_lora(tiny_model)
+    assert torch.equal(_logits(tiny_model, text), text_before)
+    after = _logits(tiny_model, speech)
+    assert not torch.allclose(after[0, :3], speech_before[0, :3], atol=1e-4)  # before the speech too
+    assert tiny_model.lora_gate.acts_on_text  # a cached text prefix would go stale
+    layer = lora_layers(tiny_model.language_model)[0]
+    x = torch.randn(2, 5, layer.in_features)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 2] = True  # row 0 holds speech (outside the 5 positions this forward sees), row 1 none
+    a, b, scaling = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME], layer.scaling[ADAPTER_NAME]
+    with torch.no_grad(), tiny_model.lora_gate.positions(mask):
+        out = layer(x)
+        torch.testing.assert_close(out[0], layer.base_layer(x[0]) + b(a(x[0])) * scaling)
+        torch.testing.assert_close(out[1], layer.base_layer(x)[1], rtol=0, atol=0)
+
+
 def test_speech_only_lora_adds_peft_s_branch_at_the_speech_rows_alone(tiny_model):
     """The gate computes the branch on the speech rows only: base(x) + scaling * B(A(x)) there,
     base(x) elsewhere; gradients reach LoRA from those rows alone; with gradients on and no speech
