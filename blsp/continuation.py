@@ -25,7 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -441,7 +441,9 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int], shared_prefix: int = 0, inputs_embeds: torch.Tensor | None = None,
-                    prompt_scope: contextlib.AbstractContextManager | None = None) -> list[list[int]]:
+                    prompt_scope: contextlib.AbstractContextManager | None = None,
+                    step_scope: Callable[[list[int]], contextlib.AbstractContextManager] | None = None
+                    ) -> list[list[int]]:
     """Greedy decoding that drops each row from the batch (and its KV cache) once it has stopped.
 
     `generate` keeps computing finished rows until the longest one ends; SmolLM2's continuations
@@ -452,7 +454,9 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     `shared_prefix`: the first n tokens are the same in every row (padding comes after them);
     their keys and values are computed once, for one row, and shared by the batch.
     `inputs_embeds`: the prompt as vectors (speech in it; `input_ids` then only sizes the batch),
-    read inside `prompt_scope` (e.g. `BlspModel.reading`: which prompt positions are speech).
+    read inside `prompt_scope` (e.g. `BlspModel.reading`: which prompt positions are speech);
+    each later step inside `step_scope(rows)`, `rows` the prompt rows still generating (e.g.
+    `BlspModel.answering`: LoRA that acts on a whole speech request).
     """
     if inputs_embeds is not None and shared_prefix:
         raise ValueError("greedy_generate: a shared prefix is for token prompts, not inputs_embeds")
@@ -491,8 +495,9 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             next_tokens, attention_mask, last_position = next_tokens[index], attention_mask[index], last_position[index]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
         last_position = last_position + 1
-        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=last_position[:, None],
-                    past_key_values=cache, use_cache=True)
+        with step_scope(alive) if step_scope is not None else contextlib.nullcontext():
+            out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                        position_ids=last_position[:, None], past_key_values=cache, use_cache=True)
         cache, next_tokens = out.past_key_values, out.logits[:, -1].argmax(-1)
     return results
 

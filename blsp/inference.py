@@ -109,7 +109,8 @@ def generate_from_examples(model, examples: Sequence[Example], max_new_tokens: i
         from .continuation import greedy_generate
 
         new = greedy_generate(model.language_model, batch["input_ids"], attention_mask, max_new_tokens,
-                              proc.stop_ids(), inputs_embeds=embeds, prompt_scope=model.reading(batch["input_ids"]))
+                              proc.stop_ids(), inputs_embeds=embeds, prompt_scope=model.reading(batch["input_ids"]),
+                              step_scope=lambda rows: model.answering(batch["input_ids"], rows))
         return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     with model.reading(batch["input_ids"]):

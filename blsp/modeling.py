@@ -224,6 +224,18 @@ class BlspModel(PreTrainedModel):
             return contextlib.nullcontext()
         return self.lora_gate.positions(input_ids == SPEECH_TOKEN_ID)
 
+    def answering(self, input_ids: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
+        """For the LLM calls that generate after a prompt `input_ids` (`rows`: those of its rows still
+        generating): LoRA `--lora-where request` keeps acting on the rows whose prompt holds speech;
+        placed at speech positions, or everywhere, it needs nothing here (no generated token is
+        speech; `all` acts regardless)."""
+        if self.lora_gate is None or not self.lora_gate.whole_rows:
+            return contextlib.nullcontext()
+        held = (input_ids == SPEECH_TOKEN_ID).any(dim=1)
+        if rows is not None:
+            held = held[torch.as_tensor(list(rows), device=held.device)]
+        return self.lora_gate.positions(held[:, None])
+
     # -- what a checkpoint holds ---------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter, and the reader's, the LLM's LoRA and the encoder's trained weights (prefixed)

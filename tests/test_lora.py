@@ -263,3 +263,23 @@ def test_speech_only_lora_refuses_layers_it_cannot_compute_itself():
 
     with pytest.raises(BlspError, match="--lora-where all"):
         add_lora(Embedded(), LoraSettings(rank=2, where="speech", target_modules=("q_proj",)))
+
+
+def test_request_lora_acts_on_every_generated_token_of_a_speech_request(tiny_model):
+    """Our greedy loop (rows dropped as they end) and transformers' generate (the whole prompt's
+    mask in scope) give the same tokens under `where="request"`: LoRA stays on for the answer's
+    tokens of a speech request, a text request beside it stays the frozen LLM's."""
+    from blsp.inference import generate_from_examples
+
+    tiny_model.enable_lora(LoraSettings(rank=4, where="request"))
+    _randomise_lora(tiny_model, seed=3)
+    proc = tiny_model.processor
+    feats = torch.randn(40, tiny_model.config.encoder_config.d_model)
+    examples = [Example(pieces=proc.speech_prompt("Continue the following text."), features=[feats]),
+                Example(pieces=proc.transcript_prompt("Continue the following text.", "hello world"))]
+    ours = generate_from_examples(tiny_model, examples, max_new_tokens=8)
+    theirs = generate_from_examples(tiny_model, examples, max_new_tokens=8, repetition_penalty=1.0)
+    assert ours == theirs
+    with tiny_model.lora_off():
+        frozen = generate_from_examples(tiny_model, examples, max_new_tokens=8)
+    assert ours[0] != frozen[0] and ours[1] == frozen[1]
