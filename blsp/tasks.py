@@ -16,6 +16,7 @@ same instruction and token budget, so the rows differ only in what fills the slo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -180,7 +181,7 @@ class Runner:
                                            batch_size=self.batch_size, max_new_tokens=max_new_tokens, desc=desc,
                                            progress=self.progress, generate_kwargs=self.generate_kwargs)
             else:  # the text rows read the frozen LLM: LoRA that acts on text too is off for them
-                with self.model.lora_off():
+                with self.model.lora_off() if self.model is not None else contextlib.nullcontext():
                     out[row] = text_generate(self.model, utterances, texts[row], instruction, self.batch_size,
                                              max_new_tokens, desc, self.progress, self.generate_kwargs,
                                              self.answer_cache)
