@@ -51,7 +51,7 @@ def build(encoder: str, llm: str, voice_vectors: int = 0, voice_attributes: tupl
                                       speech_states="decoder", speech_vectors="tokens", voice_vectors=voice_vectors,
                                       voice_attributes=voice_attributes)
     if lora_rank:
-        model.enable_lora(LoraSettings(rank=lora_rank, where="all"))
+        model.enable_lora(LoraSettings(rank=lora_rank, where="request"))
     return model.eval()
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--voice-vectors", type=int, default=4)
     parser.add_argument("--voice-attributes", default="all", help="comma-separated, all, or none")
-    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the voice model (where: all); 0: none")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the voice model (where: request); 0: none")
     parser.add_argument("--encoder", default="whisper-base")
     parser.add_argument("--llm", default="smollm2-135m-instruct")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "voice_cost.json"))
