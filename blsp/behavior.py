@@ -137,14 +137,33 @@ def voice_task_weights(utterances: Sequence[Utterance]) -> Callable[[Utterance, 
     return weight
 
 
-def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
-    """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
+def draw_voice_task(rng: random.Random, utt: Utterance,
+                    weight: Callable[[Utterance, str], float] | None = None) -> str | None:
+    """The question about its voice a line drawn for `--mix voice` trains on, by `weight`
+    (voice_task_weights; None: uniformly); None for a line with none (it continues)."""
+    asked = voice_tasks(utt)
+    if not asked:
+        return None
+    if weight is None:
+        return asked[rng.randrange(len(asked))]
+    return rng.choices(asked, weights=[weight(utt, t) for t in asked])[0]
+
+
+def task_response(utt: Utterance, task: str) -> dict:
+    """A mixed-in task's answer {instruction, text, truncated, ...}: the transcript, an answer about
+    the voice (voice_answer: with what the LLM read, `heard`), or step 1's answer."""
     if task == "transcribe":
-        return task_instruction("transcribe"), utt.text, False
+        return {"instruction": task_instruction("transcribe"), "text": utt.text, "truncated": False}
     response = voice_answer(utt, task) if task.startswith("voice_") else step1_answer(utt, task)
     if response is None:
         raise InputError(f"--mix {task}=...: this line has no step-1 answer for task {task!r} (run `blsp continue "
                          f"--instruction-set FILE` with a task of that name)", utt.source, utt.line)
+    return response
+
+
+def task_target(utt: Utterance, task: str) -> tuple[str, str, bool]:
+    """(instruction, target text, truncated) of a mixed-in task: the transcript, or step 1's answer."""
+    response = task_response(utt, task)
     return response["instruction"], response["text"], bool(response.get("truncated"))
 
 
@@ -208,10 +227,11 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     if task is None:
         instruction, text, truncated = options.model.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
     else:
-        instruction, text, truncated = task_target(utt, task)
+        response = task_response(utt, task)
+        instruction, text, truncated = response["instruction"], response["text"], bool(response.get("truncated"))
         # an answer about the voice was written reading its description beside the transcript
-        transcript = ((voice_answer(utt, task) if task.startswith("voice_") else None) or {}).get("heard") \
-            or transcript
+        if task.startswith("voice_"):
+            transcript = response.get("heard") or transcript
     target = proc.prompt.target_ids(text, truncated)
     if task is None:
         target = target[: options.objective.max_target_tokens]
@@ -277,8 +297,7 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
     for u in utterances:
         task = choose_task(rng.random(), shares)
         if task == VOICE_MIX:  # one of its questions about the voice; a line with none continues
-            asked = voice_tasks(u)
-            task = rng.choices(asked, weights=[weight(u, t) for t in asked])[0] if asked else None
+            task = draw_voice_task(rng, u, weight)
         items.append(behavior_item(proc, u, options, task, prompts, llm_fingerprint))
     return items
 

@@ -314,8 +314,7 @@ class VoiceDraw:
 
     rate: str
     duration_stretch: float
-    pitch: str | None  # the band of pitch_scale; None: the voice's pitch cannot be moved, or a whisper's
-    pitch_scale: float
+    pitch_scale: float  # 1.0 where the voice's pitch cannot be moved, or a whisper's
     snr_db: float | None  # None: clean
 
     @property
@@ -330,12 +329,12 @@ def draw_voice(rng: random.Random, voice: Voice, noisy_share: float) -> VoiceDra
     no answer wins by being the common one."""
     rate = rng.choice(VOICE_ATTRIBUTES["rate"].labels)
     stretch = round(rng.uniform(*RATE_BANDS[rate]), 3)  # rounding keeps it in the band: its ends have 3 decimals
-    pitch, scale = None, 1.0
+    scale = 1.0
     if voice.has_pitch and not voice.whispered:
-        pitch = rng.choice(VOICE_ATTRIBUTES["pitch"].labels)
-        scale = round(rng.uniform(*PITCH_BANDS[pitch]), 3)
+        band = rng.choice(VOICE_ATTRIBUTES["pitch"].labels)
+        scale = round(rng.uniform(*PITCH_BANDS[band]), 3)
     snr = round(rng.uniform(*NOISY_SNR_DB), 1) if rng.random() < noisy_share else None
-    return VoiceDraw(rate, stretch, pitch, scale, snr)
+    return VoiceDraw(rate, stretch, scale, snr)
 
 
 def split_sentences(sentences: list[str], spec: CorpusSpec) -> dict[str, list[str]]:

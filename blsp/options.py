@@ -568,12 +568,10 @@ def lora_settings(options: TrainOptions) -> LoraSettings:
 def voice_attribute_names(value: str) -> tuple[str, ...]:
     """--voice-attributes as names: "all" is every attribute of blsp.voice, "" none."""
     from .voice import VOICE_ATTRIBUTES
+    from .voice_channel import check_voice_attributes
 
     if value.strip() == "all":
         return tuple(VOICE_ATTRIBUTES)
     names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in VOICE_ATTRIBUTES]
-    if unknown or len(set(names)) != len(names):
-        raise BlspError(f"--voice-attributes {value}: {'unknown ' + ', '.join(unknown) if unknown else 'repeats a name'} "
-                        f"(known: {', '.join(VOICE_ATTRIBUTES)}, or all)")
+    check_voice_attributes(names, "--voice-attributes")  # its help names "all"
     return names

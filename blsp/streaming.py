@@ -43,7 +43,7 @@ from .io import append_jsonl
 from .processing import Example
 from .shards import ShardIndex, ShardItem, iter_shard
 from .options import TrainOptions, choose_task, mix_shares
-from .behavior import VOICE_MIX, BehaviorItem, behavior_item, speech_prompts, voice_tasks
+from .behavior import VOICE_MIX, BehaviorItem, behavior_item, draw_voice_task, speech_prompts
 from .sampling import sample_order
 from .trainer import Trainer, step_record, truncate_log
 
@@ -167,8 +167,7 @@ class StreamingTrainer(Trainer):
         rng = random.Random(f"{self.options.optim.seed}/{utt.id}")
         task = choose_task(rng.random(), self.shares)
         if task == VOICE_MIX:  # a stream has no class counts to weigh its questions by: drawn uniformly
-            asked = voice_tasks(utt)
-            task = asked[rng.randrange(len(asked))] if asked else None
+            task = draw_voice_task(rng, utt)
         return behavior_item(self.model.processor, utt, self.options, task, self.prompts,
                              self.model.config.llm_fingerprint)
 

@@ -6,9 +6,11 @@ against). Whisper's encoder carries the speaker in its middle layers, so per cli
 over time of the hidden states after `config.voice_layers` (mean, standard deviation, mean change
 between adjacent frames), and a row of scalars (log duration; tokens a second where the source
 knows its tokens), are computed with the clip's features and cached as their first
-`voice_rows(config)` rows (`prepend_voice_rows`). A small MLP (`VoiceChannel`) turns them into
-`config.voice_vectors` vectors in the LLM's embedding space, which the LLM reads just before the
-words' vectors (blsp.modeling). `voice_vectors` 0: no channel, the paper's path.
+`voice_rows(config)` rows (`prepend_voice_rows`). `VoiceChannel` turns them into vectors in the
+LLM's embedding space, which the LLM reads just before the words' vectors (blsp.modeling): one per
+`config.voice_attributes` (a classifier fitted on the corpus's labels names the class it hears
+with the LLM's own word: `fit_voice_heads`), then `config.voice_vectors` free ones (a small MLP).
+Neither: no channel, the paper's path.
 """
 
 from __future__ import annotations
@@ -51,15 +53,20 @@ def voice_rows(config) -> int:
     return len(config.voice_layers) * len(STATISTICS) + SCALAR_ROWS
 
 
+def check_voice_attributes(names, what: str = "voice attributes") -> None:
+    """Names of blsp.voice's attributes, each at most once (`what`: how the error names them)."""
+    unknown = [a for a in names if a not in VOICE_ATTRIBUTES]
+    if unknown:
+        raise BlspError(f"{what} {', '.join(names)}: unknown {', '.join(unknown)} (known: {', '.join(VOICE_ATTRIBUTES)})")
+    if len(set(names)) != len(names):
+        raise BlspError(f"{what} {', '.join(names)}: each at most once")
+
+
 def check_voice_settings(voice_vectors: int, voice_layers, encoder_layers: int | None,
                          first_trainable_layer: int | None = None, voice_attributes=()) -> None:
     if voice_vectors < 0:
         raise BlspError(f"voice vectors {voice_vectors}: 0 (no voice channel) or more")
-    unknown = [a for a in voice_attributes or () if a not in VOICE_ATTRIBUTES]
-    if unknown:
-        raise BlspError(f"voice attributes {', '.join(unknown)}: unknown (known: {', '.join(VOICE_ATTRIBUTES)})")
-    if len(set(voice_attributes or ())) != len(voice_attributes or ()):
-        raise BlspError(f"voice attributes {', '.join(voice_attributes)}: each at most once")
+    check_voice_attributes(voice_attributes or ())
     if not voice_vectors and not voice_attributes:
         return
     if not voice_layers:
