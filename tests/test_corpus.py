@@ -366,6 +366,77 @@ def test_voice_gender_and_whisper(monkeypatch):
                    "espeak:en-us+whisperf": ("female", True), "espeak:en-us+m99": (None, False)}
 
 
+def test_festival_and_whispered_voices_state_gender_and_whispering(monkeypatch):
+    monkeypatch.setattr(corpus, "_espeak_variants", lambda: {"f2": "female", "m3": "male"})
+    monkeypatch.setattr(corpus, "_espeak_languages", lambda: {"en-us": "male"})
+    got = {name: (corpus.Voice.parse(name).gender, corpus.Voice.parse(name).whispered, corpus.Voice.parse(name).variant)
+           for name in ("festival:lp_diphone", "festival:pc_diphone", "festival:nosuch", "espeak:en-us+f2+whispered",
+                        "espeak:en-us+m3+whispered", "espeak:en-us+whispered", "espeak:en-us+f2")}
+    assert got == {"festival:lp_diphone": ("female", False, None), "festival:pc_diphone": ("male", False, None),
+                   "festival:nosuch": (None, False, None), "espeak:en-us+f2+whispered": ("female", True, "f2"),
+                   "espeak:en-us+m3+whispered": ("male", True, "m3"), "espeak:en-us+whispered": ("male", True, None),
+                   "espeak:en-us+f2": ("female", False, "f2")}
+    assert not corpus.Voice.parse("festival:lp_diphone").has_pitch  # its pitch is measured, never set
+    with pytest.raises(BlspError, match="festival:NAME"):
+        corpus.Voice.parse("mbrola:us1")
+
+
+def test_whispered_variant_keeps_the_voice_and_breathes_instead_of_voicing(tmp_path, monkeypatch):
+    (tmp_path / "voices" / "!v").mkdir(parents=True)
+    (tmp_path / "voices" / "!v" / "f9").write_text(
+        "language variant\nname female9\ngender female\n\npitch 142 220\nformant 0 105 80 150\nvoicing 90\n"
+        "breath 0 2 3 3 3 3 3 2\nbreathw 1 1 1 1 1 1\n")
+    monkeypatch.setattr(corpus, "_espeak_data_dir", lambda: tmp_path)
+    lines = corpus.whispered_variant("f9").splitlines()
+    assert lines[:6] == ["language variant", "gender female", "", "pitch 142 220", "formant 0 105 80 150",
+                         "name f9_whispered"]
+    assert lines[6:] == list(corpus.ESPEAK_WHISPER_LINES)
+    assert corpus.whispered_variant(None).splitlines()[:2] == ["language variant", "name default_whispered"]
+
+
+def test_whispered_espeak_variant_is_spoken(tmp_path, monkeypatch):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    from blsp import packaged
+
+    monkeypatch.setattr(packaged, "CACHE_DIR", tmp_path / "cache")
+    waves = {}
+    for name in ("espeak:en-us+f2", "espeak:en-us+f2+whispered", "espeak:en-us"):
+        voice = corpus.Voice.parse(name)
+        corpus.check_voice(voice)
+        corpus._render(voice, "A quiet word.", 1.0, 1.0, str(tmp_path / "x.wav"))
+        waves[name] = sf.read(tmp_path / "x.wav")[0]
+    # the variant was read (espeak-ng silently speaks its default voice on a variant it cannot find)
+    assert not np.array_equal(waves["espeak:en-us+f2+whispered"], waves["espeak:en-us"])
+    assert not np.array_equal(waves["espeak:en-us+f2+whispered"], waves["espeak:en-us+f2"])
+    args = corpus.espeak_voice_arguments(corpus.Voice.parse("espeak:en-us+f2+whispered"))
+    assert args[0] == "--path" and args[-1] == "en-us+f2_whispered" and Path(args[1]).is_relative_to(tmp_path)
+    assert corpus.espeak_voice_arguments(corpus.Voice.parse("espeak:en-us+f2")) == ["-v", "en-us+f2"]
+
+
+def test_festival_voice_speaks_at_the_drawn_rate(tmp_path):
+    if shutil.which("text2wave") is None or "lp_diphone" not in corpus._festival_voices():
+        pytest.skip("festival's lp_diphone is not installed (apt-get install festival festvox-italp16k)")
+    voice = corpus.Voice.parse("festival:lp_diphone")
+    corpus.check_voice(voice)
+    seconds = {}
+    for stretch in (0.8, 1.4):
+        corpus._render(voice, 'He said "(no)"; so be it.', stretch, 1.0, str(tmp_path / "x.wav"))
+        info = sf.info(tmp_path / "x.wav")
+        seconds[stretch] = info.frames / info.samplerate
+    assert 1.5 < seconds[1.4] / seconds[0.8] < 2.0
+    with pytest.raises(BlspError, match="not installed in festival .*festvox"):
+        corpus.check_voice(corpus.Voice.parse("festival:nosuch"))
+    with pytest.raises(BlspError, match="HTS voices ignore the speaking rate"):
+        corpus._render(corpus.Voice.parse("festival:upc_ca_ona_hts"), "Hello.", 1.2, 1.0, str(tmp_path / "y.wav"))
+
+
+def test_festival_missing_names_its_package(monkeypatch):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(BlspError, match="needs festival: apt-get install festival festvox-czech-dita"):
+        corpus.check_voice(corpus.Voice.parse("festival:czech_dita"))
+
+
 def test_installed_espeak_genders():
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
