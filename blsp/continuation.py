@@ -288,7 +288,7 @@ class Continuer:
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.llm_fingerprint = llm_fingerprint  # recorded with a saved top-k: step 2 checks its LLM is this one
         self.prompt = ChatPrompt(tokenizer, options.system_prompt)
-        self.stop_ids = sorted({self.prompt.end_of_turn_id, tokenizer.eos_token_id} - {None})
+        self.stop_ids = self.prompt.stop_ids
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = options.batch_size  # prompts per generation call
 

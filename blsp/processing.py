@@ -54,10 +54,7 @@ class BlspProcessor:
         return self.prompt.render(transcript_message(instruction, transcript))
 
     def stop_ids(self) -> list[int]:
-        ids = {self.prompt.end_of_turn_id}
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+        return self.prompt.stop_ids
 
     # -- batching ------------------------------------------------------------------------------
     def sequence(self, example: Example) -> tuple[list[int], list[int], list[torch.Tensor]]:

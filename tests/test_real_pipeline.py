@@ -1,4 +1,5 @@
-"""The pipeline on the real packaged models: Whisper-base + SmolLM2-135M-Instruct.
+"""The pipeline on the real packaged models: Whisper-base + each packaged LLM (SmolLM2-135M-Instruct,
+a chat model; Gemma 3 270M, a base model prompted in plain text).
 
 Real behaviour, not just shapes: the LLM's continuation is far more likely given the transcript
 than given no transcript; one training step lowers the speech-conditioned loss on its batch;
@@ -42,14 +43,14 @@ def corpus(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def model():
-    return BlspModel.from_components("whisper-base", "smollm2-135m-instruct", seed=0)
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+def model(request):
+    return BlspModel.from_components("whisper-base", request.param, seed=0)
 
 
 @pytest.fixture(scope="module")
 def behavior(corpus, model):
-    out = corpus / "behavior.jsonl"
+    out = corpus / f"behavior-{model.language_model.config.model_type}.jsonl"  # one per LLM: step 1 fingerprints it
     llm = (model.language_model, model.processor.tokenizer)
     run_continue(corpus / "manifest.jsonl", out, ContinueOptions(max_new_tokens=32, batch_size=3),
                  model_and_tokenizer=llm)
