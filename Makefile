@@ -40,10 +40,11 @@ $(VENV)/.installed-gemma: $(VENV)/.installed
 	touch $@
 
 # Text-to-speech voices (flite, espeak-ng; festival's recorded women and men for the voice corpus,
-# recipes/data/voice.yaml) and the text they speak (fortunes, WordNet examples) for `blsp data
-# synth`; the tests also drive the web page with Chromium. apt runs only when a package is missing.
+# recipes/data/voice.yaml) and the text they speak (fortunes, WordNet examples; German, Spanish and
+# Italian fortunes for the cross-lingual test speech) for `blsp data synth`; the tests also drive
+# the web page with Chromium. apt runs only when a package is missing.
 FESTIVAL_VOICES := festvox-italp16k festvox-itapc16k festvox-czech-dita festvox-suopuhe-lj festvox-suopuhe-mv
-SYSTEM_PACKAGES := flite espeak-ng festival $(FESTIVAL_VOICES) fortunes wordnet-base
+SYSTEM_PACKAGES := flite espeak-ng festival $(FESTIVAL_VOICES) fortunes wordnet-base fortunes-de fortunes-es fortunes-it
 TEST_SYSTEM_PACKAGES := $(SYSTEM_PACKAGES) chromium
 define apt_install
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \

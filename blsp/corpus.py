@@ -80,6 +80,9 @@ class CorpusSpec:
     voice_attributes: bool = False  # draw rate, pitch and noise classes per clip and record them
     noisy_share: float = 0.0  # with voice_attributes: the share of clips mixed with pink noise
     sources: tuple[str, ...] = ("fortunes", "wordnet")
+    # the sentences' language (ISO 639-1, as Whisper names them): every source must be in it, the
+    # voices should speak it (espeak:de); non-English manifests state it on every line
+    language: str = "en"
     min_words: int = 6
     max_words: int = 25
     seed: int = 0
@@ -94,9 +97,12 @@ class CorpusSpec:
             if not ok:
                 raise BlspError(f"corpus spec: {message}")
 
-        need(self.train_sentences >= 1, "train_sentences must be at least 1")
+        # train_sentences 0: a test-only corpus (speech in a language no model trains on)
+        need(self.train_sentences >= 0, "train_sentences must be at least 0")
         need(self.dev_sentences >= 0 and self.test_sentences >= 1, "dev_sentences >= 0 and test_sentences >= 1")
-        need(len(self.voices) >= 1, "at least one training voice is needed")
+        need(len(self.voices) >= 1 or self.train_sentences + self.dev_sentences + self.test_seen_voices == 0,
+             "at least one training voice is needed (none only for a test-only corpus: train_sentences, "
+             "dev_sentences and test_seen_voices 0)")
         need(len(self.test_voices) >= 1, "at least one held-out test voice is needed")
         shared = sorted(set(self.voices) & set(self.test_voices))
         need(not shared, f"test voices must never train, but {', '.join(shared)} is in both lists")
@@ -120,6 +126,8 @@ class CorpusSpec:
              "blsp.voice: leave them out of the spec")
         unknown = sorted(set(self.sources) - set(SOURCES))
         need(not unknown, f"unknown text source {', '.join(unknown)} (known: {', '.join(SOURCES)})")
+        other = [f"{name} ({SOURCES[name].language})" for name in self.sources if SOURCES[name].language != self.language]
+        need(not other, f"the sources must be in the corpus's language ({self.language}): {', '.join(other)} are not")
 
 
 def load_corpus_spec(path: str | os.PathLike, **overrides: Any) -> CorpusSpec:
@@ -156,13 +164,19 @@ _TYPOGRAPHY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201
 # "nineteen forty" where the transcript says 1940, so the two disagree), brackets, colons and
 # slashes (URLs, IRC logs, headers, asides flite reads badly), backticks (WordNet's `quotes').
 _SPEAKABLE = re.compile(r"[A-Za-z][A-Za-z ,.;'!?-]*")
+# Other languages: any letter (no digit), and Spanish's opening marks. Kept apart from the English
+# rule, which must keep choosing exactly the sentences it always chose (the demo's corpus).
+_LETTER = r"[^\W\d_]"
+_SPEAKABLE_ANY = re.compile(rf"[¿¡]?{_LETTER}(?:{_LETTER}|[ ,.;'!?¿¡-])*")
+_DOTTED_ANY = re.compile(rf"{_LETTER}\.{_LETTER}")
 _DOTTED_WORD = re.compile(r"[A-Za-z]\.[A-Za-z]")  # domain names, e.g., i.e.
 _SPACED_DASH = re.compile(r"\s-|-\s")  # attributions ("- Twain") and dashes read as nothing
 _SENTENCE_BREAK = re.compile(r"[.!?]['\"]?\s+\S")
 
 
-def clean_sentence(text: str) -> str | None:
-    """One speakable sentence in plain ASCII, or None when the text cannot be one.
+def clean_sentence(text: str, language: str = "en") -> str | None:
+    """One speakable sentence (plain ASCII in English; the language's letters in another), or
+    None when the text cannot be one.
 
     Typographic quotes and dashes become ASCII, double quotes go (speech cannot say them and
     Whisper's normaliser drops them), whitespace collapses, the first letter is capitalised and a
@@ -170,7 +184,8 @@ def clean_sentence(text: str) -> str | None:
     """
     text = unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHY).replace('"', "")
     text = " ".join(text.split())
-    if not _SPEAKABLE.fullmatch(text) or _DOTTED_WORD.search(text) or _SPACED_DASH.search(text):
+    speakable, dotted = (_SPEAKABLE, _DOTTED_WORD) if language == "en" else (_SPEAKABLE_ANY, _DOTTED_ANY)
+    if not speakable.fullmatch(text) or dotted.search(text) or _SPACED_DASH.search(text):
         return None
     if text[-1].isalpha():
         text += "."
@@ -181,11 +196,11 @@ def clean_sentence(text: str) -> str | None:
 
 def dedup_key(text: str) -> str:
     """Case and punctuation do not make a sentence new (a model would hear the same words)."""
-    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+    return " ".join(re.sub(r"[^\w ]|[\d_]", " ", text.lower()).split())
 
 
 def select_sentences(candidates: Iterable[str], min_words: int, max_words: int,
-                     seen: set[str] | None = None) -> list[str]:
+                     seen: set[str] | None = None, language: str = "en") -> list[str]:
     """Clean, keep `min_words..max_words` words, drop duplicates (also those already in `seen`).
 
     The word range keeps clips between about 2 and 10 s: long enough to carry meaning, short
@@ -194,7 +209,7 @@ def select_sentences(candidates: Iterable[str], min_words: int, max_words: int,
     seen = set() if seen is None else seen
     kept = []
     for raw in candidates:
-        text = clean_sentence(raw)
+        text = clean_sentence(raw, language)
         if text is None or not min_words <= len(text.split()) <= max_words:
             continue
         key = dedup_key(text)
@@ -204,15 +219,19 @@ def select_sentences(candidates: Iterable[str], min_words: int, max_words: int,
     return kept
 
 
-def fortune_candidates(text: str) -> Iterator[str]:
+def fortune_candidates(text: str, attributed: bool = False) -> Iterator[str]:
     """Single-sentence prose fortunes from one fortune file (entries separated by `%` lines).
 
     Dropped: entries with a blank or indented line (verse, dialogue, code, `-- Author`
     attributions), attributions with `--`, and more than one sentence. A sentence wrapped onto
-    several lines is kept, joined: it is still one sentence.
+    several lines is kept, joined: it is still one sentence. `attributed`: a last line `-- Author`
+    is cut off first, and the sentence above it kept (the German, Spanish and Italian files
+    attribute most of their proverbs and quotations; the English ones are kept as they always were).
     """
     for entry in re.split(r"^%[ \t]*$", text, flags=re.M):
         lines = entry.strip("\n").split("\n")
+        if attributed and len(lines) > 1 and lines[-1].strip().startswith("--"):
+            lines = lines[:-1]
         if not entry.strip() or any(not line.strip() or line[:1].isspace() for line in lines):
             continue
         joined = " ".join(" ".join(lines).split())
@@ -250,14 +269,50 @@ def _wordnet() -> Iterator[str]:
         yield from wordnet_candidates(_read_text(WORDNET_DIR / f"data.{pos}").splitlines())
 
 
-# name -> (candidate reader, the directory it needs, the Debian package that ships it)
-SOURCES = {"fortunes": (_fortunes, FORTUNE_DIR, "fortunes"), "wordnet": (_wordnet, WORDNET_DIR, "wordnet-base")}
+# fortunes-it writes accented vowels as ASCII: "e'" for è, "piu'" for più. Whisper writes the
+# accent, TTS reads the apostrophe as nothing: the accent is put back (grave, Italian's common
+# one; "perche'" becomes perchè, not perché), except in "po'" (poco), a true apostrophe.
+_ITALIAN_ACCENT = re.compile(r"(?<![\w'])(?!po')(\w*?)([aeiou])'(?=[\s,.;:!?]|$)", re.IGNORECASE)
+_GRAVE = str.maketrans("aeiouAEIOU", "àèìòùÀÈÌÒÙ")
+
+
+def italian_accents(text: str) -> str:
+    return _ITALIAN_ACCENT.sub(lambda m: m[1] + m[2].translate(_GRAVE), text)
+
+
+def _language_fortunes(language: str) -> Iterator[str]:
+    # fortunes-de/-es/-it: FORTUNE_DIR/<language>/, a file per topic (es's end in .fortunes);
+    # beside them .dat indexes and .u8 links
+    directory = FORTUNE_DIR / language
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8"):
+            for text in fortune_candidates(_read_text(path), attributed=True):
+                yield italian_accents(text) if language == "it" else text
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Sentences a Debian package ships, in one language."""
+
+    read: Any  # () -> candidate texts
+    directory: Path  # what the package installs (missing: not installed)
+    package: str
+    language: str = "en"  # ISO 639-1, as Whisper names languages
+
+
+SOURCES = {
+    "fortunes": TextSource(_fortunes, FORTUNE_DIR, "fortunes"),
+    "wordnet": TextSource(_wordnet, WORDNET_DIR, "wordnet-base"),
+    **{f"fortunes-{lang}": TextSource(lambda lang=lang: _language_fortunes(lang), FORTUNE_DIR / lang,
+                                      f"fortunes-{lang}", lang) for lang in ("de", "es", "it")},
+}
 
 
 def gather_sentences(sources: Iterable[str], text_files: Iterable[str | os.PathLike],
-                     min_words: int, max_words: int) -> tuple[list[str], dict[str, int]]:
+                     min_words: int, max_words: int, language: str = "en") -> tuple[list[str], dict[str, int]]:
     """All usable sentences from the text files if any, else from the packaged sources, with
-    how many each contributed (after cleaning and deduplication against earlier ones)."""
+    how many each contributed (after cleaning, in `language`'s letters, and deduplication
+    against earlier ones)."""
     readers: dict[str, Any] = {}
     for path in text_files:
         if not os.path.isfile(path):
@@ -265,14 +320,15 @@ def gather_sentences(sources: Iterable[str], text_files: Iterable[str | os.PathL
         readers[os.fspath(path)] = lambda p=path: _read_text(Path(p)).splitlines()
     if not readers:
         for name in sources:
-            reader, directory, package = SOURCES[name]
-            if not directory.is_dir():
-                raise BlspError(f"text source {name!r} needs the Debian package {package}: apt-get install {package}")
-            readers[name] = reader
+            source = SOURCES[name]
+            if not source.directory.is_dir():
+                raise BlspError(f"text source {name!r} needs the Debian package {source.package}: "
+                                f"apt-get install {source.package}")
+            readers[name] = source.read
     seen: set[str] = set()
     sentences, counts = [], {}
     for name, reader in readers.items():
-        kept = select_sentences(reader(), min_words, max_words, seen)
+        kept = select_sentences(reader(), min_words, max_words, seen, language)
         sentences += kept
         counts[name] = len(kept)
     return sentences, counts
@@ -838,13 +894,14 @@ def build_corpus(out_dir: str | os.PathLike, spec: CorpusSpec, *, text_files: It
     """
     out_dir = Path(out_dir)
     text_files = list(text_files)
-    sentences, per_source = gather_sentences(spec.sources, text_files, spec.min_words, spec.max_words)
+    sentences, per_source = gather_sentences(spec.sources, text_files, spec.min_words, spec.max_words, spec.language)
     splits = split_sentences(sentences, spec)
     planned = plan_utterances(splits, spec)
     synthesis = synthesize(planned, out_dir, workers)
     if spec.voice_attributes:
         planned = measure_pitch(planned, out_dir, workers)
-    records = {s: [u.manifest_record(spec.voices) for u in planned if u.split == s] for s in SPLITS}
+    language = {} if spec.language == "en" else {"language": spec.language}  # absent: English, as always
+    records = {s: [{**u.manifest_record(spec.voices), **language} for u in planned if u.split == s] for s in SPLITS}
     for split in SPLITS:
         atomic_write_text(out_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))
     durations = _durations(planned, out_dir)
@@ -1069,7 +1126,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     spec = load_corpus_spec(
         spec_file, train_sentences=args.sentences, dev_sentences=args.dev_sentences,
         test_sentences=args.test_sentences, voices=args.voices, test_voices=args.test_voices,
-        voices_per_sentence=args.voices_per_sentence, seed=args.seed,
+        voices_per_sentence=args.voices_per_sentence, seed=args.seed, language=args.language,
     )
     summary = build_corpus(args.output, spec, text_files=args.text or (), workers=args.workers,
                            spec_file=spec_file)
@@ -1126,6 +1183,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="sentences, one a line (instead of the packaged fortunes and WordNet)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--language", default=None,
+                   help="the sentences' language (de, es, it: its letters are kept; with --text, or with "
+                        "sources in it: fortunes-de)")
     p.add_argument("--workers", type=int, default=2, help="clips synthesised in parallel")
     p.set_defaults(func=cmd_synth)
 

@@ -65,6 +65,55 @@ def test_clean_sentence(raw, clean):
     assert clean_sentence(raw) == clean
 
 
+@pytest.mark.parametrize("raw, language, clean", [
+    ("Es gibt keinen Grund, Alkohol zu trinken, wohl aber stets einen Anla\u00df", "de",
+     "Es gibt keinen Grund, Alkohol zu trinken, wohl aber stets einen Anla\u00df."),
+    ("\u00bfD\u00f3nde est\u00e1 la concordia?", "es", "\u00bfD\u00f3nde est\u00e1 la concordia?"),
+    ("\u00e8 cos\u00ec, non \u00e8 vero", "it", "\u00c8 cos\u00ec, non \u00e8 vero."),
+    ("Im Jahr 1945 endete der Krieg.", "de", None),  # digits, as in English
+    ("Besuche www.debian.org heute noch.", "de", None),
+    ("Caf\u00e9 au lait is what I want today.", "en", None),  # English keeps its ASCII rule
+])
+def test_clean_sentence_in_other_languages_keeps_their_letters(raw, language, clean):
+    assert clean_sentence(raw, language) == clean
+
+
+def test_foreign_fortunes_keep_attributed_sentences_and_italian_accents():
+    text = "Die Zeit ist der beste Lehrer,\nleider t\u00f6tet sie alle.\n\t\t-- Sprichwort\n%\nKurz.\n\t-- X\n%\n"
+    assert list(fortune_candidates(text)) == []  # the English rule: an attribution drops the entry
+    assert list(fortune_candidates(text, attributed=True)) == ["Die Zeit ist der beste Lehrer, leider t\u00f6tet sie alle."]
+    assert corpus.italian_accents("Un po' piu' povero, perche' e' cosi'.") == "Un po' pi\u00f9 povero, perch\u00e8 \u00e8 cos\u00ec."
+    assert corpus.italian_accents("Dell'anima e' l'arte.") == "Dell'anima \u00e8 l'arte."
+
+
+def test_language_specs_check_their_sources_and_may_be_test_only():
+    spec = CorpusSpec(train_sentences=0, dev_sentences=0, test_sentences=5, voices=(), test_voices=("espeak:de",),
+                      test_seen_voices=0, sources=("fortunes-de",), language="de")
+    assert spec.language == "de"
+    with pytest.raises(BlspError, match=r"sources must be in the corpus's language \(de\): fortunes \(en\)"):
+        CorpusSpec(train_sentences=0, dev_sentences=0, test_sentences=5, voices=(), test_voices=("espeak:de",),
+                   test_seen_voices=0, sources=("fortunes",), language="de")
+    with pytest.raises(BlspError, match="at least one training voice"):
+        CorpusSpec(train_sentences=3, dev_sentences=0, test_sentences=5, voices=(), test_voices=("espeak:de",))
+    for path in sorted((REPO / "recipes" / "data" / "crosslingual").glob("*.yaml")):
+        spec = load_corpus_spec(path)
+        assert spec.train_sentences == 0 and spec.language == path.stem and spec.sources == (f"fortunes-{path.stem}",)
+
+
+def test_synth_in_another_language_states_it(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    text = tmp_path / "de.txt"
+    text.write_text("Die Zeit ist der beste Lehrer, sagt man.\nWer zuletzt lacht, lacht am besten heute.\n"
+                    "Morgenstund hat Gold im Mund, sagen die Leute.\n")
+    out = tmp_path / "de"
+    assert main(["data", "synth", "--spec", str(REPO / "recipes" / "data" / "crosslingual" / "de.yaml"),
+                 "--output", str(out), "--text", str(text), "--test-sentences", "2"]) == 0
+    rows = records(out / "test.jsonl")
+    assert len(rows) == 4 and {r["language"] for r in rows} == {"de"} and not (out / "train.jsonl").read_text()
+    assert {r["voice"] for r in rows} == {"espeak:de", "espeak:de+f3"}
+
+
 def test_select_sentences_dedups_and_filters_by_words():
     got = select_sentences([
         "The cat sat on the mat all day.",
@@ -103,12 +152,16 @@ def test_wordnet_candidates_are_the_quoted_examples():
 
 
 def test_packaged_text_sources_give_thousands_of_sentences():
-    for name, (_, directory, package) in corpus.SOURCES.items():
-        if not directory.is_dir():
-            pytest.fail(f"{name} is not installed: run `make system-deps` (apt-get install {package})")
+    for name, source in corpus.SOURCES.items():
+        if not source.directory.is_dir():
+            pytest.fail(f"{name} is not installed: run `make system-deps` (apt-get install {source.package})")
     sentences, counts = corpus.gather_sentences(("fortunes", "wordnet"), (), 6, 25)
     assert counts["fortunes"] > 2000 and counts["wordnet"] > 20000
     assert len(sentences) == sum(counts.values()) == len({corpus.dedup_key(s) for s in sentences})
+    for language in ("de", "es", "it"):
+        sentences, counts = corpus.gather_sentences((f"fortunes-{language}",), (), 6, 25, language)
+        assert counts[f"fortunes-{language}"] > 1500, counts
+        assert any(set(s) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;'!?-") for s in sentences)
 
 
 # ----------------------------------------------------------------------------------------------
