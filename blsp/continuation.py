@@ -31,7 +31,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .data import Utterance, check_output_apart, normalize_transcript, read_jsonl, read_manifest
+from .data import Utterance, check_output_apart, normalize_transcript, utterance_language, read_jsonl, read_manifest
 from .distributed import barrier, default_device, init_distributed
 from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
@@ -551,7 +551,7 @@ def run_continue(manifest: str | Path, output: str | Path, options: ContinueOpti
     for utt in read.utterances[skip:][:limit]:
         if utt.id in done:
             continue
-        transcript = normalize_transcript(utt.text) if options.normalize else utt.text.strip()
+        transcript = normalize_transcript(utt.text, utterance_language(utt)) if options.normalize else utt.text.strip()
         voice = voice_of(utt.extra, options)
         key = job_key(transcript, voice) if greedy else utt.id
         if key not in jobs:

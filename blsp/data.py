@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
@@ -335,13 +335,42 @@ def _english_normalizer() -> EnglishTextNormalizer:
     return EnglishTextNormalizer({})
 
 
-def normalize_transcript(text: str) -> str:
-    """Whisper's English normaliser, which the original applied to transcripts before step 1.
+@lru_cache(maxsize=1)
+def _basic_normalizer() -> Any:
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
-    Lower-cases, removes punctuation and bracketed noise tags, expands contractions and writes
-    numbers as digits (so "twenty-one" becomes "21"). Callers make it optional.
+    return BasicTextNormalizer(remove_diacritics=False)
+
+
+def normalize_transcript(text: str, language: str = "en") -> str:
+    """Whisper's English normaliser, which the original applied to transcripts before step 1;
+    Whisper's basic normaliser for any other language (as Whisper scores them: lower case, no
+    punctuation, letters and their accents kept).
+
+    English: lower-cases, removes punctuation and bracketed noise tags, expands contractions and
+    writes numbers as digits (so "twenty-one" becomes "21"). Callers make it optional.
     """
+    if language != "en":
+        return " ".join(_basic_normalizer()(text).split())
     return _english_normalizer()(text)
+
+
+def utterance_language(utt: Utterance) -> str:
+    """The line's `language` (blsp data synth writes it for speech not in English); English if none."""
+    value = utt.extra.get("language")
+    return value if isinstance(value, str) and value else "en"
+
+
+def common_language(utterances: Sequence[Utterance]) -> str:
+    """The one language of these lines (a WER needs one normaliser), or an error naming two."""
+    found: dict[str, Utterance] = {}
+    for utt in utterances:
+        found.setdefault(utterance_language(utt), utt)
+    if len(found) > 1:
+        (a, ua), (b, ub) = list(found.items())[:2]
+        raise BlspError(f"these lines mix languages ({ua.id}: {a}, {ub.id}: {b}); score each language apart "
+                        "(a task per language, or `where: {language: ...}`)")
+    return next(iter(found), "en")
 
 
 def prompt_transcript(utt: Utterance) -> str:
@@ -353,4 +382,6 @@ def prompt_transcript(utt: Utterance) -> str:
 def is_copy_continuation(utt: Utterance) -> bool:
     """The LLM repeated the transcript instead of continuing it (29% of SmolLM2-135M's continuations
     on the demo's sentences)."""
-    return normalize_transcript(utt.extra["continuation"]) == normalize_transcript(prompt_transcript(utt))
+    language = utterance_language(utt)
+    return (normalize_transcript(utt.extra["continuation"], language)
+            == normalize_transcript(prompt_transcript(utt), language))

@@ -252,7 +252,8 @@ def run_suite(args: argparse.Namespace) -> dict:
     cache_root = None if args.no_feature_cache else (
         Path(args.feature_cache) if args.feature_cache else packaged.CACHE_DIR / "features")
     runner = Runner(model, batch_size=args.batch_size or suite.batch_size or 8, feature_cache=cache_root,
-                    asr_model=args.asr_model or suite.asr_model, max_new_tokens=args.max_new_tokens,
+                    asr_model=args.asr_model or suite.asr_model, asr_language=suite.asr_language,
+                    max_new_tokens=args.max_new_tokens,
                     generate_kwargs=args.generate_kwargs,
                     answer_cache=None if args.no_answer_cache else (
                         Path(args.answer_cache) if args.answer_cache else packaged.CACHE_DIR / "answers"))

@@ -24,6 +24,12 @@ NORMALISER = (
     "whisper-english: transformers EnglishTextNormalizer (Whisper's English normaliser) "
     "without the British-to-American spelling map"
 )
+# speech in any other language, as Whisper scores it
+BASIC_NORMALISER = "whisper-basic: transformers BasicTextNormalizer (Whisper's), accents kept"
+
+
+def normaliser_name(language: str) -> str:
+    return NORMALISER if language == "en" else BASIC_NORMALISER
 
 
 def _finite(x: float | None) -> float | None:
@@ -33,12 +39,14 @@ def _finite(x: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # Transcription
 # ----------------------------------------------------------------------------------------------
-def error_rates(references: Sequence[str], hypotheses: Sequence[str], normalise: bool = True) -> dict:
+def error_rates(references: Sequence[str], hypotheses: Sequence[str], normalise: bool = True,
+                language: str = "en") -> dict:
     """Corpus WER and CER (total edits / total reference words or characters) with jiwer, and the
-    per-utterance values. Both sides go through Whisper's English normaliser first."""
+    per-utterance values. Both sides go through Whisper's normaliser first (its English one for
+    English, its basic one for `language`s other than English)."""
     import jiwer
 
-    norm = normalize_transcript if normalise else (lambda s: s)
+    norm = (lambda s: normalize_transcript(s, language)) if normalise else (lambda s: s)
     refs = [norm(r).strip() for r in references]
     hyps = [norm(h).strip() for h in hypotheses]
     totals = dict.fromkeys(("substitutions", "deletions", "insertions", "ref_words",
@@ -66,7 +74,7 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], normalise:
         "cer": totals["char_edits"] / totals["ref_chars"] if totals["ref_chars"] else None,
         **totals,
         "n": len(refs),
-        "normaliser": NORMALISER if normalise else None,
+        "normaliser": normaliser_name(language) if normalise else None,
         "per_utterance": rows,
     }
 

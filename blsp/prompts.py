@@ -21,7 +21,7 @@ CONTINUATION_INSTRUCTION = (
 # One table for the CLI, evals and serving. `{language}` is filled by `task_instruction`.
 TASK_INSTRUCTIONS: dict[str, str] = {
     "continue": CONTINUATION_INSTRUCTION,
-    "transcribe": "Please transcribe the following audio into English text.",
+    "transcribe": "Please transcribe the following audio into {language} text.",  # English: as trained
     "translate": "Please translate the following audio into {language} text.",
     "sentiment": "What is the sentiment of the speaker? Answer with one word: positive, negative or neutral.",
     "emotion": "What is the emotion of the speaker? Answer with one word: neutral, happy, sad, angry or surprised.",

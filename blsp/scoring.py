@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Utterance, is_copy_continuation, load_utterance_audio, normalize_transcript, prompt_transcript
+from .data import (Utterance, common_language, is_copy_continuation, load_utterance_audio, normalize_transcript, prompt_transcript,
+                   utterance_language)
 from .errors import BlspError
 from .features import FeatureCache, encode_waveforms
 from .inference import decoding_record
-from .metrics import NORMALISER, bootstrap_gap_ci, error_rates, gap_closed
+from .metrics import bootstrap_gap_ci, error_rates, gap_closed, normaliser_name
 from .llm import shared_prefix
 from .modeling import BlspModel
 from .processing import IGNORE_INDEX
@@ -242,8 +243,9 @@ def alignment_report(model: BlspModel, utterances: Sequence[Utterance], batch_si
 
 def _as_prompted(utt: Utterance, asr_text: str) -> str:
     """An ASR transcript prepared as step 1 prepared the line's transcript: normalised iff it was."""
-    if prompt_transcript(utt) == normalize_transcript(utt.text):
-        return normalize_transcript(asr_text)
+    language = utterance_language(utt)
+    if prompt_transcript(utt) == normalize_transcript(utt.text, language):
+        return normalize_transcript(asr_text, language)
     return asr_text.strip()
 
 
@@ -334,7 +336,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
     `blsp.inference.repetition_guard`'s), recorded in the report.
     """
     refs = [u.text for u in utterances]
-    report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": NORMALISER,
+    report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": normaliser_name(common_language(utterances)),
                               "instruction": task_instruction("transcribe"),
                               "decoding": decoding_record(generate_kwargs or {})}
     rows = [{"id": u.id, "reference": u.text} for u in utterances]
@@ -349,7 +351,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
         hyps = speech_generate(model, utterances, task_instruction("transcribe"),
                                _features(model, utterances, feature_cache), batch_size=batch_size,
                                max_new_tokens=limit, desc="eval: transcribe", generate_kwargs=generate_kwargs)
-        scores = error_rates(refs, hyps)
+        scores = error_rates(refs, hyps, language=common_language(utterances))
         for row, h, s in zip(rows, hyps, scores.pop("per_utterance")):
             row.update(blsp=h, blsp_wer=s["wer"], blsp_cer=s["cer"])
         report["blsp"] = scores
@@ -361,7 +363,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
             whisper = load_cascade_asr(name)
             whisper[0].to(model.language_model.device)
         hyps = whisper_transcripts(whisper, utterances, batch_size=batch_size, language=language)
-        scores = error_rates(refs, hyps)
+        scores = error_rates(refs, hyps, language=common_language(utterances))
         for row, h, s in zip(rows, hyps, scores.pop("per_utterance")):
             row.update(cascade=h, cascade_wer=s["wer"], cascade_cer=s["cer"])
         report["cascade"] = {**scores, "asr": name or "given"}

@@ -39,7 +39,10 @@ ASR_FIELD = "asr"  # a manifest field holding a transcript from any ASR: the cas
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TranscriptionOptions:
-    """Reference: the manifest's `text`. Scored after Whisper's English normaliser."""
+    """Reference: the manifest's `text`. Scored after Whisper's English normaliser, or its basic
+    one where the lines state another `language` (blsp data synth's de, es, it)."""
+
+    language: str = "English"  # the speech's language in words, as the instruction names it
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ class Suite:
     tasks: tuple[TaskSpec, ...]
     description: str = ""
     asr_model: str | None = None  # the cascade's Whisper; None: the one the adapter's encoder came from
+    # the language the cascade's Whisper transcribes (`auto`: the one it hears, as openai/whisper
+    # detects it); None: the model's own speech_language, else English
+    asr_language: str | None = None
     contrast_model: Path | None = None  # default for representation tasks
     batch_size: int | None = None
     limit: int | None = None
@@ -192,6 +198,7 @@ class _SuiteKeys:
     description: str = ""
     tasks: tuple = ()
     asr_model: Union[str, None] = None
+    asr_language: Union[str, None] = None
     contrast_model: Union[str, None] = None
     batch_size: Union[int, None] = field(default=None, metadata={"min": 1})
     limit: Union[int, None] = field(default=None, metadata={"min": 1})
@@ -370,7 +377,8 @@ def load_suite(path: str | os.PathLike) -> Suite:
         _check_model_dir(contrast, source, root.children["contrast_model"].line)
     return Suite(path=Path(source), sha256=file_sha256(source),
                  name=top.get("name") or Path(source).stem, description=top.get("description", ""),
-                 tasks=tuple(tasks), asr_model=top.get("asr_model"), contrast_model=contrast,
+                 tasks=tuple(tasks), asr_model=top.get("asr_model"), asr_language=top.get("asr_language"),
+                 contrast_model=contrast,
                  batch_size=top.get("batch_size"), limit=top.get("limit"))
 
 
@@ -489,7 +497,7 @@ def default_instruction(spec: TaskSpec, labels: tuple[str, ...] = (),
     if spec.instruction is not None:
         return spec.instruction
     if spec.type == "transcription":
-        return task_instruction("transcribe")
+        return task_instruction("transcribe", spec.options.language)
     if spec.type == "translation":
         return task_instruction("translate", spec.options.language)
     if spec.type == "classification":

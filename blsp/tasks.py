@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .answer_cache import AnswerCache
-from .data import Utterance, prompt_transcript
+from .data import Utterance, common_language, prompt_transcript
 from .errors import BlspError
 from .scoring import (
     SpeechFeatures,
@@ -39,7 +39,6 @@ from .scoring import (
 from .metrics import (
     LABEL_RULE,
     VOICE_LABEL_RULE,
-    NORMALISER,
     DESCRIPTION_RULE,
     classification_scores,
     continuation_agreement,
@@ -47,6 +46,7 @@ from .metrics import (
     error_rates,
     map_label,
     map_voice_label,
+    normaliser_name,
     translation_scores,
 )
 from .fingerprint import weights_fingerprint
@@ -108,7 +108,8 @@ class Runner:
 
     def __init__(self, model: BlspModel, batch_size: int = 8, feature_cache: str | Path | None = None,
                  asr_model: str | None = None, progress: bool = True, max_new_tokens: int | None = None,
-                 generate_kwargs: dict | None = None, answer_cache: str | Path | None = None):
+                 generate_kwargs: dict | None = None, answer_cache: str | Path | None = None,
+                 asr_language: str | None = None):
         self.model = model
         # the text rows' answers, kept between runs (blsp.answer_cache): they do not depend on the adapter
         self.answer_cache = AnswerCache(answer_cache) if answer_cache is not None else None
@@ -117,6 +118,10 @@ class Runner:
         self.batch_size = batch_size
         self.feature_cache = feature_cache
         self.asr_model = asr_model
+        # the cascade transcribes as the model's own Whisper reads (a model trained with
+        # --speech-language auto: Whisper's language detection), unless the suite says otherwise
+        own = getattr(getattr(model, "config", None), "speech_language", None)
+        self.asr_language = asr_language or own or "en"
         self.progress = progress
         self._whisper = None
         self._asr_memo: dict[str, str] = {}  # audio reference -> Whisper's transcript
@@ -150,6 +155,7 @@ class Runner:
         if todo:
             whisper = self._load_whisper()
             for u, text in zip(todo, whisper_transcripts(whisper, todo, batch_size=self.batch_size,
+                                                         language=self.asr_language,
                                                          progress=self.progress, cache=self.answer_cache,
                                                          fingerprint=self.asr_identity["fingerprint"])):
                 self._asr_memo[str(u.audio)] = text
@@ -164,7 +170,8 @@ class Runner:
             self._whisper[0].to(self.model.language_model.device)
             self.asr_identity = {"source": "whisper", "name": name,
                                  "fingerprint": weights_fingerprint(self._whisper[0]),
-                                 "decoding": "greedy, 30 s window, language en (blsp.whisper.transcribe)"}
+                                 "decoding": f"greedy, 30 s window, language {self.asr_language} "
+                                             "(blsp.whisper.transcribe)"}
         return self._whisper
 
     def row_answers(self, rows: Sequence[str], utterances: Sequence[Utterance], instruction: str,
@@ -248,15 +255,16 @@ def run_transcription(runner: Runner, spec: TaskSpec, data: TaskData, instructio
     if "asr" in texts:
         answers["asr"] = list(texts["asr"])
     refs = [u.text for u in utts]
+    language = common_language(utts)
     table, details = {}, {}
     per_utt = [{"id": u.id, "reference": u.text} for u in utts]
     for row, hyps in answers.items():
-        scores = error_rates(refs, hyps)
+        scores = error_rates(refs, hyps, language=language)
         for p, h, s in zip(per_utt, hyps, scores.pop("per_utterance")):
             p.update({row: h, f"{row}_wer": s["wer"], f"{row}_cer": s["cer"]})
         table[row] = {m: scores[m] for m in spec.metrics}
         details[row] = scores
-    return _result(runner, spec, data, instruction, table, details=details, normaliser=NORMALISER,
+    return _result(runner, spec, data, instruction, table, details=details, normaliser=normaliser_name(language),
                    per_utterance=per_utt)
 
 

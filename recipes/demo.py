@@ -8,6 +8,7 @@
     python recipes/demo.py --size full-encoder  # recipes/demo-full-encoder.yaml: at four times, ~70 minutes
     python recipes/demo.py --size long      # recipes/demo-long.yaml: that, then 4 more rounds
     python recipes/demo.py --size voice     # recipes/demo-voice.yaml: a voice corpus and channel, the voice suite
+    python recipes/demo.py --size multilingual  # recipes/demo-multilingual.yaml: Gemma 3 270M; German, Spanish, Italian never trained on
     python recipes/demo.py --recipe my.yaml
     python recipes/demo.py --llm gemma3-270m  # any recipe on another LLM (runs/<recipe>-gemma3-270m)
 
@@ -37,7 +38,8 @@ from blsp.trainer import draw_loss_curve, runs_warm_start
 HERE = Path(__file__).parent
 SIZES = {"default": HERE / "demo.yaml", "full": HERE / "demo-full.yaml", "encoder": HERE / "demo-encoder.yaml",
          "medium": HERE / "demo-medium.yaml", "full-encoder": HERE / "demo-full-encoder.yaml",
-         "long": HERE / "demo-long.yaml", "voice": HERE / "demo-voice.yaml"}
+         "long": HERE / "demo-long.yaml", "voice": HERE / "demo-voice.yaml",
+         "multilingual": HERE / "demo-multilingual.yaml"}
 
 
 def load_recipe(path: Path) -> dict:
@@ -95,6 +97,7 @@ def main() -> None:
     evaluate(out, adapter_dir, str(behavior / "test.jsonl"), recipe["eval"], timings)
     evaluate_behaviour(out, adapter_dir, behavior / "test.jsonl", recipe["eval"], timings)
     evaluate_voice(out, adapter_dir, data / "test.jsonl", recipe["eval"], timings)
+    evaluate_crosslingual(out, adapter_dir, recipe["eval"], timings)
     report(out, recipe, timings)
 
 
@@ -204,7 +207,7 @@ def evaluate(out: Path, adapter: str, test: str, ev: dict, timings: dict) -> Non
 
 
 EVALS = {"trained": "eval", "cascade": "eval_cascade", "untrained": "eval_untrained",
-         "behaviour": "eval_behaviour", "voice": "eval_voice"}  # -> output dirs
+         "behaviour": "eval_behaviour", "voice": "eval_voice", "crosslingual": "eval_crosslingual"}  # -> output dirs
 UNSEEN_SET, REAL_SET = "TTS, unseen voice", "real speech"
 # A recipe's eval keys for the behaviour sets, where it gives none (recipes/demo.yaml says why).
 BEHAVIOUR_DEFAULTS = {"behaviour_limit": 16, "degraded": ["telephone"], "real_sources": "small", "real_limit": 24,
@@ -250,6 +253,44 @@ def evaluate_behaviour(out: Path, adapter: str, test: Path, ev: dict, timings: d
 
 
 VOICE_KEYS = ("voice_suite", "voice_limit")  # a recipe's eval keys for the voice suite
+CROSSLINGUAL_KEYS = ("crosslingual", "crosslingual_limit")  # and for the cross-lingual sets
+CROSSLINGUAL_INSTRUCTIONS = HERE / "behaviour-crosslingual.yaml"
+
+
+def language_name(code: str) -> str:
+    """"German" for de: Whisper's own table of the languages it knows."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return LANGUAGES.get(code, code).title()
+
+
+def evaluate_crosslingual(out: Path, adapter: str, ev: dict, timings: dict) -> None:
+    """Zero-shot cross-lingual: speech in languages no step trained on (`crosslingual`: corpus
+    specs, recipes/data/crosslingual/*.yaml, made here, test split only), the behaviour measures
+    (recipes/behaviour-crosslingual.yaml: continue ... translate into English) and in-language
+    transcription, beside the cascade, whose Whisper detects the language (`asr_language: auto`)."""
+    if not ev.get("crosslingual"):
+        return
+    sets = out / "sets"
+    sets.mkdir(parents=True, exist_ok=True)
+    limit = ev.get("crosslingual_limit", 16)
+    suite = {"name": "crosslingual", "asr_language": "auto", "batch_size": ev.get("behaviour_batch_size", 16),
+             "tasks": []}
+    for spec in ev["crosslingual"]:
+        spec_path = HERE.parent / spec
+        language = yaml.safe_load(spec_path.read_text())["language"]
+        data = out / "crosslingual" / language
+        run(f"speech in {language}", ["data", "synth", "--spec", str(spec_path), "--output", str(data),
+                                      "--test-sentences", str(limit), "--workers", "1"], timings)
+        name = language_name(language)
+        common = {"set": name, "manifest": os.path.relpath(data / "test.jsonl", sets), "limit": 2 * limit}
+        suite["tasks"] += [
+            {"name": f"{name}: behaviour", "type": "behaviour",
+             "instructions": os.path.relpath(CROSSLINGUAL_INSTRUCTIONS, sets), **common},
+            {"name": f"{name}: transcription", "type": "transcription", "language": name, **common}]
+    atomic_write_text(sets / "crosslingual.yaml", yaml.safe_dump(suite, sort_keys=False))
+    run("evaluation (cross-lingual)", ["eval", "--model", adapter, "--suite", str(sets / "crosslingual.yaml"),
+                                       "--output-dir", str(out / EVALS["crosslingual"])], timings)
 
 
 def evaluate_voice(out: Path, adapter: str, test: Path, ev: dict, timings: dict) -> None:
@@ -356,8 +397,10 @@ def format_report(summary: dict) -> str:
     trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
     al, al_c = trained["alignment"], cascade["alignment"]
     lines = []
-    for set_name, parity in (summary.get("behaviour") or {}).get("behaviour", {}).items():
-        lines += [f"[{set_name}]", *format_parity(parity)]
+    for key in ("behaviour", "crosslingual"):
+        for set_name, parity in (summary.get(key) or {}).get("behaviour", {}).items():
+            lines += [f"[{set_name}]" + (" (never trained on: zero-shot cross-lingual)" if key == "crosslingual" else ""),
+                      *format_parity(parity)]
     lines += ["behaviour alignment on held-out sentences: loss of the transcript's continuation (nats/token)",
              f"  {'':<34} {'clips':>5} {'instr.':>8} {'speech':>8} {'transcript':>10}   gap closed (95% CI)   KL(text||speech)",
              _alignment_row(untrained_label(summary["recipe"]), untrained["alignment"]),

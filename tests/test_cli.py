@@ -431,9 +431,9 @@ def test_models_json_lists_the_packaged_models(capsys):
     code, out, _ = run(capsys, "models", "--json")
     assert code == 0
     rows = json.loads(out)
-    assert {"whisper-base", "whisper-tiny.en", "smollm2-135m-instruct"} <= {r["name"] for r in rows}
+    assert {"whisper-base", "whisper-tiny.en", "smollm2-135m-instruct", "gemma3-270m"} <= {r["name"] for r in rows}
     kinds = {r["name"]: r["kind"] for r in rows}
-    assert kinds["whisper-base"] == "encoder" and kinds["smollm2-135m-instruct"] == "llm"
+    assert kinds["whisper-base"] == "encoder" and kinds["smollm2-135m-instruct"] == kinds["gemma3-270m"] == "llm"
     assert all(isinstance(r["installed"], bool) and isinstance(r["cached"], bool) for r in rows)
 
 

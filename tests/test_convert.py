@@ -246,14 +246,18 @@ def test_real_whisper_transcribes_speech(name, flite_clip):
     assert jiwer.wer(normalise(SENTENCE), normalise(text)) <= MAX_WER[name], text
 
 
-@pytest.mark.real
-def test_real_smollm2_answers_a_question():
+def load_packaged_llm(name: str):
+    """The converted packaged LLM's tokenizer and model (skipped where its packages are missing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    require("smollm2-135m-instruct")
-    path = packaged.resolve("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    require(name)
+    path = packaged.resolve(name)
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.real
+def test_real_smollm2_answers_a_question():
+    tokenizer, model = load_packaged_llm("smollm2-135m-instruct")
     assert model.dtype == torch.float32 and tokenizer.chat_template
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -285,12 +289,7 @@ def test_packaged_chunks_are_joined_and_checked(tmp_path, monkeypatch):
 
 @pytest.mark.real
 def test_real_gemma3_is_a_base_model_that_continues_text():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    require("gemma3-270m")
-    path = packaged.resolve("gemma3-270m")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer, model = load_packaged_llm("gemma3-270m")
     assert model.config.model_type == "gemma3_text" and not tokenizer.chat_template  # prompted in plain text
     inputs = tokenizer("Monday, Tuesday, Wednesday,", return_tensors="pt")
     with torch.no_grad():

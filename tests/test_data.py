@@ -232,6 +232,19 @@ def test_normalize_transcript():
     assert normalize_transcript("MR. QUILTER is the apostle, of the middle classes!") == \
         "mister quilter is the apostle of the middle classes"
     assert normalize_transcript("It's TWENTY-ONE degrees [noise]") == "it is 21 degrees"
+    # other languages: Whisper's basic normaliser, letters and accents kept, numbers as written
+    assert normalize_transcript("¿Dónde está el Niño, Señor?", "es") == "dónde está el niño señor"
+    assert normalize_transcript("Perché? Alle 21 è già notte.", "it") == "perché alle 21 è già notte"
+
+
+def test_common_language_of_lines():
+    from blsp.data import Utterance, common_language, utterance_language
+
+    de = [Utterance(f"d{i}", "a.wav", "Hallo.", {"language": "de"}, "m.jsonl", i + 1) for i in range(2)]
+    en = Utterance("e0", "a.wav", "Hello.", {}, "m.jsonl", 3)
+    assert utterance_language(en) == "en" and common_language(de) == "de" and common_language([en]) == "en"
+    with pytest.raises(BlspError, match="these lines mix languages \\(d0: de, e0: en\\)"):
+        common_language([*de, en])
 
 
 # ----------------------------------------------------------------------------------------------

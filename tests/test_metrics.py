@@ -36,6 +36,15 @@ def test_whisper_normaliser_makes_spelled_numbers_and_contractions_equal():
     assert error_rates(["it's twenty one"], ["it is 21"])["wer"] == 0.0
 
 
+def test_other_languages_are_scored_after_whispers_basic_normaliser():
+    german = error_rates(["Es gibt keinen Grund, Alkohol zu trinken."], ["es gibt keinen grund alkohol zu trinken"],
+                         language="de")
+    assert german["wer"] == 0.0 and "whisper-basic" in german["normaliser"]
+    # accents are letters: "für" is not "fur" (the English normaliser would strip the accent)
+    assert error_rates(["für meine Überzeugungen"], ["fur meine Überzeugungen"], language="de")["wer"] == 1 / 3
+    assert error_rates(["für"], ["fur"])["wer"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # BLEU / chrF
 # ----------------------------------------------------------------------------------------------

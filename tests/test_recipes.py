@@ -175,7 +175,7 @@ def test_a_rebuilt_table_keeps_rows_run_on_another_machine_with_their_machine(tm
     assert "| 2026-11-22, AMD EPYC |" in md and "| **new**: ran here | 30.0" in md
 
 
-@pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long", "voice"])
+@pytest.mark.parametrize("size", ["default", "full", "encoder", "medium", "full-encoder", "long", "voice", "multilingual"])
 def test_every_demo_size_parses_into_the_commands_it_runs(size):
     """A typo in a demo recipe should fail here, not an hour into `make demo SIZE=...`."""
     from blsp.cli import build_parser
@@ -200,7 +200,12 @@ def test_every_demo_size_parses_into_the_commands_it_runs(size):
                                    *demo.round_train_flags(recipe, spec)])
         train_options(again)
     assert set(recipe["eval"]) <= {"tasks", "cascade_limit", "untrained_limit", *demo.GUARD_KEYS,
-                                   *demo.BEHAVIOUR_DEFAULTS, *demo.VOICE_KEYS}
+                                   *demo.BEHAVIOUR_DEFAULTS, *demo.VOICE_KEYS, *demo.CROSSLINGUAL_KEYS}
+    for spec in recipe["eval"].get("crosslingual") or []:  # test-only corpora in a language never trained on
+        from blsp.corpus import load_corpus_spec
+
+        spec = load_corpus_spec(demo.HERE.parent / spec)
+        assert spec.language != "en" and spec.train_sentences == 0
     if recipe["eval"].get("voice_suite"):
         suite = demo.HERE.parent / recipe["eval"]["voice_suite"]
         assert suite.exists() and recipe["continue"].get("voice_questions") and recipe["train"].get("voice_vectors")

@@ -76,7 +76,8 @@ def test_a_good_suite_parses_with_defaults(tmp_path, manifest):
     assert mt.metrics == ("bleu",)
     assert cl.options == ClassificationOptions(label_field="sentiment", labels=("positive", "negative", "neutral"))
     assert co.limit == 2 and rep.rows == ()
-    assert default_instruction(tr) == task_instruction("transcribe")
+    assert default_instruction(tr) == task_instruction("transcribe") == \
+        "Please transcribe the following audio into English text."  # as trained: the default is English
     assert default_instruction(mt) == "Please translate the following audio into German text."
     assert default_instruction(cl, cl.options.labels) == TASK_INSTRUCTIONS["sentiment"]
     # the data: labels as the suite spells them, gold canonicalised, limits applied
@@ -103,8 +104,8 @@ BAD_SUITES = [
      "unknown metric 'bleu' for a transcription task"),
     ("tasks:\n  - type: transcription\n    manifest: data/manifest.jsonl\n    metrics:\n      - cer\n      - acc\n", 6,
      "unknown metric 'acc'"),
-    ("tasks:\n  - type: transcription\n    manifest: data/manifest.jsonl\n    language: German\n", 4,
-     "unknown transcription task setting `language`"),
+    ("tasks:\n  - type: transcription\n    manifest: data/manifest.jsonl\n    target_lang: de\n", 4,
+     "unknown transcription task setting `target_lang`"),
     ("name: x\n\ntasks:\n  - type: translation\n    manifest: data/manifest.jsonl\n", 4, "needs `language:`"),
     ("tasks:\n  - manifest: data/manifest.jsonl\n", 2, "a task needs `type:`"),
     ("tasks:\n  - type: transcription\n", 2, "a task needs `manifest:`"),
@@ -310,3 +311,16 @@ def test_label_keywords_need_a_voice_attribute_and_its_classes(extra, words, tmp
     assert words in err.value.reason, str(err.value)
     ok = load_suite(voice_suite(tmp_path, GENDER + "    labels: [female, male]\n    label_keywords: voice\n"))
     assert ok.tasks[0].options.label_keywords == "voice"
+
+
+def test_the_cascade_transcribes_as_the_model_reads_unless_the_suite_says(tmp_path, manifest):
+    from types import SimpleNamespace
+
+    from blsp.tasks import Runner
+
+    suite = load_suite(write_suite(tmp_path, "asr_language: auto\n" + GOOD))
+    assert suite.asr_language == "auto" and load_suite(write_suite(tmp_path, GOOD)).asr_language is None
+    model = lambda language: SimpleNamespace(config=SimpleNamespace(speech_language=language))  # noqa: E731
+    assert Runner(model("auto")).asr_language == "auto"  # trained with Whisper's language detection
+    assert Runner(model(None)).asr_language == "en"  # the encoder's frames: no language of its own
+    assert Runner(model("en"), asr_language="auto").asr_language == "auto"
