@@ -258,8 +258,11 @@ def _read_text(path: Path) -> str:
 
 
 def _fortunes() -> Iterator[str]:
-    # the fortune files have no extension; beside them lie .dat indexes and .u8 links
-    names = sorted(p.name for p in FORTUNE_DIR.iterdir() if "." not in p.name and p.is_file())
+    # the fortune files have no extension; beside them lie .dat indexes and .u8 links, and links
+    # that other languages' packages put there (fortunes-it links `italia`, `computer`, ... to
+    # it/): English is the regular files only
+    names = sorted(p.name for p in FORTUNE_DIR.iterdir()
+                   if "." not in p.name and p.is_file() and not p.is_symlink())
     for path in (FORTUNE_DIR / n for n in names if n not in FORTUNE_NOT_ENGLISH):
         yield from fortune_candidates(_read_text(path))
 

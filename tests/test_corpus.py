@@ -86,6 +86,20 @@ def test_foreign_fortunes_keep_attributed_sentences_and_italian_accents():
     assert corpus.italian_accents("Dell'anima e' l'arte.") == "Dell'anima \u00e8 l'arte."
 
 
+def test_english_fortunes_leave_out_other_languages_links(tmp_path, monkeypatch):
+    """fortunes-it links its files into the English directory (`italia` -> it/italia): read as
+    English they put Italian sentences in the demo's corpus."""
+    (tmp_path / "it").mkdir()
+    english = "Never trust a computer you cannot lift out of the window.\n%\n"
+    italian = "Non permettete a un vogon di leggervi le sue poesie, mai e poi mai.\n%\n"
+    (tmp_path / "computers").write_text(english)
+    (tmp_path / "it" / "italia").write_text(italian)
+    (tmp_path / "italia").symlink_to(tmp_path / "it" / "italia")
+    monkeypatch.setattr(corpus, "FORTUNE_DIR", tmp_path)
+    assert list(corpus._fortunes()) == ["Never trust a computer you cannot lift out of the window."]
+    assert list(corpus._language_fortunes("it")) == ["Non permettete a un vogon di leggervi le sue poesie, mai e poi mai."]
+
+
 def test_language_specs_check_their_sources_and_may_be_test_only():
     spec = CorpusSpec(train_sentences=0, dev_sentences=0, test_sentences=5, voices=(), test_voices=("espeak:de",),
                       test_seen_voices=0, sources=("fortunes-de",), language="de")
