@@ -38,6 +38,19 @@ def load_language_model(name: str, torch_dtype: torch.dtype = torch.float32) -> 
     return model.eval(), tokenizer
 
 
+def token_embeddings(language_model: PreTrainedModel) -> torch.Tensor:
+    """The vectors the LLM reads for its tokens [vocab, d_llm]: its embedding matrix, times the
+    scale some LLMs apply in the embedding's forward (Gemma: sqrt(hidden size), 25.3 for Gemma 3
+    270M). Everything the LLM reads in a token's place (the token bridge's rows, the CTC head's,
+    the adapter's and voice channel's starting scale) must be on that scale: read off the bare
+    matrix, Gemma got speech vectors 25 times too small (the multilingual demo closed 13% of the
+    gap). The matrix itself, no copy, where the scale is 1 (Llama, SmolLM2, Qwen2)."""
+    embed = language_model.get_input_embeddings()
+    scale = getattr(embed, "embed_scale", None)
+    scale = float(scale) if scale is not None else 1.0
+    return embed.weight if scale == 1.0 else embed.weight.detach() * scale
+
+
 def attention_kernels():
     """Scaled-dot-product attention without cuDNN's kernel (it only exists on a GPU).
 

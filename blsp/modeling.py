@@ -34,7 +34,7 @@ from .errors import BlspError, CheckpointError
 from .fingerprint import weights_fingerprint
 from .fsdp import is_sharded
 from .llm import (PrefixCache, attention_kernels, lm_logits, load_language_model, run_decoder,
-                  set_layer_checkpointing, target_logits)
+                  set_layer_checkpointing, target_logits, token_embeddings)
 from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
                    set_lora_dropout)
 from .processing import SPEECH_TOKEN_ID
@@ -97,7 +97,7 @@ class BlspModel(PreTrainedModel):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.llm_config)
         )
-        embeddings = self.language_model.get_input_embeddings().weight
+        embeddings = token_embeddings(self.language_model)
         self.adapter = build_adapter(config, embeddings.shape[1])
         self.speech_reader: SpeechReader = build_reader(config, embeddings)
         self.voice_channel: VoiceChannel | None = None
@@ -181,7 +181,7 @@ class BlspModel(PreTrainedModel):
     def init_adapter(self, seed: int = 0) -> None:
         """Seeded adapter init whose output starts at the scale of the LLM's token embeddings;
         beside the token bridge the adapter is a correction: it starts at nothing."""
-        emb_std = self.language_model.get_input_embeddings().weight.float().std().item()
+        emb_std = token_embeddings(self.language_model).float().std().item()
         init_adapter(self.adapter, seed, 0.0 if self.reads_token_bridge else emb_std)
         if self.voice_channel is not None:
             init_voice_channel(self.voice_channel, seed, emb_std)
@@ -198,13 +198,13 @@ class BlspModel(PreTrainedModel):
         check_speech_vectors(speech_vectors, "ctc")
         self.config.speech_compression, self.config.ctc_vocab = "ctc", [int(t) for t in vocab]
         self.config.speech_vectors = speech_vectors
-        self.speech_reader = build_reader(self.config, self.language_model.get_input_embeddings().weight)
+        self.speech_reader = build_reader(self.config, token_embeddings(self.language_model))
 
     def build_token_bridge(self, whisper_tokenizer: Any, strict: bool = True) -> None:
         """The bridge from Whisper's decoder states to the LLM's token embeddings, from Whisper's
         tokenizer and the LLM's (attach_processor first)."""
         self.speech_reader.build(whisper_tokenizer, self.processor.tokenizer,
-                                 self.language_model.get_input_embeddings().weight, strict)
+                                 token_embeddings(self.language_model), strict)
 
     def enable_lora(self, settings: LoraSettings) -> None:
         """LoRA on the LLM (blsp.lora): trainable beside the adapter, saved in its checkpoint."""
@@ -348,7 +348,7 @@ class BlspModel(PreTrainedModel):
         model.init_adapter(seed)
         model.attach_processor(tokenizer)
         if model.voice_channel is not None and model.voice_channel.attributes:
-            init_class_vectors(model.voice_channel, tokenizer, model.language_model.get_input_embeddings().weight)
+            init_class_vectors(model.voice_channel, tokenizer, token_embeddings(model.language_model))
         if model.reads_token_bridge:
             model.build_token_bridge(whisper_tokenizer)
         return model

@@ -40,6 +40,7 @@ from .io import file_sha256
 from .adapters import build_adapter
 from .config import BlspConfig
 from .modeling import ADAPTER_WEIGHTS, BlspModel
+from .llm import token_embeddings
 from .processing import SPEECH_TOKEN_ID
 from .readers import build_reader
 from .processing import Example
@@ -189,7 +190,7 @@ def swapped_adapter(model: BlspModel, path: str | Path) -> Iterator[dict]:
     path = Path(path)
     cfg = BlspConfig.from_pretrained(path)
     check_same_backbones(model, cfg, path)
-    embeddings = model.language_model.get_input_embeddings().weight
+    embeddings = token_embeddings(model.language_model)
     adapter = build_adapter(cfg, embeddings.shape[1])
     reader = build_reader(cfg, embeddings)
     if model.token_bridge is not None:  # no weights of its own: the same speech states read the same way

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .data import Utterance, normalize_transcript
 from .features import FeatureCache
+from .llm import token_embeddings
 from .options import WARM_STARTS
 from .readers.ctc import EmbeddingCTCHead
 from .vocabulary import Speller, ctc_vocabulary
@@ -196,7 +197,7 @@ def ctc_warm_start(model, utterances: Sequence[Utterance], cache: FeatureCache, 
     head = model.ctc_head
     if head is None:
         vocab = ctc_vocabulary(tokens, model.processor.tokenizer, options.vocab_min_count)
-        head = EmbeddingCTCHead(model.language_model.get_input_embeddings().weight, vocab).to(device)
+        head = EmbeddingCTCHead(token_embeddings(model.language_model), vocab).to(device)
     targets = ctc_targets(head, model.processor.tokenizer, tokens)
     frames = tuple(cache.frames(u.audio) for u in utterances)  # from the cached files' headers
     too_short = count_too_short(model, frames, targets)

@@ -99,3 +99,22 @@ def test_llm_checkpointing_gives_the_same_loss_and_gradients_and_recomputes(tiny
     for g, ref in zip(grads_ckpt, grads):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_token_embeddings_are_what_the_llm_reads_for_its_tokens():
+    """Gemma scales its embeddings in the forward (sqrt(hidden)): the bridge's rows and the speech
+    vectors' scale must be the scaled ones; a Llama's are its matrix itself, not a copy."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from blsp.llm import token_embeddings
+
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    ids = torch.tensor([[3, 7, 11]])
+    read = gemma.get_input_embeddings()(ids)[0]
+    assert torch.allclose(token_embeddings(gemma)[ids[0]], read)
+    assert torch.allclose(read, gemma.get_input_embeddings().weight[ids[0]] * 32 ** 0.5)  # not the bare matrix
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert token_embeddings(llama) is llama.get_input_embeddings().weight
