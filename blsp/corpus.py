@@ -725,9 +725,11 @@ def _espeak_data_copy() -> Path:
 
 
 def _run(cmd: list[str], voice: Voice, text: str) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # bytes: festival writes its warnings about accented letters in Latin-1, not UTF-8
+    done = subprocess.run(cmd, capture_output=True, check=False)
     if done.returncode != 0:
-        raise BlspError(f"{voice.name} failed on {text!r}: {done.stderr.strip() or done.returncode}")
+        message = done.stderr.decode("utf-8", errors="replace").strip()
+        raise BlspError(f"{voice.name} failed on {text!r}: {message or done.returncode}")
 
 
 @lru_cache(maxsize=None)
@@ -752,9 +754,10 @@ def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> 
         if stretch != 1.0 and voice.model.endswith("_hts"):  # measured: the clip's length does not change
             raise BlspError(f"voice {voice.name!r}: festival's HTS voices ignore the speaking rate; "
                             "use a diphone voice, or duration_stretch 1.0")
-        # the text goes through a file: on the command line festival would read it as Scheme
+        # the text goes through a file: on the command line festival would read it as Scheme; in
+        # Latin-1, the encoding festival's voices read (its Italian lexicon's è, ù), not UTF-8
         text_file = wav + ".txt"
-        atomic_write_text(Path(text_file), text)
+        Path(text_file).write_bytes(text.encode("latin-1", errors="replace"))
         try:
             _run(["text2wave", "-eval", f"(voice_{voice.model})", "-eval", f"(Parameter.set 'Duration_Stretch {stretch})",
                   "-o", wav, text_file], voice, text)
