@@ -516,7 +516,7 @@ class Voice:
 
     @property
     def whispered_by_blsp(self) -> bool:
-        """`+whispered`: the variant made to whisper (espeak_voice_argument)."""
+        """`+whispered`: the variant made to whisper (espeak_voice_arguments)."""
         return self.engine == "espeak" and self.model.endswith(WHISPERED)
 
     @property
@@ -683,17 +683,25 @@ def espeak_voice_arguments(voice: Voice) -> list[str]:
     only, by a short name."""
     if not voice.whispered_by_blsp:
         return ["-v", voice.model]
-    name = f"{voice.variant or 'default'}_whispered"
-    with _VARIANT_LOCK:
-        root = _espeak_data_copy()
-        path = root / "espeak-ng-data" / "voices" / "!v" / name
-        text = whispered_variant(voice.variant)
-        if not path.is_file() or path.read_text() != text:
-            atomic_write_text(path, text)
+    with _VARIANT_LOCK:  # the clips of a corpus are made on several threads; the file once
+        root, name = _whispered_variant_file(voice.variant)
     return ["--path", str(root), "-v", f"{voice.model.partition('+')[0]}+{name}"]
 
 
 _VARIANT_LOCK = Lock()
+
+
+@lru_cache(maxsize=None)
+def _whispered_variant_file(variant: str | None) -> tuple[Path, str]:
+    """The `--path` directory holding the whispered variant, and its name; written (when not as it
+    should be) once per process, not once per clip."""
+    root = _espeak_data_copy()
+    name = f"{variant or 'default'}_whispered"
+    path = root / "espeak-ng-data" / "voices" / "!v" / name
+    text = whispered_variant(variant)
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return root, name
 
 
 def _espeak_data_copy() -> Path:

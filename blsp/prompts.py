@@ -29,7 +29,6 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 
-
 @dataclass(frozen=True)
 class PlainTextFormat:
     """How a prompt is written for an LLM that ships no chat template (a base model, such as

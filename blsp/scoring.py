@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import (Utterance, common_language, is_copy_continuation, load_utterance_audio, normalize_transcript, prompt_transcript,
-                   utterance_language)
+from .data import (Utterance, common_language, is_copy_continuation, load_utterance_audio, normalize_transcript,
+                   prompt_transcript, utterance_language)
 from .errors import BlspError
 from .features import FeatureCache, encode_waveforms
 from .inference import decoding_record
@@ -336,7 +336,8 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
     `blsp.inference.repetition_guard`'s), recorded in the report.
     """
     refs = [u.text for u in utterances]
-    report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": normaliser_name(common_language(utterances)),
+    spoken = common_language(utterances)  # the references' language: which normaliser scores them
+    report: dict[str, Any] = {"n_utterances": len(utterances), "normaliser": normaliser_name(spoken),
                               "instruction": task_instruction("transcribe"),
                               "decoding": decoding_record(generate_kwargs or {})}
     rows = [{"id": u.id, "reference": u.text} for u in utterances]
@@ -351,7 +352,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
         hyps = speech_generate(model, utterances, task_instruction("transcribe"),
                                _features(model, utterances, feature_cache), batch_size=batch_size,
                                max_new_tokens=limit, desc="eval: transcribe", generate_kwargs=generate_kwargs)
-        scores = error_rates(refs, hyps, language=common_language(utterances))
+        scores = error_rates(refs, hyps, language=spoken)
         for row, h, s in zip(rows, hyps, scores.pop("per_utterance")):
             row.update(blsp=h, blsp_wer=s["wer"], blsp_cer=s["cer"])
         report["blsp"] = scores
@@ -363,7 +364,7 @@ def transcription_report(model: BlspModel, utterances: Sequence[Utterance], whis
             whisper = load_cascade_asr(name)
             whisper[0].to(model.language_model.device)
         hyps = whisper_transcripts(whisper, utterances, batch_size=batch_size, language=language)
-        scores = error_rates(refs, hyps, language=common_language(utterances))
+        scores = error_rates(refs, hyps, language=spoken)
         for row, h, s in zip(rows, hyps, scores.pop("per_utterance")):
             row.update(cascade=h, cascade_wer=s["wer"], cascade_cer=s["cer"])
         report["cascade"] = {**scores, "asr": name or "given"}

@@ -247,9 +247,14 @@ def evaluate_behaviour(out: Path, adapter: str, test: Path, ev: dict, timings: d
         tasks(f"{UNSEEN_SET}, {condition}", f"degraded/{condition}.jsonl", True)
     if ev.get("real_sources"):
         tasks(REAL_SET, "../real/real.jsonl", False, ev.get("real_limit"))
-    atomic_write_text(sets / "suite.yaml", yaml.safe_dump(suite, sort_keys=False))
-    run("evaluation (behaviour)", ["eval", "--model", adapter, "--suite", str(sets / "suite.yaml"),
-                                   "--output-dir", str(out / EVALS["behaviour"])], timings)
+    run_suite("behaviour", suite, sets / "suite.yaml", adapter, out, timings)
+
+
+def run_suite(key: str, suite: dict, path: Path, adapter: str, out: Path, timings: dict) -> None:
+    """Write `suite` to `path` and evaluate the adapter on it into OUT/EVALS[key]."""
+    atomic_write_text(path, yaml.safe_dump(suite, sort_keys=False))
+    run(f"evaluation ({key})", ["eval", "--model", adapter, "--suite", str(path),
+                                "--output-dir", str(out / EVALS[key])], timings)
 
 
 VOICE_KEYS = ("voice_suite", "voice_limit")  # a recipe's eval keys for the voice suite
@@ -288,9 +293,7 @@ def evaluate_crosslingual(out: Path, adapter: str, ev: dict, timings: dict) -> N
             {"name": f"{name}: behaviour", "type": "behaviour",
              "instructions": os.path.relpath(CROSSLINGUAL_INSTRUCTIONS, sets), **common},
             {"name": f"{name}: transcription", "type": "transcription", "language": name, **common}]
-    atomic_write_text(sets / "crosslingual.yaml", yaml.safe_dump(suite, sort_keys=False))
-    run("evaluation (cross-lingual)", ["eval", "--model", adapter, "--suite", str(sets / "crosslingual.yaml"),
-                                       "--output-dir", str(out / EVALS["crosslingual"])], timings)
+    run_suite("crosslingual", suite, sets / "crosslingual.yaml", adapter, out, timings)
 
 
 def evaluate_voice(out: Path, adapter: str, test: Path, ev: dict, timings: dict) -> None:
@@ -305,9 +308,7 @@ def evaluate_voice(out: Path, adapter: str, test: Path, ev: dict, timings: dict)
         task["manifest"] = os.path.relpath(test, sets)
         if ev.get("voice_limit"):
             task["limit"] = ev["voice_limit"]
-    atomic_write_text(sets / "voice.yaml", yaml.safe_dump(suite, sort_keys=False))
-    run("evaluation (voice)", ["eval", "--model", adapter, "--suite", str(sets / "voice.yaml"),
-                               "--output-dir", str(out / EVALS["voice"])], timings)
+    run_suite("voice", suite, sets / "voice.yaml", adapter, out, timings)
 
 
 def format_voice(voice: dict) -> list[str]:

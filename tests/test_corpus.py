@@ -467,6 +467,7 @@ def test_whispered_espeak_variant_is_spoken(tmp_path, monkeypatch):
     from blsp import packaged
 
     monkeypatch.setattr(packaged, "CACHE_DIR", tmp_path / "cache")
+    corpus._whispered_variant_file.cache_clear()  # written once per process: into this test's cache
     waves = {}
     for name in ("espeak:en-us+f2", "espeak:en-us+f2+whispered", "espeak:en-us"):
         voice = corpus.Voice.parse(name)
