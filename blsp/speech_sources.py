@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder, Whisper
 
 from .errors import BlspError, SpeechStatesError
 from .voice_channel import has_voice_channel, prepend_voice_rows, voice_statistics
-from .whisper import encoder_output_lengths, greedy_decode, run_whisper_encoder, run_whisper_top
+from .whisper import (LOOP_COMPRESSION_RATIO, compression_ratio, encoder_output_lengths, greedy_decode, mean_logprob,
+                      run_whisper_encoder, run_whisper_top)
 
 MEL_FRAMES_PER_SECOND = 100
 
@@ -42,6 +43,14 @@ WHISPER_WINDOW_FRAMES = 3000  # log-mel frames in Whisper's 30 s window
 # 10 a second of speech (English runs at ~4), so that a clip Whisper loops on stops early.
 DECODER_MAX_TOKENS = 224
 DECODER_TOKENS_PER_SECOND = 10
+# A clip Whisper decodes badly in its short window (the transcript repeats itself, or Whisper is
+# unsure of it) is decoded again in the full 30 s window, as the cascade reads it: openai/whisper's
+# fallback tests (transcribe's compression ratio and mean log-probability), with the window widened
+# instead of the temperature raised. Real voices need it, TTS rarely: on 81 real human clips (`blsp
+# data real`) the short window gave 32.2% WER (loops), the full one 10.6%, this 11.5% (15 clips
+# decoded again); on the demo's 32 held-out TTS clips it decoded one again, at the short window's
+# 4.7-9.3% WER. openai/whisper's own -1.0 decoded 7 of the 81 again, for 12.8%.
+UNSURE_LOGPROB = -0.5
 
 
 class SpeechSource(nn.Module):
@@ -171,7 +180,8 @@ class DecoderStates(SpeechSource):
     def feature_key(config) -> str | None:
         """The encoder's and decoder's fingerprints and how it decodes (prompt, window rule)."""
         how = [config.decoder_ids, "window per clip, text-token states", DECODER_CONTEXT, DECODER_MIN_FRAMES,
-               DECODER_MAX_TOKENS, DECODER_TOKENS_PER_SECOND]
+               DECODER_MAX_TOKENS, DECODER_TOKENS_PER_SECOND, "full window when unsure", LOOP_COMPRESSION_RATIO,
+               UNSURE_LOGPROB]
         decoding = hashlib.sha1(json.dumps(how, sort_keys=True).encode()).hexdigest()[:8]
         return f"{config.encoder_fingerprint}-decoder-{config.decoder_fingerprint}-{decoding}"
 
@@ -181,34 +191,49 @@ class DecoderStates(SpeechSource):
     @torch.no_grad()
     def encode_words(self, mel: torch.Tensor, mel_lengths: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        weight = self.output_weight
         lengths = [int(n) for n in mel_lengths.tolist()]
         widths = [decoder_window(n) for n in lengths]
         # Clips of one window width go together (the decoder attends to the whole window, so a
         # clip's states must not depend on what it was batched with).
-        parts: dict[int, torch.Tensor] = {}
-        voice: dict[int, torch.Tensor] = {}
-        steps = torch.zeros(len(lengths), dtype=torch.long, device=mel.device)
+        decoded: dict[int, _Decoded] = {}
         for width in sorted(set(widths)):
-            rows = [i for i, w in enumerate(widths) if w == width]
-            index = torch.tensor(rows, device=mel.device)
-            windows = with_silence(mel[index], mel_lengths[index], width)
-            taps = self.voice_taps()
-            encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width), taps=taps)
-            limits = torch.tensor([decoder_token_limit(lengths[i]) for i in rows], device=mel.device)
-            tokens, states, _ = greedy_decode(self.decoder, weight, encoded, self.config.decoder_ids, limits)
-            # the states that chose the text's tokens; a clip heard as silence: the one that chose to end
-            n = [max(len(t), 1) for t in tokens]
-            parts.update({i: states[k, : n[k]] for k, i in enumerate(rows)})
-            steps[index] = torch.tensor(n, device=mel.device)
-            said = torch.tensor([len(t) for t in tokens], device=mel.device)
-            stats = self.voice_statistics(taps, mel_lengths[index], said)
-            if stats is not None:
-                voice.update({i: stats[k] for k, i in enumerate(rows)})
-        out = mel.new_zeros(len(lengths), int(steps.max()), weight.shape[1])
-        for i, states in parts.items():
-            out[i, : states.shape[0]] = states
-        return out, steps, (torch.stack([voice[i] for i in range(len(lengths))]) if voice else None)
+            decoded.update(self._decode(mel, mel_lengths, [i for i, w in enumerate(widths) if w == width], width))
+        again = [i for i, d in decoded.items() if d.unsure and widths[i] < WHISPER_WINDOW_FRAMES]
+        if again:
+            decoded.update(self._decode(mel, mel_lengths, again, WHISPER_WINDOW_FRAMES))
+        steps = torch.tensor([decoded[i].states.shape[0] for i in range(len(lengths))], device=mel.device)
+        out = mel.new_zeros(len(lengths), int(steps.max()), self.output_weight.shape[1])
+        for i, d in decoded.items():
+            out[i, : d.states.shape[0]] = d.states
+        voice = [decoded[i].voice for i in range(len(lengths))]
+        return out, steps, (torch.stack(voice) if voice[0] is not None else None)
+
+    def _decode(self, mel: torch.Tensor, mel_lengths: torch.Tensor, rows: list[int], width: int
+                ) -> dict[int, _Decoded]:
+        """Greedy decoding of the clips `rows` of the batch, each in a window of `width` frames."""
+        weight, ids = self.output_weight, self.config.decoder_ids
+        index = torch.tensor(rows, device=mel.device)
+        windows = with_silence(mel[index], mel_lengths[index], width)
+        taps = self.voice_taps()
+        encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width), taps=taps)
+        limits = torch.tensor([decoder_token_limit(int(mel_lengths[i])) for i in rows], device=mel.device)
+        tokens, states, steps = greedy_decode(self.decoder, weight, encoded, ids, limits)
+        sure = mean_logprob(states, weight, tokens, steps, ids)
+        said = torch.tensor([len(t) for t in tokens], device=mel.device)
+        stats = self.voice_statistics(taps, mel_lengths[index], said)
+        # the states that chose the text's tokens; a clip heard as silence: the one that chose to end
+        return {i: _Decoded(states[k, : max(len(tokens[k]), 1)], None if stats is None else stats[k],
+                            compression_ratio(tokens[k]) > LOOP_COMPRESSION_RATIO or float(sure[k]) < UNSURE_LOGPROB)
+                for k, i in enumerate(rows)}
+
+
+class _Decoded(NamedTuple):
+    """One clip's decoding: its states, its voice statistics (or None), and whether Whisper looped
+    or was unsure of it (then it is decoded again in the full window)."""
+
+    states: torch.Tensor
+    voice: torch.Tensor | None
+    unsure: bool
 
 
 SPEECH_SOURCES: dict[str, type[SpeechSource]] = {"encoder": EncoderFrames, "decoder": DecoderStates}

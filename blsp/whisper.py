@@ -10,6 +10,7 @@ speech source reads; a short explicit loop (forced prefix, token suppression, KV
 from __future__ import annotations
 
 import inspect
+import zlib
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,14 @@ def _cache_of(out):
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
+def never_emitted(output_weight: torch.Tensor, ids: dict) -> torch.Tensor:
+    """[vocab] bool: the tokens greedy decoding never emits (special tokens, Whisper's suppressed symbols)."""
+    never = torch.zeros(output_weight.shape[0], dtype=torch.bool, device=output_weight.device)
+    never[ids["first_special"]:] = True
+    never[ids["suppress"]] = True
+    return never
+
+
 @torch.inference_mode()
 def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, ids: dict,
                   max_new_tokens: int | torch.Tensor) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
@@ -190,9 +199,7 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     prefix's first token, and goes in right after it.
     """
     eot = ids["eot"]
-    never = torch.zeros(output_weight.shape[0], dtype=torch.bool, device=encoded.device)
-    never[ids["first_special"]:] = True
-    never[ids["suppress"]] = True
+    never = never_emitted(output_weight, ids)
     batch = encoded.shape[0]
     languages = ids.get("languages") or []
     room = decoder.config.max_target_positions - len(ids["prompt"]) - bool(languages)
@@ -231,6 +238,37 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     tokens = [row[: row.index(eot)] if eot in row else row for row in rows]
     hidden = torch.stack(states, dim=1) if states else encoded.new_zeros(batch, 0, encoded.shape[-1])
     return tokens, hidden, steps
+
+
+# openai/whisper's test for a decoding that repeats itself (transcribe's compression_ratio_threshold)
+LOOP_COMPRESSION_RATIO = 2.4
+
+
+def compression_ratio(tokens: list[int]) -> float:
+    """How well zlib compresses a transcript's token ids written out in decimal: above
+    `LOOP_COMPRESSION_RATIO` it repeats itself. openai/whisper compresses the text; the ids keep
+    its repetitions (on 97 clips of real and TTS speech the two flagged the same clips)."""
+    written = " ".join(map(str, tokens)).encode()
+    return len(written) / len(zlib.compress(written)) if written else 0.0
+
+
+@torch.no_grad()
+def mean_logprob(states: torch.Tensor, output_weight: torch.Tensor, tokens: list[list[int]],
+                 steps: torch.Tensor, ids: dict) -> torch.Tensor:
+    """[B]: each row's mean log-probability of what greedy decoding chose (its text tokens, then
+    end-of-text where it ended), from the states that chose them (`greedy_decode`'s outputs);
+    openai/whisper's avg_logprob, how sure Whisper is of its transcript."""
+    logits = (states @ output_weight.T).float()
+    logits[..., never_emitted(output_weight, ids)] = -torch.inf
+    if logits.shape[1]:
+        logits[:, 0, ids["begin_suppress"]] = -torch.inf
+    logprobs = logits.log_softmax(-1)
+    out = torch.zeros(len(tokens))
+    for row, chosen in enumerate(tokens):
+        n = int(steps[row])
+        picked = torch.tensor((chosen + [ids["eot"]])[:n], device=logprobs.device)
+        out[row] = logprobs[row, torch.arange(n, device=logprobs.device), picked].mean() if n else 0.0
+    return out
 
 
 def _transcribe_batch(model, tokenizer, features, audio: list[np.ndarray], language: str,

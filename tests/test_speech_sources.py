@@ -117,17 +117,49 @@ def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_b
         assert int(n[0]) == int(steps[row])
         torch.testing.assert_close(alone[0, : n[0]], states[row, : steps[row]], atol=1e-5, rtol=1e-5)
     # the states are those of Whisper's greedy decoding of the clip in its window
-    from blsp.speech_sources import decoder_token_limit, decoder_window, with_silence
-    from blsp.whisper import run_whisper_encoder
+    from blsp.speech_sources import decoder_window
 
-    width = decoder_window(int(lengths[1]))
-    encoded, _ = run_whisper_encoder(decoder_model.audio_tower, with_silence(mel[1:2], lengths[1:2], width),
-                                     torch.tensor([width]))
-    tokens, expected, _ = greedy_decode(decoder_model.speech_decoder, decoder_model.speech_decoder.embed_tokens.weight,
-                                        encoded, decoder_model.config.decoder_ids, decoder_token_limit(int(lengths[1])))
-    kept = max(len(tokens[0]), 1)  # the states that chose its text tokens, not the one that chose to end
+    expected, kept = decoded_alone(decoder_model, mel[1:2], lengths[1:2], decoder_window(int(lengths[1])))
+    if expected is None:  # the tiny Whisper was unsure of it there: decoded again in the full window
+        expected, kept = decoded_alone(decoder_model, mel[1:2], lengths[1:2], 3000)
     assert int(steps[1]) == kept
     torch.testing.assert_close(states[1, :kept], expected[0, :kept], atol=1e-5, rtol=1e-5)
+
+
+def decoded_alone(model, mel, lengths, width, unsure_below: float | None = None):
+    """(states, how many the source keeps) of Whisper's greedy decoding of one clip in a window of
+    `width` frames; (None, 0) where the source would find it unsure and decode it again."""
+    from blsp import speech_sources as ss
+    from blsp.whisper import compression_ratio, greedy_decode, mean_logprob, run_whisper_encoder
+
+    weight, ids = model.speech_decoder.embed_tokens.weight, model.config.decoder_ids
+    encoded, _ = run_whisper_encoder(model.audio_tower, ss.with_silence(mel, lengths, width), torch.tensor([width]))
+    tokens, states, steps = greedy_decode(model.speech_decoder, weight, encoded, ids,
+                                          ss.decoder_token_limit(int(lengths[0])))
+    threshold = ss.UNSURE_LOGPROB if unsure_below is None else unsure_below
+    unsure = (compression_ratio(tokens[0]) > ss.LOOP_COMPRESSION_RATIO
+              or float(mean_logprob(states, weight, tokens, steps, ids)[0]) < threshold)
+    if unsure and width < ss.WHISPER_WINDOW_FRAMES:
+        return None, 0
+    return states, max(len(tokens[0]), 1)  # the states that chose its text tokens, not the one that chose to end
+
+
+@pytest.mark.parametrize("unsure_below", [0.0, -float("inf")])
+def test_a_clip_whisper_is_unsure_of_is_decoded_again_in_the_full_window(decoder_model, monkeypatch, unsure_below):
+    """Every clip unsure (threshold 0): the states are the full 30 s window's; none: the short window's."""
+    from blsp import speech_sources as ss
+
+    monkeypatch.setattr(ss, "UNSURE_LOGPROB", unsure_below)
+    monkeypatch.setattr(ss, "LOOP_COMPRESSION_RATIO", float("inf"))
+    mel, lengths = mels([0.5, 3.2])
+    states, steps = decoder_model.encode_mel(mel, lengths)
+    for row in range(2):
+        width = ss.decoder_window(int(lengths[row])) if unsure_below == -float("inf") else ss.WHISPER_WINDOW_FRAMES
+        assert width < ss.WHISPER_WINDOW_FRAMES or unsure_below == 0.0
+        expected, kept = decoded_alone(decoder_model, mel[row:row + 1, :, : lengths[row]], lengths[row:row + 1],
+                                       width, unsure_below)
+        assert int(steps[row]) == kept
+        torch.testing.assert_close(states[row, :kept], expected[0, :kept], atol=1e-5, rtol=1e-5)
 
 
 def continuation_batch(model, seconds: list[float]) -> tuple[dict, torch.Tensor, torch.Tensor]:

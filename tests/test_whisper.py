@@ -101,3 +101,34 @@ def test_with_languages_each_row_gets_whispers_likeliest_language_after_the_firs
 def test_auto_language_on_an_english_only_whisper_has_nothing_to_detect(tiny_whisper_dir):
     model, tokenizer = _whisper(tiny_whisper_dir)
     assert decoding_ids(model, tokenizer, "auto") == {**decoding_ids(model, tokenizer, "en"), "languages": []}
+
+
+def test_a_transcript_that_repeats_itself_compresses_past_whispers_loop_threshold():
+    from blsp.whisper import LOOP_COMPRESSION_RATIO, compression_ratio
+
+    varied = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 314, 1101]
+    assert compression_ratio(varied) < LOOP_COMPRESSION_RATIO
+    assert compression_ratio([20, 642, 642] * 20) > LOOP_COMPRESSION_RATIO
+    assert compression_ratio([]) == 0.0
+
+
+def test_mean_logprob_is_the_mean_log_softmax_of_each_chosen_token_end_of_text_included(tiny_whisper_dir):
+    from blsp.whisper import mean_logprob
+
+    model, tokenizer = _whisper(tiny_whisper_dir)
+    ids = decoding_ids(model, tokenizer, "en")
+    torch.manual_seed(1)
+    encoded = torch.randn(2, 12, model.config.d_model)
+    weight = model.proj_out.weight.detach()
+    tokens, states, steps = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=torch.tensor([3, 8]))
+    got = mean_logprob(states, weight, tokens, steps, ids)
+    for row in range(2):
+        n = int(steps[row])
+        logits = states[row, :n] @ weight.T
+        logits[:, ids["first_special"]:] = -torch.inf
+        logits[:, ids["suppress"]] = -torch.inf
+        logits[0, ids["begin_suppress"]] = -torch.inf
+        chosen = (tokens[row] + [ids["eot"]])[:n]
+        expected = torch.stack([logits[k].log_softmax(-1)[t] for k, t in enumerate(chosen)]).mean()
+        assert float(got[row]) == pytest.approx(float(expected), abs=1e-5)
+        assert float(got[row]) <= 0.0
