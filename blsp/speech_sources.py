@@ -26,8 +26,8 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder, Whisper
 
 from .errors import BlspError, SpeechStatesError
 from .voice_channel import has_voice_channel, prepend_voice_rows, voice_statistics
-from .whisper import (LOOP_COMPRESSION_RATIO, compression_ratio, encoder_output_lengths, greedy_decode, mean_logprob,
-                      run_whisper_encoder, run_whisper_top)
+from .whisper import (LOOP_COMPRESSION_RATIO, compression_ratio, encoder_output_lengths, greedy_decode, run_whisper_encoder,
+                      run_whisper_top)
 
 MEL_FRAMES_PER_SECOND = 100
 
@@ -217,8 +217,7 @@ class DecoderStates(SpeechSource):
         taps = self.voice_taps()
         encoded, _ = run_whisper_encoder(self.audio_tower, windows, torch.full_like(index, width), taps=taps)
         limits = torch.tensor([decoder_token_limit(int(mel_lengths[i])) for i in rows], device=mel.device)
-        tokens, states, steps = greedy_decode(self.decoder, weight, encoded, ids, limits)
-        sure = mean_logprob(states, weight, tokens, steps, ids)
+        tokens, states, _, sure = greedy_decode(self.decoder, weight, encoded, ids, limits)
         said = torch.tensor([len(t) for t in tokens], device=mel.device)
         stats = self.voice_statistics(taps, mel_lengths[index], said)
         # the states that chose the text's tokens; a clip heard as silence: the one that chose to end

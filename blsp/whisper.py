@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -185,16 +185,25 @@ def never_emitted(output_weight: torch.Tensor, ids: dict) -> torch.Tensor:
     return never
 
 
+class GreedyDecoding(NamedTuple):
+    """What `greedy_decode` gives for a batch."""
+
+    tokens: list[list[int]]  # each row's text tokens, end-of-text excluded
+    states: torch.Tensor  # [B, S, d]: the decoder's final hidden state at every step
+    steps: torch.Tensor  # [B]: each row's steps, the one that chose end-of-text included
+    # [B]: each row's mean log-probability of what it chose over its steps (end-of-text included):
+    # openai/whisper's avg_logprob, how sure Whisper is of its transcript
+    mean_logprob: torch.Tensor
+
+
 @torch.inference_mode()
 def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, ids: dict,
-                  max_new_tokens: int | torch.Tensor) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+                  max_new_tokens: int | torch.Tensor) -> GreedyDecoding:
     """Greedy decoding of a batch of encoder outputs `encoded` [B, T, d] by Whisper's `decoder`
     (a WhisperDecoder; `output_weight` its tied output projection, [vocab, d]); `max_new_tokens`
     one limit for all rows or each row's own ([B]), so that a row's result never depends on its batch.
 
-    Returns (each row's text tokens, end-of-text excluded; the decoder's final hidden state at
-    every step [B, S, d]; each row's number of steps, the one that chose end-of-text included).
-    Step k's state is the one that chose token k (the first from the forced prefix's last token).
+    Returns a `GreedyDecoding`. Step k's state is the one that chose token k (the first from the forced prefix's last token).
     With `ids["languages"]`, each row's language token is Whisper's likeliest of them after the
     prefix's first token, and goes in right after it.
     """
@@ -216,6 +225,7 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
         inputs = torch.cat([candidates[scores.argmax(-1)][:, None], inputs[:, 1:]], dim=1)
     done = torch.zeros(batch, dtype=torch.bool, device=encoded.device)
     steps = torch.zeros(batch, dtype=torch.long, device=encoded.device)
+    sum_logprob = torch.zeros(batch, device=encoded.device)
     generated, states = [], []
     for step in range(int(limits.max())):
         out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True, **{cache_kw: cache})
@@ -226,6 +236,8 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
         if step == 0:
             logits[:, ids["begin_suppress"]] = -torch.inf
         token = logits.argmax(-1).masked_fill(done, eot)
+        chosen = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+        sum_logprob += chosen.masked_fill(done, 0.0)
         steps += ~done
         generated.append(token)
         states.append(hidden)
@@ -237,7 +249,7 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
     tokens = [row[: row.index(eot)] if eot in row else row for row in rows]
     hidden = torch.stack(states, dim=1) if states else encoded.new_zeros(batch, 0, encoded.shape[-1])
-    return tokens, hidden, steps
+    return GreedyDecoding(tokens, hidden, steps, sum_logprob / steps.clamp(min=1))
 
 
 # openai/whisper's test for a decoding that repeats itself (transcribe's compression_ratio_threshold)
@@ -252,33 +264,14 @@ def compression_ratio(tokens: list[int]) -> float:
     return len(written) / len(zlib.compress(written)) if written else 0.0
 
 
-@torch.no_grad()
-def mean_logprob(states: torch.Tensor, output_weight: torch.Tensor, tokens: list[list[int]],
-                 steps: torch.Tensor, ids: dict) -> torch.Tensor:
-    """[B]: each row's mean log-probability of what greedy decoding chose (its text tokens, then
-    end-of-text where it ended), from the states that chose them (`greedy_decode`'s outputs);
-    openai/whisper's avg_logprob, how sure Whisper is of its transcript."""
-    logits = (states @ output_weight.T).float()
-    logits[..., never_emitted(output_weight, ids)] = -torch.inf
-    if logits.shape[1]:
-        logits[:, 0, ids["begin_suppress"]] = -torch.inf
-    logprobs = logits.log_softmax(-1)
-    out = torch.zeros(len(tokens))
-    for row, chosen in enumerate(tokens):
-        n = int(steps[row])
-        picked = torch.tensor((chosen + [ids["eot"]])[:n], device=logprobs.device)
-        out[row] = logprobs[row, torch.arange(n, device=logprobs.device), picked].mean() if n else 0.0
-    return out
-
-
 def _transcribe_batch(model, tokenizer, features, audio: list[np.ndarray], language: str,
                       max_new_tokens: int) -> list[str]:
     # Whisper was trained on 30 s windows: unpadded input makes it loop, so pad to the window.
     mel = features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode():
         encoded = model.get_encoder()(mel.to(model.device, model.dtype)).last_hidden_state
-    tokens, _, _ = greedy_decode(model.get_decoder(), model.proj_out.weight, encoded,
-                                 decoding_ids(model, tokenizer, language), max_new_tokens)
+    tokens = greedy_decode(model.get_decoder(), model.proj_out.weight, encoded,
+                           decoding_ids(model, tokenizer, language), max_new_tokens).tokens
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
 
 

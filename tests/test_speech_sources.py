@@ -105,8 +105,6 @@ def mels(seconds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_a_decoder_states_model_reads_one_state_per_decoding_step_whatever_its_batch(decoder_model):
-    from blsp.whisper import greedy_decode
-
     assert decoder_model.speech_decoder is not None and decoder_model.config.speech_states == "decoder"
     assert "decoder" in decoder_model.config.feature_key
     mel, lengths = mels([0.5, 3.2, 1.0])
@@ -130,15 +128,15 @@ def decoded_alone(model, mel, lengths, width, unsure_below: float | None = None)
     """(states, how many the source keeps) of Whisper's greedy decoding of one clip in a window of
     `width` frames; (None, 0) where the source would find it unsure and decode it again."""
     from blsp import speech_sources as ss
-    from blsp.whisper import compression_ratio, greedy_decode, mean_logprob, run_whisper_encoder
+    from blsp.whisper import compression_ratio, greedy_decode, run_whisper_encoder
 
     weight, ids = model.speech_decoder.embed_tokens.weight, model.config.decoder_ids
     encoded, _ = run_whisper_encoder(model.audio_tower, ss.with_silence(mel, lengths, width), torch.tensor([width]))
-    tokens, states, steps = greedy_decode(model.speech_decoder, weight, encoded, ids,
+    tokens, states, _, sure = greedy_decode(model.speech_decoder, weight, encoded, ids,
                                           ss.decoder_token_limit(int(lengths[0])))
     threshold = ss.UNSURE_LOGPROB if unsure_below is None else unsure_below
     unsure = (compression_ratio(tokens[0]) > ss.LOOP_COMPRESSION_RATIO
-              or float(mean_logprob(states, weight, tokens, steps, ids)[0]) < threshold)
+              or float(sure[0]) < threshold)
     if unsure and width < ss.WHISPER_WINDOW_FRAMES:
         return None, 0
     return states, max(len(tokens[0]), 1)  # the states that chose its text tokens, not the one that chose to end

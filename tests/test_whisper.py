@@ -19,7 +19,7 @@ def test_each_state_chose_its_token_and_decoding_stops_at_end_of_text(tiny_whisp
     torch.manual_seed(0)
     encoded = torch.randn(3, 12, model.config.d_model)
     weight = model.proj_out.weight.detach()
-    tokens, states, steps = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=8)
+    tokens, states, steps, _ = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=8)
     assert states.shape[:2] == (3, int(steps.max()))
     assert any(tokens), "the tiny Whisper should emit some text, or this test checks nothing"
     for row in range(3):
@@ -44,13 +44,13 @@ def test_a_row_stops_at_end_of_text_and_its_last_state_is_the_one_that_chose_it(
     decoder, weight = model.get_decoder(), model.proj_out.weight.detach().clone()
     torch.manual_seed(0)
     encoded = torch.randn(2, 12, model.config.d_model)
-    tokens, states, _ = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
+    tokens, states, _, _ = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
     row = tokens[0]
     # the last step whose token is new: end-of-text made a hair likelier than that token stops there
     k = max(i for i, t in enumerate(row) if t not in row[:i])
     score = float(states[0, k] @ weight[row[k]])
     weight[ids["eot"]] = weight[row[k]] * (1 + (1e-3 if score > 0 else -1e-3))
-    stopped, states, steps = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
+    stopped, states, steps, _ = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=8)
     assert stopped[0] == row[:k] and int(steps[0]) == k + 1
     assert int((states[0, k] @ weight.T)[: ids["first_special"]].argmax()) == ids["eot"]  # specials never emitted
 
@@ -69,10 +69,10 @@ def test_a_rows_tokens_and_states_do_not_depend_on_its_batch_or_the_others_limit
     torch.manual_seed(1)
     encoded = torch.randn(2, 10, model.config.d_model)
     decoder, weight = model.get_decoder(), model.proj_out.weight.detach()
-    tokens, states, steps = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=torch.tensor([3, 9]))
+    tokens, states, steps, _ = greedy_decode(decoder, weight, encoded, ids, max_new_tokens=torch.tensor([3, 9]))
     assert int(steps[0]) <= 3 and len(tokens[0]) <= 3
     for row, limit in ((0, 3), (1, 9)):
-        alone_tokens, alone_states, alone_steps = greedy_decode(decoder, weight, encoded[row:row + 1], ids, limit)
+        alone_tokens, alone_states, alone_steps, _ = greedy_decode(decoder, weight, encoded[row:row + 1], ids, limit)
         n = int(alone_steps[0])
         assert alone_tokens[0] == tokens[row] and n == int(steps[row])
         torch.testing.assert_close(alone_states[0, :n], states[row, :n], atol=1e-5, rtol=1e-5)
@@ -87,13 +87,13 @@ def test_with_languages_each_row_gets_whispers_likeliest_language_after_the_firs
     # two candidate "languages" (any ids serve the logic): the tiny Whisper is not multilingual
     candidates = [tokenizer.convert_tokens_to_ids("<|en|>"), tokenizer.convert_tokens_to_ids("<|translate|>")]
     detecting = {**ids, "languages": candidates}
-    tokens, states, steps = greedy_decode(decoder, weight, encoded, detecting, 6)
+    tokens, states, steps, _ = greedy_decode(decoder, weight, encoded, detecting, 6)
     with torch.inference_mode():
         first = decoder(input_ids=torch.tensor([ids["prompt"][:1]] * 3), encoder_hidden_states=encoded)
     chosen = [candidates[i] for i in (first.last_hidden_state[:, -1] @ weight[candidates].T).argmax(-1).tolist()]
     for row in range(3):  # the same as forcing the chosen language into the prompt
         forced = {**ids, "prompt": [ids["prompt"][0], chosen[row], *ids["prompt"][1:]]}
-        alone_tokens, alone_states, n = greedy_decode(decoder, weight, encoded[row:row + 1], forced, 6)
+        alone_tokens, alone_states, n, _ = greedy_decode(decoder, weight, encoded[row:row + 1], forced, 6)
         assert alone_tokens[0] == tokens[row]
         torch.testing.assert_close(alone_states[0, : n[0]], states[row, : n[0]], atol=1e-5, rtol=1e-5)
 
@@ -113,15 +113,13 @@ def test_a_transcript_that_repeats_itself_compresses_past_whispers_loop_threshol
 
 
 def test_mean_logprob_is_the_mean_log_softmax_of_each_chosen_token_end_of_text_included(tiny_whisper_dir):
-    from blsp.whisper import mean_logprob
-
     model, tokenizer = _whisper(tiny_whisper_dir)
     ids = decoding_ids(model, tokenizer, "en")
     torch.manual_seed(1)
     encoded = torch.randn(2, 12, model.config.d_model)
     weight = model.proj_out.weight.detach()
-    tokens, states, steps = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=torch.tensor([3, 8]))
-    got = mean_logprob(states, weight, tokens, steps, ids)
+    tokens, states, steps, got = greedy_decode(model.get_decoder(), weight, encoded, ids,
+                                               max_new_tokens=torch.tensor([3, 8]))
     for row in range(2):
         n = int(steps[row])
         logits = states[row, :n] @ weight.T
