@@ -87,6 +87,7 @@ class BlspConfig(PretrainedConfig):
         speech_language: str | None = None,
         bridge_fingerprint: str | None = None,
         bridge_confidence: float | None = None,
+        bridge_transcript: bool = False,
         voice_vectors: int = 0,
         voice_layers: list[int] | None = None,
         voice_attributes: list[str] | None = None,
@@ -133,6 +134,10 @@ class BlspConfig(PretrainedConfig):
         # the token bridge reads a state as its greedy token's own embedding where Whisper's posterior
         # of it is at least this (blsp.readers.bridge); None: the posterior mix everywhere
         self.bridge_confidence = bridge_confidence
+        # the token bridge reads Whisper's greedy transcript as the LLM's tokenizer splits it (as the
+        # cascade feeds it), each token plus the correction of the state that holds it
+        # (blsp.readers.bridge.TranscriptTokens); False: one vector per Whisper token
+        self.bridge_transcript = bool(bridge_transcript)
         # The voice channel (blsp.voice_channel): this many vectors of how the voice sounds, read
         # before the words, from statistics of the encoder's hidden states after `voice_layers`
         # (1-based), and one more per `voice_attributes` (blsp.voice: "gender", "rate", ...) that

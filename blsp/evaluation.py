@@ -49,6 +49,7 @@ def model_identity(model: BlspModel, model_dir: str | Path | None, untrained_see
         "speech_states": cfg.speech_states,  # encoder frames, or Whisper's decoder states
         "speech_vectors": cfg.speech_vectors,
         "bridge_confidence": getattr(cfg, "bridge_confidence", None),  # sure tokens read as themselves
+        "bridge_transcript": getattr(cfg, "bridge_transcript", False),  # Whisper's transcript as the LLM's tokens
         "speech_language": cfg.speech_language,
         "decoder_fingerprint": cfg.decoder_fingerprint,
         "encoder_name": cfg.encoder_name,
@@ -131,7 +132,8 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
                   "speech_states": cfg.speech_states,
                   "speech_vectors": initial_speech_vectors(cfg.speech_states, cfg.speech_vectors),
                   "speech_language": cfg.speech_language or "en",
-                  "bridge_confidence": getattr(cfg, "bridge_confidence", None)} if cfg else {}
+                  "bridge_confidence": getattr(cfg, "bridge_confidence", None),
+                  "bridge_transcript": getattr(cfg, "bridge_transcript", False)} if cfg else {}
         model = BlspModel.from_components(encoder, llm, seed=args.seed, **kwargs)
     else:
         if not args.model:
@@ -139,7 +141,21 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
         model = BlspModel.from_pretrained(args.model, strict=not args.no_strict)
     if getattr(args, "bridge_confidence", None) is not None:
         set_bridge_confidence(model, args.bridge_confidence)
+    if getattr(args, "bridge_transcript", False):
+        set_bridge_transcript(model)
     return model.to(default_device(DistInfo())).eval()
+
+
+def set_bridge_transcript(model: BlspModel) -> None:
+    """Read Whisper's transcript as the LLM's tokens (blsp.readers.bridge.TranscriptTokens), whatever
+    the model was trained with: the bridge is rebuilt so."""
+    from .speech_sources import decoder_tokenizer
+
+    if not model.reads_token_bridge:
+        raise BlspError("--bridge-transcript: this model does not read Whisper's decoder through the token bridge "
+                        "(trained with --preset decoder, it would)")
+    model.config.bridge_transcript = True
+    model.build_token_bridge(decoder_tokenizer(model.config.encoder_name), strict=False)
 
 
 def set_bridge_confidence(model: BlspModel, confidence: float) -> None:
@@ -348,6 +364,9 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--bridge-confidence", type=float, default=None, metavar="P",
                    help="token-bridge models: read each token Whisper is at least P sure of as the LLM's own "
                         "embedding of it (default: as the model was trained)")
+    p.add_argument("--bridge-transcript", action="store_true",
+                   help="token-bridge models: read Whisper's transcript as the LLM's tokenizer splits it, each token "
+                        "plus the correction of the state that holds it (default: as the model was trained)")
     from .flags import add_repetition_flags
 
     add_repetition_flags(p)  # every generated answer's (transcription, examples, a suite's tasks)

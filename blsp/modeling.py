@@ -190,7 +190,7 @@ class BlspModel(PreTrainedModel):
         """How many speech vectors the LLM reads for a clip whose cached features have this many
         rows: the voice channel's vectors, then the adapter's over the words' rows."""
         words = feature_rows - voice_rows(self.config)
-        return voice_slots(self.config) + int(self.adapter.output_lengths(words))
+        return voice_slots(self.config) + int(self.adapter.output_lengths(words)) * self.speech_reader.slots_per_vector
 
     def enable_ctc_compression(self, vocab: list[int], speech_vectors: str = "adapter") -> None:
         """Give the model a CTC head over `vocab` that compresses its speech (blsp.readers.ctc);
@@ -306,6 +306,7 @@ class BlspModel(PreTrainedModel):
         speech_vectors: str = "adapter",
         speech_language: str = "en",
         bridge_confidence: float | None = None,
+        bridge_transcript: bool = False,
         voice_vectors: int = 0,
         voice_attributes: Sequence[str] = (),
     ) -> "BlspModel":
@@ -340,6 +341,7 @@ class BlspModel(PreTrainedModel):
             speech_language=speech_language if decoding else None,
             decoder_fingerprint=weights_fingerprint(whisper.get_decoder()) if decoding else None,
             bridge_confidence=bridge_confidence,
+            bridge_transcript=bridge_transcript,
             voice_vectors=voice_vectors,
             voice_attributes=list(voice_attributes) or None,
         )
@@ -456,12 +458,17 @@ class BlspModel(PreTrainedModel):
 
     def speech_embeddings(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The speech vectors [B, S, d_llm] and their lengths, before the reader selects any."""
+        x, vectors, lengths = self._adapted(features, lengths)
+        return self.speech_reader.correct(x, vectors, self.speech_source), lengths
+
+    def _adapted(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the states the adapter read, its vectors, their lengths) of cached features."""
         param = next(self.adapter.parameters())
         x, lengths = features.to(param.device, param.dtype), lengths.to(param.device)
         _, x, lengths = split_voice_rows(x, lengths, voice_rows(self.config))
         x = self.speech_source.finish(x, lengths)
         vectors, lengths = self.adapter(x, lengths)
-        return self.speech_reader.correct(x, vectors, self.speech_source), lengths
+        return x, vectors, lengths
 
     def embed_inputs(self, input_ids: torch.Tensor, encoder_features: torch.Tensor | None = None,
                      encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -487,11 +494,10 @@ class BlspModel(PreTrainedModel):
             if n_slots:
                 raise ValueError("input_ids hold speech slots but no speech features were given")
             return embeds, None, None
-        speech, lengths = self.speech_embeddings(encoder_features, encoder_lengths)
-        vectors, keep = self.speech_reader.select(speech, lengths)
-        slots = lengths
+        states, adapted, lengths = self._adapted(encoder_features, encoder_lengths)
+        speech, vectors, keep, slots = self.speech_reader.read(states, adapted, lengths, self.speech_source)
         if self.voice_channel is not None:
-            vectors, keep, slots = self._with_voice(encoder_features, encoder_lengths, vectors, keep, lengths)
+            vectors, keep, slots = self._with_voice(encoder_features, encoder_lengths, vectors, keep, slots)
         valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < slots[:, None]
         flat = vectors[valid]
         if flat.shape[0] != n_slots:

@@ -63,6 +63,10 @@ class ModelOptions:
         None, "with --speech-vectors tokens on decoder states: read each token Whisper's posterior gives at least P "
         "as the LLM's own embedding of it, uncorrected (what the cascade would feed the LLM there); the adapter "
         "corrects the rest. Default: the posterior mix everywhere", metavar="P")
+    bridge_transcript: bool = option(
+        False, "with --speech-vectors tokens on decoder states: read Whisper's greedy transcript as the LLM's "
+        "tokenizer splits it (what the cascade feeds the LLM), each token plus the adapter's correction of the "
+        "state that holds it; default: one vector per Whisper token")
     voice_vectors: int = option(
         0, "a voice channel: N vectors of how the voice sounds (statistics of the Whisper encoder's middle layers "
         "through a small MLP), read by the LLM before the words; 0: the words alone (blsp/voice_channel.py)",
@@ -506,6 +510,10 @@ def check_options(options: TrainOptions) -> None:
                             "as themselves (--speech-states decoder --speech-vectors tokens: --preset decoder)"
                             + options.preset_note("bridge_confidence", "speech_states", "speech_vectors"))
         check_bridge_confidence(model.bridge_confidence)
+    if model.bridge_transcript and not reads_tokens(model.speech_vectors, model.speech_states):
+        raise BlspError("--bridge-transcript: only the token bridge reads Whisper's transcript (--speech-states "
+                        "decoder --speech-vectors tokens: --preset decoder)"
+                        + options.preset_note("bridge_transcript", "speech_states", "speech_vectors"))
     if model.voice_vectors < 0:
         raise BlspError(f"--voice-vectors {model.voice_vectors}: 0 (no voice channel) or more"
                         + options.preset_note("voice_vectors"))

@@ -76,7 +76,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
                 m.encoder, m.llm, adapter_type=m.adapter, adapter_downsample=m.adapter_downsample,
                 system_prompt=m.system_prompt, seed=options.optim.seed, speech_states=m.speech_states,
                 speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
-                speech_language=m.speech_language, bridge_confidence=m.bridge_confidence,
+                speech_language=m.speech_language, bridge_confidence=m.bridge_confidence, bridge_transcript=m.bridge_transcript,
                 voice_vectors=m.voice_vectors, voice_attributes=voice_attribute_names(m.voice_attributes))
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None

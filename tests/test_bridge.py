@@ -135,3 +135,106 @@ def test_a_bridge_confidence_outside_0_1_or_without_the_bridge_is_refused(tiny_w
     with pytest.raises(BlspError, match="between 0 and 1"):
         BlspConfig(speech_states="decoder", speech_vectors="tokens", adapter_type="stack", adapter_downsample=1,
                    decoder_ids={"eot": 1}, bridge_confidence=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transcript bridge: Whisper's greedy transcript as the LLM's tokenizer splits it
+# ----------------------------------------------------------------------------------------------
+def test_a_transcript_becomes_the_llms_tokens_of_its_text_each_owned_by_the_whisper_token_holding_it(tokenizers):
+    from blsp.readers.bridge import TranscriptTokens
+
+    whisper, llm = tokenizers
+    text = " The wizard vanished behind the curtain, whispered Montreal."
+    said = whisper(text, add_special_tokens=False).input_ids
+    ids, owners = TranscriptTokens(whisper, llm)(said)
+    assert ids == llm(" " + text.strip(), add_special_tokens=False).input_ids  # what the text path reads
+    assert owners == sorted(owners) and 0 <= owners[0] and owners[-1] == len(said) - 1
+    # each LLM token's first character lies in the text of the Whisper token that owns it
+    pieces = [whisper.decode([t]) for t in said]
+    starts = [sum(map(len, pieces[:k])) for k in range(len(pieces))]
+    for (start, _), owner in zip(llm(" " + text.strip(), add_special_tokens=False,
+                                     return_offsets_mapping=True)["offset_mapping"], owners):
+        char = max(start - 1, 0) + (len(text) - len(text.lstrip()))
+        assert starts[owner] <= char < starts[owner] + len(pieces[owner])
+    assert TranscriptTokens(whisper, llm)([]) == ([], [])
+
+
+def _transcript_model(tiny_whisper_dir, tiny_dirs, **kwargs):
+    return BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                     speech_states="decoder", speech_vectors="tokens", bridge_transcript=True, **kwargs)
+
+
+def said_states(model, whisper, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder states whose greedy tokens spell each text (a state far along its token's own row)."""
+    weight = model.speech_decoder.embed_tokens.weight.detach()
+    rows = [whisper(t, add_special_tokens=False).input_ids for t in texts]
+    states = torch.zeros(len(rows), max(map(len, rows)), weight.shape[1])
+    for k, ids in enumerate(rows):
+        states[k, : len(ids)] = 50 * weight[ids]
+    return states, torch.tensor([len(ids) for ids in rows])
+
+
+def test_the_transcript_bridge_reads_whispers_greedy_text_as_the_llms_own_tokens_in_the_first_slots(
+        tiny_whisper_dir, tiny_dirs, tmp_path):
+    model = _transcript_model(tiny_whisper_dir, tiny_dirs)
+    whisper = AutoTokenizer.from_pretrained(tiny_whisper_dir)
+    llm = model.processor.tokenizer
+    texts = [" The wizard whispered.", " Hello there"]
+    states, lengths = said_states(model, whisper, texts)
+    width = states.shape[1]
+    assert model.speech_slots(width) == 2 * width  # two slots a state
+    _, vectors, keep, slots = model.speech_reader.read(*model._adapted(states, lengths), model.speech_source)
+    assert slots.tolist() == (2 * lengths).tolist() and vectors.shape[1] == 2 * width
+    embeddings = model.language_model.get_input_embeddings().weight
+    for row, text in enumerate(texts):
+        expected = llm(" " + text.strip(), add_special_tokens=False).input_ids
+        assert keep[row].sum() == len(expected) and keep[row, : len(expected)].all()
+        torch.testing.assert_close(vectors[row, : len(expected)], embeddings[expected])  # the adapter starts at nothing
+    # a trained correction moves each token by its owner state's vector; it round-trips
+    with torch.no_grad():
+        model.adapter.norm.weight.fill_(0.1)
+    _, moved, keep2, _ = model.speech_reader.read(*model._adapted(states, lengths), model.speech_source)
+    assert torch.equal(keep, keep2) and (moved[keep] - vectors[keep]).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.bridge_transcript and loaded.speech_slots(width) == 2 * width
+    _, again, _, _ = loaded.speech_reader.read(*loaded._adapted(states, lengths), loaded.speech_source)
+    torch.testing.assert_close(again[keep], moved[keep])
+
+
+def test_a_transcript_longer_than_its_slots_is_read_state_by_state(tiny_whisper_dir, tiny_dirs):
+    model = _transcript_model(tiny_whisper_dir, tiny_dirs)
+    torch.manual_seed(0)  # random states: the tiny Whisper's rare tokens split into many LLM tokens
+    states, lengths = torch.randn(1, 5, 32), torch.tensor([5])
+    greedy, _ = model.token_bridge.greedy(states, model.speech_decoder.embed_tokens.weight)
+    ids, _ = model.speech_reader.transcript(greedy[0].tolist())
+    assert len(ids) > 10, "the random states should spell more LLM tokens than slots, or this checks nothing"
+    corrected, vectors, keep, _ = model.speech_reader.read(*model._adapted(states, lengths), model.speech_source)
+    assert keep[0].tolist() == [True] * 5 + [False] * 5
+    torch.testing.assert_close(vectors[0, :5], corrected[0])
+
+
+def test_a_transcript_bridge_models_loss_on_a_clip_does_not_depend_on_its_batch(tiny_whisper_dir, tiny_dirs):
+    """The unused slots are masked and take no position: a clip's loss is the same alone or batched."""
+    from blsp.processing import Example
+    from blsp.prompts import CONTINUATION_INSTRUCTION
+
+    model = _transcript_model(tiny_whisper_dir, tiny_dirs).eval()
+    with torch.no_grad():
+        model.adapter.norm.weight.fill_(0.1)
+    torch.manual_seed(0)
+    states, lengths = torch.randn(2, 5, 32), torch.tensor([5, 3])
+    proc = model.processor
+    examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[states[k, : lengths[k]]],
+                        target=proc.prompt.target_ids("a b c")) for k in range(2)]
+    with torch.no_grad():
+        both = model(**proc.collate(examples)).loss_sum
+        alone = sum(model(**proc.collate([e])).loss_sum for e in examples)
+    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_bridge_transcript_needs_the_token_bridge():
+    from blsp.options import TrainOptions, check_options
+
+    with pytest.raises(BlspError, match="--bridge-transcript"):
+        check_options(TrainOptions.from_flat(bridge_transcript=True, speech_states="encoder"))

@@ -32,6 +32,19 @@ class SpeechReader(nn.Module):
     def select(self, vectors: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return vectors, None
 
+    @property
+    def slots_per_vector(self) -> int:
+        """Speech slots the LLM's prompt holds for each adapter vector (the transcript bridge: 2)."""
+        return 1
+
+    def read(self, states: torch.Tensor, vectors: torch.Tensor, lengths: torch.Tensor, source: nn.Module
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Both hooks: (the corrected vectors, those the LLM reads [B, slots, d], their keep flags
+        or None, each clip's slots). A reader whose slots are not one per vector overrides it."""
+        corrected = self.correct(states, vectors, source)
+        selected, keep = self.select(corrected, lengths)
+        return corrected, selected, keep, lengths
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
