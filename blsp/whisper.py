@@ -10,7 +10,6 @@ speech source reads; a short explicit loop (forced prefix, token suppression, KV
 from __future__ import annotations
 
 import inspect
-import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -250,18 +249,6 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     tokens = [row[: row.index(eot)] if eot in row else row for row in rows]
     hidden = torch.stack(states, dim=1) if states else encoded.new_zeros(batch, 0, encoded.shape[-1])
     return GreedyDecoding(tokens, hidden, steps, sum_logprob / steps.clamp(min=1))
-
-
-# openai/whisper's test for a decoding that repeats itself (transcribe's compression_ratio_threshold)
-LOOP_COMPRESSION_RATIO = 2.4
-
-
-def compression_ratio(tokens: list[int]) -> float:
-    """How well zlib compresses a transcript's token ids written out in decimal: above
-    `LOOP_COMPRESSION_RATIO` it repeats itself. openai/whisper compresses the text; the ids keep
-    its repetitions (on 97 clips of real and TTS speech the two flagged the same clips)."""
-    written = " ".join(map(str, tokens)).encode()
-    return len(written) / len(zlib.compress(written)) if written else 0.0
 
 
 def _transcribe_batch(model, tokenizer, features, audio: list[np.ndarray], language: str,

@@ -128,14 +128,14 @@ def decoded_alone(model, mel, lengths, width, unsure_below: float | None = None)
     """(states, how many the source keeps) of Whisper's greedy decoding of one clip in a window of
     `width` frames; (None, 0) where the source would find it unsure and decode it again."""
     from blsp import speech_sources as ss
-    from blsp.whisper import compression_ratio, greedy_decode, run_whisper_encoder
+    from blsp.whisper import greedy_decode, run_whisper_encoder
 
     weight, ids = model.speech_decoder.embed_tokens.weight, model.config.decoder_ids
     encoded, _ = run_whisper_encoder(model.audio_tower, ss.with_silence(mel, lengths, width), torch.tensor([width]))
     tokens, states, _, sure = greedy_decode(model.speech_decoder, weight, encoded, ids,
                                           ss.decoder_token_limit(int(lengths[0])))
     threshold = ss.UNSURE_LOGPROB if unsure_below is None else unsure_below
-    unsure = (compression_ratio(tokens[0]) > ss.LOOP_COMPRESSION_RATIO
+    unsure = (ss.repeats_itself(tokens[0])
               or float(sure[0]) < threshold)
     if unsure and width < ss.WHISPER_WINDOW_FRAMES:
         return None, 0
@@ -148,7 +148,7 @@ def test_a_clip_whisper_is_unsure_of_is_decoded_again_in_the_full_window(decoder
     from blsp import speech_sources as ss
 
     monkeypatch.setattr(ss, "UNSURE_LOGPROB", unsure_below)
-    monkeypatch.setattr(ss, "LOOP_COMPRESSION_RATIO", float("inf"))
+    monkeypatch.setattr(ss, "repeats_itself", lambda tokens: False)
     mel, lengths = mels([0.5, 3.2])
     states, steps = decoder_model.encode_mel(mel, lengths)
     for row in range(2):
