@@ -84,7 +84,7 @@ class Failed:
 Event = Union[Started, Delta, Finished, Failed]
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity, never field by field (its clips are arrays)
 class Job:
     """One request: a conversation (content parts as `blsp.inference` takes them) and its decoding.
 
@@ -154,7 +154,7 @@ class RowSampling(LogitsProcessor):
         return torch.where((temps == 0)[:, None], argmax_only, nucleus)
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     job: Job
     example: Example
@@ -269,7 +269,7 @@ class BatchStats:
                 "largest_batch": max(sizes, default=0), "batch_sizes": {str(k): v for k, v in sizes.items()}}
 
 
-@dataclass
+@dataclass(eq=False)  # found and removed by identity: its pieces are arrays, which numpy will not compare
 class Encoding:
     """A job in the encoding stage: its clips cut into Whisper's 30 s pieces, one encoded per batch."""
 
@@ -428,25 +428,39 @@ class BatchingEngine:
     def _encoding_loop(self) -> None:
         active: deque[Encoding] = deque()
         while not self._stopping.is_set():
-            self._take_new(active)
-            self._drop_unwanted(active)
-            if not active:
-                continue
-            batch = [active[i] for i in range(min(len(active), self.options.max_batch_size))]
-            active.rotate(-len(batch))  # round robin: the next batch starts with the jobs this one left out
             try:
-                self._encode_pieces(batch)
-            except Exception:  # a bug must fail these requests, not the server
-                log.exception("encoding a batch of %d failed", len(batch))
-                for encoding in batch:
-                    self._fail(active, encoding, ServingError(500, "internal error while encoding the audio",
-                                                              type="server_error"))
-                continue
+                self._encoding_step(active)
+            except Exception:  # a bug must fail the requests it holds, never end the stage: all later ones would hang
+                log.exception("the encoding stage failed with %d requests in it", len(active))
+                while active:
+                    encoding = active.popleft()
+                    self._mark_soon(encoding, leaving=True)
+                    self._leave()
+                    encoding.job.emit(Failed(ServingError(500, "internal error while encoding the audio",
+                                                          type="server_error")))
+
+    def _encoding_step(self, active: deque[Encoding]) -> None:
+        """Take the jobs submitted since, encode the next piece of up to a batch of them, and send
+        on those whose every piece is encoded."""
+        self._take_new(active)
+        self._drop_unwanted(active)
+        if not active:
+            return
+        batch = [active[i] for i in range(min(len(active), self.options.max_batch_size))]
+        active.rotate(-len(batch))  # round robin: the next batch starts with the jobs this one left out
+        try:
+            self._encode_pieces(batch)
+        except Exception:  # a bug must fail these requests, not the server
+            log.exception("encoding a batch of %d failed", len(batch))
             for encoding in batch:
-                if encoding.job.cancelled.is_set() or encoding.left() == 0:
-                    self._finish_encoding(active, encoding)
-                else:
-                    self._mark_soon(encoding)
+                self._fail(active, encoding, ServingError(500, "internal error while encoding the audio",
+                                                          type="server_error"))
+            return
+        for encoding in batch:
+            if encoding.job.cancelled.is_set() or encoding.left() == 0:
+                self._finish_encoding(active, encoding)
+            else:
+                self._mark_soon(encoding)
 
     def _take_new(self, active: deque[Encoding]) -> None:
         """Jobs submitted since the last batch; waits a moment for one when there is nothing to do."""

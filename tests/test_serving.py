@@ -330,6 +330,28 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(model):
     assert health["requests"] == 4 and health["batches"] < 4
 
 
+def test_clips_of_different_lengths_in_batches_of_one_are_all_answered(model):
+    """The encoding stage takes jobs round robin and sends each on when its clip is encoded: one
+    finishing behind another whose clip is longer was once compared field by field (numpy arrays)
+    on its way out, which ended the stage and left every later request hanging."""
+    conversations = [speech_question(0.5 + 0.6 * k, 300 + 90 * k) for k in range(3)]
+    expected = [direct(model, c) for c in conversations]
+    with Server(create_app(model, ServeOptions(max_batch_size=1))) as s:
+        for _ in range(2):  # the stage still serves after a first round
+            answers = [None] * 3
+
+            def ask(k):
+                answers[k] = s.client().chat.completions.create(
+                    model="blsp", messages=conversations[k], max_tokens=MAX_TOKENS, timeout=60).choices[0].message.content
+
+            threads = [threading.Thread(target=ask, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            assert answers == expected
+
+
 def test_a_batch_waits_for_the_clients_the_last_one_answered(model):
     engine = BatchingEngine(model, EngineOptions(max_batch_size=8, batch_wait_s=0.01, max_batch_wait_s=5.0))
 
