@@ -141,20 +141,22 @@ def load_model_for_eval(args: argparse.Namespace) -> BlspModel:
         model = BlspModel.from_pretrained(args.model, strict=not args.no_strict)
     if getattr(args, "bridge_confidence", None) is not None:
         set_bridge_confidence(model, args.bridge_confidence)
-    if getattr(args, "bridge_transcript", False):
-        set_bridge_transcript(model)
+    if getattr(args, "bridge_transcript", None) is not None:
+        set_bridge_transcript(model, args.bridge_transcript)
     return model.to(default_device(DistInfo())).eval()
 
 
-def set_bridge_transcript(model: BlspModel) -> None:
-    """Read Whisper's transcript as the LLM's tokens (blsp.readers.bridge.TranscriptTokens), whatever
-    the model was trained with: the bridge is rebuilt so."""
+def set_bridge_transcript(model: BlspModel, on: bool = True) -> None:
+    """Read Whisper's transcript as the LLM's tokens (blsp.readers.bridge.TranscriptTokens), or (not
+    `on`) one vector per Whisper token, whatever the model was trained with: the bridge is rebuilt so."""
     from .speech_sources import decoder_tokenizer
 
     if not model.reads_token_bridge:
+        if not on:
+            return  # nothing to turn off
         raise BlspError("--bridge-transcript: this model does not read Whisper's decoder through the token bridge "
                         "(trained with --preset decoder, it would)")
-    model.config.bridge_transcript = True
+    model.config.bridge_transcript = on
     model.build_token_bridge(decoder_tokenizer(model.config.encoder_name), strict=False)
 
 
@@ -364,9 +366,10 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--bridge-confidence", type=float, default=None, metavar="P",
                    help="token-bridge models: read each token Whisper is at least P sure of as the LLM's own "
                         "embedding of it (default: as the model was trained)")
-    p.add_argument("--bridge-transcript", action="store_true",
+    p.add_argument("--bridge-transcript", action=argparse.BooleanOptionalAction, default=None,
                    help="token-bridge models: read Whisper's transcript as the LLM's tokenizer splits it, each token "
-                        "plus the correction of the state that holds it (default: as the model was trained)")
+                        "plus the correction of the state that holds it; --no-bridge-transcript: one vector per "
+                        "Whisper token (default: as the model was trained)")
     from .flags import add_repetition_flags
 
     add_repetition_flags(p)  # every generated answer's (transcription, examples, a suite's tasks)

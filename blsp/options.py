@@ -360,7 +360,7 @@ def flag_settings(name: str, f) -> dict[str, Any]:
         settings.update(default=None, help=f"{meta['help']} [preset: {values}]".strip())
     kind = str(f.type)
     if kind.startswith("bool"):
-        settings["action"] = argparse.BooleanOptionalAction if negatable(f) else "store_true"
+        settings["action"] = argparse.BooleanOptionalAction if negatable(name, f) else "store_true"
     elif kind.startswith("tuple"):
         settings["nargs"] = "+"
     else:
@@ -372,9 +372,11 @@ def flag_settings(name: str, f) -> dict[str, Any]:
     return settings
 
 
-def negatable(f) -> bool:
-    """A switch on (or unset) by default: its flag has a --no-X form (argparse.BooleanOptionalAction)."""
-    return str(f.type).startswith("bool") and f.default is not False
+def negatable(name: str, f) -> bool:
+    """A switch on (or unset) by default, or that a preset may turn on: its flag has a --no-X form
+    (argparse.BooleanOptionalAction), so that a flag can turn off what the preset turned on
+    (`--preset decoder --no-bridge-transcript`)."""
+    return str(f.type).startswith("bool") and (f.default is not False or name in PRESET_OPTIONS)
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -387,13 +389,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 def option_flags(options: dict) -> list[str]:
     """Options as flags: {"max_steps": 200, "drop_copies": True} -> ["--max-steps", "200",
     "--drop-copies"] (recipes keep their settings in YAML, and run the commands with them)."""
-    on_by_default = {name for name, (_, f) in FLAT_FIELDS.items() if negatable(f)}
+    negatable_names = {name for name, (_, f) in FLAT_FIELDS.items() if negatable(name, f)}
     out = []
     for key, value in options.items():
         flag = f"--{key.replace('_', '-')}"
         if value is True:
             out.append(flag)
-        elif value is False and key in on_by_default:
+        elif value is False and key in negatable_names:
             out.append(f"--no-{key.replace('_', '-')}")
         elif value is not False and value is not None:
             out += [flag, str(value)]

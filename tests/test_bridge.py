@@ -238,3 +238,15 @@ def test_bridge_transcript_needs_the_token_bridge():
 
     with pytest.raises(BlspError, match="--bridge-transcript"):
         check_options(TrainOptions.from_flat(bridge_transcript=True, speech_states="encoder"))
+
+
+def test_an_evaluation_turns_the_transcript_bridge_on_or_off_whatever_the_model_was_trained_with(
+        tiny_whisper_dir, tiny_dirs, monkeypatch):
+    from blsp import evaluation, speech_sources
+
+    model = _transcript_model(tiny_whisper_dir, tiny_dirs)
+    monkeypatch.setattr(speech_sources, "decoder_tokenizer", lambda name: AutoTokenizer.from_pretrained(tiny_whisper_dir))
+    evaluation.set_bridge_transcript(model, False)  # `blsp eval --no-bridge-transcript`
+    assert not model.config.bridge_transcript and model.speech_slots(5) == 5
+    evaluation.set_bridge_transcript(model, True)
+    assert model.config.bridge_transcript and model.speech_slots(5) == 10

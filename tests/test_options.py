@@ -38,6 +38,15 @@ def test_a_users_preset_file_is_read_and_flags_win_over_it(tmp_path):
     assert options.by_preset("lora_modules") and not options.by_preset("lora_rank")
 
 
+def test_a_flag_turns_off_a_switch_the_preset_turns_on():
+    from blsp.options import option_flags
+
+    assert parse("--preset", "decoder").model.bridge_transcript is True
+    assert parse("--preset", "decoder", "--no-bridge-transcript").model.bridge_transcript is False
+    # recipes write their settings as flags: False must reach the command line, not vanish
+    assert option_flags({"bridge_transcript": False, "max_steps": 3}) == ["--no-bridge-transcript", "--max-steps", "3"]
+
+
 def test_bad_presets_are_refused_naming_the_file(tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("lora_rnk: 4\n")
