@@ -46,7 +46,7 @@ SENTENCES = [
     "turn off the lights in the kitchen",
 ]
 INSTRUCTIONS = [
-    "Please transcribe the following audio into English text.",
+    "Write down the following speech word for word, and nothing else.",
     "Continue the following text in a coherent and engaging style with less than 40 words.",
     "",
 ]

@@ -2,7 +2,7 @@
 
     from blsp import BlspModel
     model = BlspModel.from_pretrained("runs/demo/adapter")
-    model.generate(audio="clip.wav", instruction="Please transcribe the following audio into English text.")
+    model.generate(audio="clip.wav", instruction="Write down the following speech word for word, and nothing else.")
 """
 
 from .errors import BlspError, CheckpointError, InputError

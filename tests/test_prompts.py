@@ -60,3 +60,27 @@ def test_chat_template_path_is_unchanged(tiny_dirs):
     prompt = ChatPrompt(tok)
     assert prompt.plain is None and prompt.stop_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
     assert tok.decode(prompt.target_ids("the lazy dog")) == "the lazy dog<|im_end|>"
+
+
+def test_the_transcribe_task_comes_with_its_worked_examples_on_both_paths(base_tokenizer):
+    from blsp.prompts import TASK_DEMONSTRATIONS, task_instruction
+
+    prompt = ChatPrompt(base_tokenizer)
+    instruction = task_instruction("transcribe")
+    text = base_tokenizer.decode(pieces_to_ids(prompt.render(transcript_message(instruction, "hello world"))))
+    shots = "".join(f"User: {instruction} {e}\nAssistant: {e}\n" for e in TASK_DEMONSTRATIONS["transcribe"])
+    assert text == f"<|im_start|>{shots}User: {instruction} hello world\nAssistant:"
+    # the speech path gets the same turns: teacher and student line up around the slot
+    before, slot, after = prompt.render(speech_message(instruction))
+    ids = pieces_to_ids(prompt.render(transcript_message(instruction, "hello world")))
+    assert isinstance(slot, AudioSlot) and ids[:len(before)] == before and ids[-len(after):] == after
+    # in another language too (transcription is in the speech's own); never for other instructions
+    assert task_instruction("transcribe", "German") == instruction
+    plain = base_tokenizer.decode(pieces_to_ids(prompt.render(transcript_message("continue the text", "hi"))))
+    assert "Good morning" not in plain
+    # nor once a conversation has turns of its own, nor for the instruction typed alone
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+               *transcript_message(instruction, "hi")]
+    assert "Good morning" not in base_tokenizer.decode(pieces_to_ids(prompt.render(history)))
+    alone = [{"role": "user", "content": instruction}]
+    assert "Good morning" not in base_tokenizer.decode(pieces_to_ids(prompt.render(alone)))

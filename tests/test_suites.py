@@ -77,7 +77,7 @@ def test_a_good_suite_parses_with_defaults(tmp_path, manifest):
     assert cl.options == ClassificationOptions(label_field="sentiment", labels=("positive", "negative", "neutral"))
     assert co.limit == 2 and rep.rows == ()
     assert default_instruction(tr) == task_instruction("transcribe") == \
-        "Please transcribe the following audio into English text."  # as trained: the default is English
+        "Write down the following speech word for word, and nothing else."  # in the speech's own language
     assert default_instruction(mt) == "Please translate the following audio into German text."
     assert default_instruction(cl, cl.options.labels) == TASK_INSTRUCTIONS["sentiment"]
     # the data: labels as the suite spells them, gold canonicalised, limits applied
