@@ -13,23 +13,34 @@ def _whisper(path):
     return WhisperForConditionalGeneration.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_each_state_chose_its_token_and_decoding_stops_at_end_of_text(tiny_whisper_dir):
-    model, tokenizer = _whisper(tiny_whisper_dir)
+def _random_decode(path, seed: int, rows: int, max_new_tokens):
+    """Greedy decoding of random encoder frames: (decoding ids, output weight, GreedyDecoding)."""
+    model, tokenizer = _whisper(path)
     ids = decoding_ids(model, tokenizer, "en")
-    torch.manual_seed(0)
-    encoded = torch.randn(3, 12, model.config.d_model)
+    torch.manual_seed(seed)
+    encoded = torch.randn(rows, 12, model.config.d_model)
     weight = model.proj_out.weight.detach()
-    tokens, states, steps, _ = greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=8)
+    return ids, weight, greedy_decode(model.get_decoder(), weight, encoded, ids, max_new_tokens=max_new_tokens)
+
+
+def _allowed_logits(states: torch.Tensor, weight: torch.Tensor, ids: dict) -> torch.Tensor:
+    """Each state's logits over the tokens greedy decoding may choose (text tokens, no suppressed
+    ones, and at the first step none Whisper suppresses at the start)."""
+    logits = states @ weight.T
+    logits[:, ids["first_special"]:] = -torch.inf
+    logits[:, ids["suppress"]] = -torch.inf
+    logits[0, ids["begin_suppress"]] = -torch.inf
+    return logits
+
+
+def test_each_state_chose_its_token_and_decoding_stops_at_end_of_text(tiny_whisper_dir):
+    ids, weight, (tokens, states, steps, _) = _random_decode(tiny_whisper_dir, seed=0, rows=3, max_new_tokens=8)
     assert states.shape[:2] == (3, int(steps.max()))
     assert any(tokens), "the tiny Whisper should emit some text, or this test checks nothing"
     for row in range(3):
         n = int(steps[row])
         assert len(tokens[row]) in (n, n - 1)  # n - 1: the last step chose end-of-text
-        logits = states[row, :n] @ weight.T
-        logits[:, ids["first_special"]:] = -torch.inf
-        logits[:, ids["suppress"]] = -torch.inf
-        logits[0, ids["begin_suppress"]] = -torch.inf
-        chosen = logits.argmax(-1).tolist()
+        chosen = _allowed_logits(states[row, :n], weight, ids).argmax(-1).tolist()
         logits_eot = (states[row, :n] @ weight.T)[:, ids["eot"]]
         # text tokens never include the text-free ids; each state's best text token is its token
         assert all(t < ids["first_special"] for t in tokens[row])
@@ -112,19 +123,11 @@ def test_a_transcript_that_repeats_itself_is_one_whispers_loop_test_flags():
 
 
 def test_mean_logprob_is_the_mean_log_softmax_of_each_chosen_token_end_of_text_included(tiny_whisper_dir):
-    model, tokenizer = _whisper(tiny_whisper_dir)
-    ids = decoding_ids(model, tokenizer, "en")
-    torch.manual_seed(1)
-    encoded = torch.randn(2, 12, model.config.d_model)
-    weight = model.proj_out.weight.detach()
-    tokens, states, steps, got = greedy_decode(model.get_decoder(), weight, encoded, ids,
-                                               max_new_tokens=torch.tensor([3, 8]))
+    ids, weight, (tokens, states, steps, got) = _random_decode(tiny_whisper_dir, seed=1, rows=2,
+                                                               max_new_tokens=torch.tensor([3, 8]))
     for row in range(2):
         n = int(steps[row])
-        logits = states[row, :n] @ weight.T
-        logits[:, ids["first_special"]:] = -torch.inf
-        logits[:, ids["suppress"]] = -torch.inf
-        logits[0, ids["begin_suppress"]] = -torch.inf
+        logits = _allowed_logits(states[row, :n], weight, ids)
         chosen = (tokens[row] + [ids["eot"]])[:n]
         expected = torch.stack([logits[k].log_softmax(-1)[t] for k, t in enumerate(chosen)]).mean()
         assert float(got[row]) == pytest.approx(float(expected), abs=1e-5)
