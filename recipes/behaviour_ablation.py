@@ -145,10 +145,11 @@ def write_table(rows: list[dict], recipe: dict, docs: Path) -> None:
                       if s["agreement_cascade"].get(i)]
             x, y = s["kl"] / s["kl_cascade"], min(ratios) if ratios else 0
             ax.plot(x, y, "o")
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            ax.annotate(f"{r['name']} ({s['bars_met']}/{s['bars']} bars)", (x, y), textcoords="offset points",
+                        xytext=(5, 3), fontsize=7)
         ax.axvline(1.5, color="gray", ls="--", lw=0.8)
         ax.axhline(0.9, color="gray", ls="--", lw=0.8)
-        ax.set_xscale("log")
+        ax.set_xlim(left=0)  # linear: the ratios span a narrow range, where log ticks are unreadable
         ax.set_xlabel("KL(text||speech) / cascade's (bar: <= 1.5)")
         ax.set_ylabel("worst agreement / cascade's (bar: >= 0.9)")
         ax.set_title(name)
