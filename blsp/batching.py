@@ -55,6 +55,11 @@ def timeout_error() -> ServingError:
                         code="timeout", type="timeout_error")
 
 
+def encoding_error() -> ServingError:
+    """What a request is answered when a bug in the encoding stage fails it (logged with its traceback)."""
+    return ServingError(500, "internal error while encoding the audio", type="server_error")
+
+
 # ----------------------------------------------------------------------------------------------
 # Jobs and their events
 # ----------------------------------------------------------------------------------------------
@@ -432,12 +437,8 @@ class BatchingEngine:
                 self._encoding_step(active)
             except Exception:  # a bug must fail the requests it holds, never end the stage: all later ones would hang
                 log.exception("the encoding stage failed with %d requests in it", len(active))
-                while active:
-                    encoding = active.popleft()
-                    self._mark_soon(encoding, leaving=True)
-                    self._leave()
-                    encoding.job.emit(Failed(ServingError(500, "internal error while encoding the audio",
-                                                          type="server_error")))
+                for encoding in list(active):
+                    self._fail(active, encoding, encoding_error())
 
     def _encoding_step(self, active: deque[Encoding]) -> None:
         """Take the jobs submitted since, encode the next piece of up to a batch of them, and send
@@ -453,8 +454,7 @@ class BatchingEngine:
         except Exception:  # a bug must fail these requests, not the server
             log.exception("encoding a batch of %d failed", len(batch))
             for encoding in batch:
-                self._fail(active, encoding, ServingError(500, "internal error while encoding the audio",
-                                                          type="server_error"))
+                self._fail(active, encoding, encoding_error())
             return
         for encoding in batch:
             if encoding.job.cancelled.is_set() or encoding.left() == 0:

@@ -181,6 +181,22 @@ def make_examples(model, n_frames=(40, 90, 17), targets=("hello world", "the qui
     ]
 
 
+def assert_loss_batch_invariant(model, features: list[torch.Tensor], target: str = "a b c") -> torch.Tensor:
+    """Each clip's continuation loss is the same batched with the others as alone (padding, masked
+    slots and the voice rows take no part in another clip's loss); returns the batch's loss."""
+    from blsp.processing import Example
+    from blsp.prompts import CONTINUATION_INSTRUCTION
+
+    proc = model.processor
+    examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[f],
+                        target=proc.prompt.target_ids(target)) for f in features]
+    with torch.no_grad():
+        both = model(**proc.collate(examples)).loss_sum
+        alone = sum(model(**proc.collate([e])).loss_sum for e in examples)
+    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+    return both
+
+
 def compressing_model(model, seed: int = 0, speech_vectors: str = "adapter"):
     """`model` with a CTC head that reads some frames as blank and others as tokens."""
     vocab = list(range(5, 25))

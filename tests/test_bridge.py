@@ -10,6 +10,8 @@ from blsp.readers.bridge import TokenBridge, bridge_pieces, bridge_table
 from blsp.errors import BlspError, CheckpointError
 from blsp.modeling import BlspConfig, BlspModel
 
+from conftest import assert_loss_batch_invariant
+
 
 @pytest.fixture
 def tokenizers(tiny_whisper_dir, tiny_dirs):
@@ -216,21 +218,12 @@ def test_a_transcript_longer_than_its_slots_is_read_state_by_state(tiny_whisper_
 
 def test_a_transcript_bridge_models_loss_on_a_clip_does_not_depend_on_its_batch(tiny_whisper_dir, tiny_dirs):
     """The unused slots are masked and take no position: a clip's loss is the same alone or batched."""
-    from blsp.processing import Example
-    from blsp.prompts import CONTINUATION_INSTRUCTION
-
     model = _transcript_model(tiny_whisper_dir, tiny_dirs).eval()
     with torch.no_grad():
         model.adapter.norm.weight.fill_(0.1)
     torch.manual_seed(0)
     states, lengths = torch.randn(2, 5, 32), torch.tensor([5, 3])
-    proc = model.processor
-    examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[states[k, : lengths[k]]],
-                        target=proc.prompt.target_ids("a b c")) for k in range(2)]
-    with torch.no_grad():
-        both = model(**proc.collate(examples)).loss_sum
-        alone = sum(model(**proc.collate([e])).loss_sum for e in examples)
-    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+    assert_loss_batch_invariant(model, [states[k, : lengths[k]] for k in range(2)])
 
 
 def test_bridge_transcript_needs_the_token_bridge():

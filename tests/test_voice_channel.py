@@ -229,19 +229,11 @@ def test_the_voice_channel_reads_beside_the_transcript_bridge(tiny_whisper_dir, 
     """The decoder preset reads Whisper's transcript as the LLM's tokens; the voice recipe adds the
     voice channel to it: the voice vectors come first, then the transcript's tokens, and a clip's
     loss does not depend on its batch."""
-    from blsp.processing import Example
-    from blsp.prompts import CONTINUATION_INSTRUCTION
+    from conftest import assert_loss_batch_invariant
 
     model = BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
                                       speech_states="decoder", speech_vectors="tokens", bridge_transcript=True,
                                       seed=0, voice_vectors=2).eval()
     mel, lengths = mels([0.5, 2.2])
     feats, n = model.encode_mel(mel, lengths)
-    proc = model.processor
-    examples = [Example(pieces=proc.speech_prompt(CONTINUATION_INSTRUCTION), features=[feats[k, : n[k]]],
-                        target=proc.prompt.target_ids("a b c")) for k in range(2)]
-    with torch.no_grad():
-        both = model(**proc.collate(examples)).loss_sum
-        alone = sum(model(**proc.collate([e])).loss_sum for e in examples)
-    assert torch.isfinite(both)
-    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(assert_loss_batch_invariant(model, [feats[k, : n[k]] for k in range(2)]))
