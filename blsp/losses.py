@@ -61,3 +61,21 @@ class TopKKLLoss(nn.Module):
             p = teacher[start:end]
             total = total + (p.exp() * (p - student)).sum()
         return total * t * t
+
+
+def correction_penalty(vectors: torch.Tensor, lengths: torch.Tensor, target_tokens: list[int] | torch.Tensor,
+                       embedding_scale: torch.Tensor | float) -> torch.Tensor:
+    """Sum over clips of (the clip's mean squared vector norm / `embedding_scale`) x its target tokens.
+
+    For the token bridge's adapter, whose vectors are a correction added to the tokens the LLM
+    reads: the size of the correction relative to a token embedding's (the LLM's mean squared
+    embedding norm), weighted like the other losses, which are sums over target tokens, so that
+    divided by the batch's target tokens it is a per-token penalty. `vectors` [B, T, d] are
+    valid up to `lengths` [B]; a clip with no vector costs nothing.
+    """
+    lengths = lengths.to(vectors.device)
+    valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < lengths[:, None]
+    squared = vectors.float().pow(2).sum(-1).masked_fill(~valid, 0.0).sum(1)
+    per_clip = squared / lengths.clamp(min=1).to(squared.dtype)
+    tokens = torch.as_tensor(target_tokens, dtype=per_clip.dtype, device=per_clip.device)
+    return (per_clip * tokens).sum() / embedding_scale

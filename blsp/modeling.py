@@ -67,7 +67,9 @@ class BlspOutput:
     n_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, T, V] only when asked for
     target_logits: torch.Tensor | None = None  # [N, V] at the N scored positions, when asked for
-    speech: tuple[torch.Tensor, torch.Tensor] | None = None  # the adapter's output and lengths
+    speech: tuple[torch.Tensor, torch.Tensor] | None = None  # the reader's vectors (bridge mix + correction) and lengths
+    # the adapter's own vectors and lengths: with the token bridge, its correction of the tokens
+    adapted: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _hide_dropped_speech(attention_mask: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -473,19 +475,19 @@ class BlspModel(PreTrainedModel):
     def embed_inputs(self, input_ids: torch.Tensor, encoder_features: torch.Tensor | None = None,
                      encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the speech vectors scattered into the speech slots."""
-        embeds, _, _ = self._splice(input_ids, encoder_features, encoder_lengths)
-        return embeds
+        return self._splice(input_ids, encoder_features, encoder_lengths)[0]
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        encoder_features: torch.Tensor | None = None,
                        encoder_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds, attention_mask) for the LLM: speech spliced in, and the speech vectors
         the reader dropped masked out (they then take no position either)."""
-        embeds, keep, _ = self._splice(input_ids, encoder_features, encoder_lengths)
+        embeds, keep, _, _ = self._splice(input_ids, encoder_features, encoder_lengths)
         return embeds, _hide_dropped_speech(attention_mask, input_ids, keep)
 
     def _splice(self, input_ids, encoder_features, encoder_lengths):
-        """(embeds, keep flags of the speech slots or None, (speech, lengths) or None)."""
+        """(embeds, keep flags of the speech slots or None, (speech, lengths) or None, (the adapter's
+        vectors, lengths) or None)."""
         embed = self.language_model.get_input_embeddings()
         speech_mask = input_ids == SPEECH_TOKEN_ID
         embeds = embed(input_ids.masked_fill(speech_mask, 0))
@@ -493,7 +495,7 @@ class BlspModel(PreTrainedModel):
         if encoder_features is None:
             if n_slots:
                 raise ValueError("input_ids hold speech slots but no speech features were given")
-            return embeds, None, None
+            return embeds, None, None, None
         states, adapted, lengths = self._adapted(encoder_features, encoder_lengths)
         speech, vectors, keep, slots = self.speech_reader.read(states, adapted, lengths, self.speech_source)
         if self.voice_channel is not None:
@@ -503,7 +505,7 @@ class BlspModel(PreTrainedModel):
         if flat.shape[0] != n_slots:
             raise ValueError(f"{n_slots} speech slots in input_ids but the adapter made {flat.shape[0]} vectors")
         embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
-        return embeds, (keep[valid] if keep is not None else None), (speech, lengths)
+        return embeds, (keep[valid] if keep is not None else None), (speech, lengths), (adapted, lengths)
 
     def voice_rows_of(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The voice statistics rows [B, R, d] at the head of cached features, on the channel's device."""
@@ -548,11 +550,11 @@ class BlspModel(PreTrainedModel):
     ) -> BlspOutput:
         if return_logits and shared_prefix:
             raise ValueError("return_logits needs every position's hidden state; do not pass shared_prefix")
-        embeds, keep, speech = self._splice(input_ids, encoder_features, encoder_lengths)
+        embeds, keep, speech, adapted = self._splice(input_ids, encoder_features, encoder_lengths)
         attention_mask = _hide_dropped_speech(attention_mask, input_ids, keep)
         with self.reading(input_ids):
             hidden = self.llm_hidden_states(embeds, attention_mask, shared_prefix)
-        out = BlspOutput(speech=speech)
+        out = BlspOutput(speech=speech, adapted=adapted)
         if return_logits:
             out.logits = self.lm_logits(hidden)
         if labels is not None:

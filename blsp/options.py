@@ -88,6 +88,13 @@ class ObjectiveOptions:
                        "on speech) over the continuation (BLSP-KD); ce+kl: both", choices=LOSSES)
     kl_temperature: float = option(1.0)
     kl_weight: float = option(1.0)
+    # Adam moves every weight by about the learning rate a step, even where the KL barely asks for a
+    # change: the correction then grows on words the bridge already reads right, and on speech unlike
+    # the training clips (real voices) it moves answers the cascade would have kept.
+    correction_weight: float = option(
+        0.0, "with the token bridge: weight of a penalty on the adapter's correction (its mean squared norm over a "
+        "clip's vectors, relative to the LLM's mean squared embedding norm, per target token); keeps the "
+        "correction at zero where the loss gives it little to follow", metavar="W")
     mix_transcribe: float = option(0.0, "share of utterances trained to transcribe instead of continue (the "
                                    "paper's 9:1 is 0.1)", metavar="SHARE")
     mix: str = option("", "shares of utterances trained on other tasks instead of the continuation: transcribe, "
@@ -512,6 +519,14 @@ def check_options(options: TrainOptions) -> None:
                             "as themselves (--speech-states decoder --speech-vectors tokens: --preset decoder)"
                             + options.preset_note("bridge_confidence", "speech_states", "speech_vectors"))
         check_bridge_confidence(model.bridge_confidence)
+    if objective.correction_weight < 0:
+        raise BlspError(f"--correction-weight {objective.correction_weight}: 0 (no penalty) or more"
+                        + options.preset_note("correction_weight"))
+    if objective.correction_weight > 0 and not reads_tokens(model.speech_vectors, model.speech_states):
+        raise BlspError(f"--correction-weight {objective.correction_weight}: only the token bridge's adapter makes a "
+                        "correction (of the tokens it reads); elsewhere its vectors are the speech itself "
+                        "(--speech-states decoder --speech-vectors tokens: --preset decoder)"
+                        + options.preset_note("correction_weight", "speech_states", "speech_vectors"))
     if model.bridge_transcript and not reads_tokens(model.speech_vectors, model.speech_states):
         raise BlspError("--bridge-transcript: only the token bridge reads Whisper's transcript (--speech-states "
                         "decoder --speech-vectors tokens: --preset decoder)"

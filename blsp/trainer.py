@@ -38,7 +38,7 @@ from .features import FeatureCache
 from .io import append_jsonl, atomic_write_json, repair_jsonl_tail, replace_dir
 from .fsdp import digest_across_ranks, is_sharded
 from .llm import shared_prefix
-from .losses import ForwardKLLoss, TopKKLLoss
+from .losses import ForwardKLLoss, TopKKLLoss, correction_penalty
 from .lora import lora_parameters
 from .modeling import ADAPTER_WEIGHTS, BlspModel
 from .options import TrainOptions, check_resumable, lora_settings
@@ -158,6 +158,7 @@ class Trainer:
             model.enable_lora(lora_settings(options))
         self.kl = ForwardKLLoss(options.objective.kl_temperature) if "kl" in options.objective.loss else None
         self.topk_kl = TopKKLLoss(options.objective.kl_temperature)
+        self._embedding_scale: torch.Tensor | None = None  # embedding_scale()
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.optim.lr,
                                            weight_decay=options.optim.weight_decay)
@@ -242,6 +243,11 @@ class Trainer:
                                    torch.cat([rows[i] for i in taught]) if taught else out.target_logits[:0])
             loss = loss + self.options.objective.kl_weight * kl
             parts["kl"] = kl.detach()
+        weight = self.options.objective.correction_weight
+        if weight > 0:
+            penalty = correction_penalty(*out.adapted, [len(it.target) for it in items], self.embedding_scale())
+            loss = loss + weight * penalty
+            parts["correction"] = penalty.detach()
         head = self.model.ctc_head
         if head is not None and self.options.objective.ctc_weight > 0:
             # Keeps the head that decides what the LLM sees in step with the adapter it reads.
@@ -250,6 +256,13 @@ class Trainer:
             loss = loss + self.options.objective.ctc_weight * ctc
             parts["ctc"] = ctc.detach()
         return loss, parts
+
+    def embedding_scale(self) -> torch.Tensor:
+        """The LLM's mean squared input-embedding norm (what a correction is measured against), once."""
+        if self._embedding_scale is None:
+            weight = self.model.language_model.get_input_embeddings().weight
+            self._embedding_scale = weight.detach().float().pow(2).sum(-1).mean().to(self.device)
+        return self._embedding_scale
 
     def on_device(self, batch: dict) -> tuple[dict, list[int]]:
         """A collated batch moved to the training device, and its shared prompt prefix (read on

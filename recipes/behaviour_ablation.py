@@ -53,6 +53,8 @@ def run_row(row: dict, recipe: dict, out: Path) -> None:
     run = out / row["name"]
     if (run / "eval" / "results.json").exists():
         print(f"= {row['name']}: done, skipped")
+        given = row.get("untrained") or row.get("model")
+        run_extra_suites(row, recipe, run, str(ROOT / given) if given else str(run), out / f"{row['name']}.log")
         return
     run.mkdir(parents=True, exist_ok=True)
     log = out / f"{row['name']}.log"
@@ -65,6 +67,16 @@ def run_row(row: dict, recipe: dict, out: Path) -> None:
         blsp("train", "--data", *data, "--output-dir", str(run), *option_flags(train), *resume, log=log)
     blsp("eval", "--model", model, *eval_flags(row, recipe), "--output-dir", str(run / "eval"), log=log)
     atomic_write_json(run / "measured_on.json", {"date": datetime.date.today().isoformat(), "machine": machine()})
+    run_extra_suites(row, recipe, run, model, log)
+
+
+def run_extra_suites(row: dict, recipe: dict, run: Path, model: str, log: Path) -> None:
+    """The recipe's `extra_suites` (name: suite file), each into ROW/eval-NAME/, once: more sets in
+    the same table (e.g. every real clip, where the demo's suite asks 24)."""
+    for name, suite in (recipe.get("extra_suites") or {}).items():
+        if not (run / f"eval-{name}" / "results.json").exists():
+            flags = eval_flags(row, {**recipe, "suite": suite, "limit": None})
+            blsp("eval", "--model", model, *flags, "--output-dir", str(run / f"eval-{name}"), log=log)
 
 
 def row_result(row: dict, run: Path) -> dict | None:
@@ -72,6 +84,8 @@ def row_result(row: dict, run: Path) -> dict | None:
     if not results.exists():
         return None
     behaviour = json.loads(results.read_text()).get("behaviour") or {}
+    for extra in sorted(run.glob("eval-*/results.json")):  # the extra suites' sets, where measured
+        behaviour.update(json.loads(extra.read_text()).get("behaviour") or {})
     summary = (ROOT / row["model"] if row.get("model") else run) / "train_summary.json"
     minutes = None
     if summary.exists():

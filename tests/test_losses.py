@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blsp.losses import ForwardKLLoss, TopKKLLoss
+from blsp.losses import ForwardKLLoss, TopKKLLoss, correction_penalty
 from blsp.readers.ctc import EmbeddingCTCHead
 
 
@@ -92,3 +92,17 @@ def test_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_the_renormalised_o
     p = logprobs.softmax(-1)  # the teacher renormalised over its top 3; the student read at those tokens
     q = F.log_softmax(student, dim=-1).gather(-1, ids)
     torch.testing.assert_close(TopKKLLoss()(student, ids, logprobs), (p * (p.log() - q)).sum())
+
+
+def test_correction_penalty_is_each_clips_mean_squared_norm_over_the_embedding_scale_per_target_token():
+    g = torch.Generator().manual_seed(5)
+    vectors, lengths = torch.randn(2, 4, 3, generator=g), torch.tensor([4, 2])
+    padded = vectors.clone()
+    padded[1, 2:] = 100.0  # past the clip's length: not a correction the LLM reads
+    first = vectors[0].pow(2).sum(-1).mean()
+    second = vectors[1, :2].pow(2).sum(-1).mean()
+    expected = (first * 5 + second * 7) / 2.5
+    torch.testing.assert_close(correction_penalty(padded, lengths, [5, 7], 2.5), expected)
+    assert correction_penalty(torch.zeros(2, 4, 3), lengths, [5, 7], 2.5).item() == 0.0
+    # a clip with no vector costs nothing (and no division by zero)
+    assert correction_penalty(vectors, torch.tensor([0, 0]), [5, 7], 1.0).item() == 0.0

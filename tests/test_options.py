@@ -68,3 +68,13 @@ def test_a_bridge_confidence_needs_the_token_bridge_and_a_posterior():
     with pytest.raises(BlspError, match="between 0 and 1"):
         check_options(parse("--preset", "decoder", "--bridge-confidence", "2"))
     check_options(parse("--preset", "decoder", "--bridge-confidence", "0.5"))
+
+
+def test_a_correction_penalty_needs_the_token_bridge_and_a_weight_of_zero_or_more():
+    from blsp.options import check_options
+
+    with pytest.raises(BlspError, match="only the token bridge's adapter makes a correction"):
+        check_options(parse("--preset", "paper", "--correction-weight", "1"))
+    with pytest.raises(BlspError, match="--correction-weight -1.0: 0"):
+        check_options(parse("--preset", "decoder", "--correction-weight", "-1"))
+    check_options(parse("--preset", "decoder", "--correction-weight", "1"))

@@ -15,7 +15,7 @@ import soundfile as sf
 from blsp import realspeech
 from blsp.data import load_utterance_audio, read_manifest
 from blsp.errors import BlspError, InputError
-from blsp.realspeech import NEVER, SOURCES, Source, build_real_set, read_listing
+from blsp.realspeech import NEVER, SOURCES, Source, build_real_set, interleaved, read_listing
 
 SR = 22050  # not 16 kHz: the set is resampled
 
@@ -65,6 +65,11 @@ def test_listed_clips_become_a_manifest_naming_their_package(fake_package):
     before = wav.stat().st_mtime_ns
     build_real_set(fake_package, ("fake",), progress=False)
     assert wav.stat().st_mtime_ns == before
+
+
+def test_the_manifest_takes_the_sources_clips_in_turn_so_its_first_lines_mix_them():
+    assert interleaved([[1, 2, 3], ["a"], [10, 20]]) == [1, "a", 10, 2, 20, 3]
+    assert interleaved([]) == [] and interleaved([[], [1]]) == [1]
 
 
 def test_a_bad_listing_line_and_an_unknown_source_are_named(fake_package, tmp_path):

@@ -268,3 +268,32 @@ def test_the_demo_report_shows_the_voice_suite_beside_its_rows():
     assert "blsp 81.0%  cascade 20.0%" in text and "blsp says: A woman speaks." in text
     assert "classifiers heard, before the LLM says it: gender 97.5%" in text
     assert demo.format_voice({}) == []
+
+
+def behaviour_results(path: Path, set_name: str, keywords: float) -> None:
+    bars = {"kl": {"met": True}, "agreement:keywords": {"met": keywords >= 27}}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"behaviour": {set_name: {
+        "rows": {"blsp": {"kl_answers": 0.2, "agreement": {"keywords": keywords}, "runaway": 0.05, "wer": 0.3},
+                 "cascade": {"kl_answers": 0.18, "agreement": {"keywords": 30.0}, "runaway": 0.04}},
+        "kl_measured_on": "kl_answers", "whisper_wer": 0.1, "bars": bars}}}))
+
+
+def test_behaviour_ablation_reads_each_rows_extra_suites_into_its_sets_and_runs_each_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))  # it imports the step-2 ablation's runner
+    ablation = load_recipe_module("behaviour_ablation")
+    run = tmp_path / "row"
+    behaviour_results(run / "eval", "real speech", 20.0)
+    behaviour_results(run / "eval-real-all", "real speech, all clips", 29.0)
+    result = ablation.row_result({"name": "row", "what": "a lever"}, run)
+    assert set(result["sets"]) == {"real speech", "real speech, all clips"}
+    assert result["sets"]["real speech, all clips"]["agreement"] == {"keywords": 29.0}
+    assert [s["bars_met"] for s in result["sets"].values()] == [1, 2]
+
+    calls = []
+    monkeypatch.setattr(ablation, "blsp", lambda *args, log: calls.append(args))
+    recipe = {"suite": "demo.yaml", "limit": 16, "extra_suites": {"real-all": "real.yaml", "more": "more.yaml"}}
+    ablation.run_extra_suites({"name": "row"}, recipe, run, "model", tmp_path / "log")
+    # real-all is there: only `more` runs, on its whole suite (no --limit)
+    assert calls == [("eval", "--model", "model", "--suite", "more.yaml", "--batch-size", "24",
+                      "--output-dir", str(run / "eval-more"))]

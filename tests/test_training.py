@@ -831,6 +831,29 @@ def test_the_decoder_recipe_trains_on_whisper_decoder_states(tiny_dirs, tiny_whi
     assert "-decoder-" in cached and len(list((tmp_path / "features").rglob("*.npy"))) == 4
 
 
+def test_a_correction_penalty_is_logged_and_keeps_the_bridges_correction_smaller(tiny_dirs, tiny_whisper_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_corpus(tmp_path / "data", n=4, with_continuation=True)
+    norms = {}
+    for weight in (0.0, 50.0):
+        run = tmp_path / f"run-{weight}"
+        opts = TrainOptions.from_preset("decoder", encoder=tiny_whisper_dir, llm=tiny_dirs["llm"], batch_size=2,
+                                        lr=1e-2, warmup_steps=1, max_steps=4, precision="fp32", mix_transcribe=0.0,
+                                        correction_weight=weight, feature_cache=str(tmp_path / "features"))
+        run_train([data], run, opts)
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        if weight:
+            # the correction starts at zero (BlspModel.init_adapter), then grows and is charged for it
+            assert log[0]["correction"] == 0.0 and log[-1]["correction"] > 0
+        else:
+            assert "correction" not in log[0]
+        weights = load_file(run / "adapter.safetensors")
+        # the correction's size is its LayerNorm's gain and bias (both start at zero)
+        norms[weight] = sum(float(w.float().norm()) for name, w in weights.items() if ".norm." in f".{name}")
+    assert norms[50.0] < norms[0.0]
+
+
 @pytest.mark.parametrize("lever", [dict(warm_start="ctc", warm_start_steps=5), dict(compress_speech="ctc"),
                                    dict(unfreeze_encoder_layers=1)])
 def test_decoder_states_refuse_the_levers_of_encoder_frames_before_anything_loads(lever):
