@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .whisper import mask_padding
+
 
 class ForwardKLLoss(nn.Module):
     """Sum over positions of KL(teacher || student) of next-token distributions, at temperature T.
@@ -74,8 +76,7 @@ def correction_penalty(vectors: torch.Tensor, lengths: torch.Tensor, target_toke
     valid up to `lengths` [B]; a clip with no vector costs nothing.
     """
     lengths = lengths.to(vectors.device)
-    valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < lengths[:, None]
-    squared = vectors.float().pow(2).sum(-1).masked_fill(~valid, 0.0).sum(1)
+    squared = mask_padding(vectors.float(), lengths).pow(2).sum((1, 2))
     per_clip = squared / lengths.clamp(min=1).to(squared.dtype)
     tokens = torch.as_tensor(target_tokens, dtype=per_clip.dtype, device=per_clip.device)
     return (per_clip * tokens).sum() / embedding_scale

@@ -50,16 +50,14 @@ def prepare(recipe: dict, needed: list[str], out: Path) -> None:
 
 
 def run_row(row: dict, recipe: dict, out: Path) -> None:
-    run = out / row["name"]
-    if (run / "eval" / "results.json").exists():
-        print(f"= {row['name']}: done, skipped")
-        given = row.get("untrained") or row.get("model")
-        run_extra_suites(row, recipe, run, str(ROOT / given) if given else str(run), out / f"{row['name']}.log")
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    log = out / f"{row['name']}.log"
+    run, log = out / row["name"], out / f"{row['name']}.log"
     given = row.get("untrained") or row.get("model")  # a saved model's config (untrained) or the model itself
     model = str(ROOT / given) if given else str(run)
+    if (run / "eval" / "results.json").exists():
+        print(f"= {row['name']}: done, skipped")
+        run_extra_suites(row, recipe, run, model, log)
+        return
+    run.mkdir(parents=True, exist_ok=True)
     if not given and not (run / "train_summary.json").exists():
         resume = ["--resume"] if (run / "checkpoints").exists() else []
         train = {**recipe["common"], **row.get("train", {})}
