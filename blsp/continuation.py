@@ -36,7 +36,7 @@ from .distributed import barrier, default_device, init_distributed
 from .errors import BlspError, InputError
 from .io import append_jsonl, repair_jsonl_tail
 from .fingerprint import weights_fingerprint
-from .llm import load_language_model
+from .llm import cache_argument, cache_of, load_language_model
 from .prompts import CONTINUATION_INSTRUCTION, ChatPrompt, pieces_to_ids, transcript_message
 from .metrics import answer_is_right
 from .voice import describe_voice, heard_with_voice, plain_answer, voice_attributes, voice_questions
@@ -466,7 +466,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if n:
         from transformers import DynamicCache
 
-        first = model(input_ids=input_ids[:1, :n], use_cache=True).past_key_values
+        first = cache_of(model(input_ids=input_ids[:1, :n], use_cache=True))
         rows = input_ids.shape[0]
         # expand() is a view; the cache's first update concatenates, so rows never share storage.
         cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
@@ -474,8 +474,8 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     prompt = {"input_ids": input_ids[:, n:]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     with prompt_scope or contextlib.nullcontext():
         out = model(**prompt, attention_mask=attention_mask, position_ids=positions[:, n:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache, next_tokens = out.past_key_values, out.logits[:, -1].argmax(-1)
+                    use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+    cache, next_tokens = cache_of(out), out.logits[:, -1].argmax(-1)
     alive = list(range(input_ids.shape[0]))  # batch row -> original row
     last_position = positions[:, -1]
     results: list[list[int]] = [[] for _ in alive]
@@ -497,8 +497,8 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         last_position = last_position + 1
         with step_scope(alive) if step_scope is not None else contextlib.nullcontext():
             out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                        position_ids=last_position[:, None], past_key_values=cache, use_cache=True)
-        cache, next_tokens = out.past_key_values, out.logits[:, -1].argmax(-1)
+                        position_ids=last_position[:, None], use_cache=True, **cache_argument(model, cache))
+        cache, next_tokens = cache_of(out), out.logits[:, -1].argmax(-1)
     return results
 
 

