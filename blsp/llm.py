@@ -8,6 +8,7 @@ attention mask, so that padded or dropped speech slots take no position.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -168,10 +169,15 @@ class PrefixCache:
 
 def cache_argument(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The keyword a forward takes its KV cache by: transformers 5 renamed `past_key_values` to
-    `cache` (the old name still works there, with a FutureWarning at every call). The class's
-    forward is asked, not the instance's, which a hook or a test may have wrapped in *args, **kwargs."""
-    keyword = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
-    return {keyword: cache}
+    `cache` (the old name still works there, with a FutureWarning at every call)."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(module_class: type) -> str:
+    # Asked once per class (greedy decoding asks at every token). The class's forward, not the
+    # instance's, which a hook or a test may have wrapped in *args, **kwargs.
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
 
 def cache_of(out: Any) -> Any:
