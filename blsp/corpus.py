@@ -839,6 +839,18 @@ def kokoro_phonemes(text: str) -> list[str]:
     return [c for c in clauses if c]
 
 
+def split_at_words(phonemes: str, limit: int) -> list[str]:
+    """`phonemes` in pieces of at most `limit` symbols, cut at the last word break (a space) that
+    fits; a word longer than `limit` alone is cut where the limit falls."""
+    pieces = []
+    while len(phonemes) > limit:
+        cut = phonemes.rfind(" ", 1, limit + 1)
+        cut = cut if cut > 0 else limit
+        pieces.append(phonemes[:cut].rstrip())
+        phonemes = phonemes[cut:].lstrip()
+    return [p for p in [*pieces, phonemes] if p]
+
+
 def kokoro_speak(voice: str, text: str, speed: float = 1.0) -> np.ndarray:
     """Kokoro's float32 audio at KOKORO_SAMPLE_RATE; `speed` >1 is faster. Clauses are joined by a
     comma (a short pause), as many a time as the voice's style table allows (its rows are indexed
@@ -846,11 +858,12 @@ def kokoro_speak(voice: str, text: str, speed: float = 1.0) -> np.ndarray:
     session, vocab, styles = _kokoro()
     style = styles[voice]
     chunks: list[list[int]] = [[]]
-    for clause in kokoro_phonemes(text):
-        ids = [vocab[c] for c in clause]
+    pieces = (piece for clause in kokoro_phonemes(text) for piece in split_at_words(clause, len(style)))
+    for piece in pieces:
+        ids = [vocab[c] for c in piece]
         if chunks[-1] and len(chunks[-1]) + 1 + len(ids) > len(style):
             chunks.append([])
-        chunks[-1] += ([vocab[","]] if chunks[-1] else []) + ids[: len(style)]
+        chunks[-1] += ([vocab[","]] if chunks[-1] else []) + ids
     if not chunks[0]:
         raise BlspError(f"Kokoro: nothing to say in {text!r}")
     audio = [session.run(None, {"tokens": np.array([[0, *ids, 0]], dtype=np.int64),

@@ -4,7 +4,11 @@ The paper trains the adapter alone. A low-rank update of the LLM's projections l
 the speech halfway; `where="speech"` applies it at speech positions only, so every text position's
 own computation is the frozen LLM's (it still attends to the adapted speech positions). Text-only
 prompts then give exactly the frozen LLM's answers, and a prompt prefix without speech keeps its
-cached keys and values (blsp.modeling's shared prefix). `where="request"` applies it at every
+cached keys and values (blsp.modeling's shared prefix). `where="voice"` applies it at the voice
+channel's vectors only (blsp.voice_channel): the words' positions and the answer are the frozen
+LLM's own, and the few voice positions, which attend to the instruction before them, become a
+question-aware prefix of the LLM's keys and values, strong enough to answer about the voice while
+every other position computes what the words-only model computes. `where="request"` applies it at every
 position of a sequence that holds speech (its answer's tokens too: what a closed question about
 the voice needs) and nowhere in one that holds none: text-only prompts still get the frozen LLM.
 `where="all"` is plain peft: everywhere, text-only prompts included.
@@ -28,7 +32,7 @@ from torch import nn
 
 from .errors import BlspError
 
-PLACES = ("speech", "request", "all")
+PLACES = ("speech", "voice", "request", "all")
 # The projections of every decoder layer in Llama-, Qwen-, Mistral-style LLMs.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -40,8 +44,8 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # speech: LoRA acts at speech positions only; request: everywhere in a sequence holding speech;
-    # all: everywhere (plain peft)
+    # speech: LoRA acts at speech positions only; voice: at the voice channel's positions only;
+    # request: everywhere in a sequence holding speech; all: everywhere (plain peft)
     where: str = "speech"
     target_modules: tuple[str, ...] = ATTENTION
 
@@ -191,7 +195,7 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
     inject_adapter_in_model(config, language_model, adapter_name=ADAPTER_NAME)
-    gate = LoraGate(speech_only=settings.where == "speech", whole_rows=settings.where == "request")
+    gate = LoraGate(speech_only=settings.where in ("speech", "voice"), whole_rows=settings.where == "request")
     for module in lora_layers(language_model):
         if not hasattr(module, "_disable_adapters"):  # peft's switch to its base layer alone
             raise BlspError(f"LoRA: this peft version's {type(module).__name__} has no `_disable_adapters` switch; "
@@ -207,6 +211,15 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
             module.register_forward_pre_hook(gate.skip_when_off)
             module.lora_B[ADAPTER_NAME].register_forward_hook(gate.hook)
     return gate
+
+
+def voice_positions(speech_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` positions of every run of speech slots in [B, P] `speech_mask`: where a clip's
+    voice-channel vectors sit (blsp.modeling puts them ahead of each clip's words)."""
+    index = torch.arange(speech_mask.shape[1], device=speech_mask.device).expand_as(speech_mask)
+    previous = torch.nn.functional.pad(speech_mask[:, :-1], (1, 0), value=False)
+    starts = torch.where(speech_mask & ~previous, index, torch.full_like(index, -1))
+    return speech_mask & (index - starts.cummax(dim=1).values < n)
 
 
 def _plain_linear_lora(module: nn.Module) -> bool:

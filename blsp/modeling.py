@@ -36,7 +36,7 @@ from .fsdp import is_sharded
 from .llm import (PrefixCache, attention_kernels, lm_logits, load_language_model, run_decoder,
                   set_layer_checkpointing, target_logits, token_embeddings)
 from .lora import (LoraGate, LoraSettings, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
-                   set_lora_dropout)
+                   set_lora_dropout, voice_positions)
 from .processing import SPEECH_TOKEN_ID
 from .readers import READERS, CTCReader, SpeechReader, TokenBridgeReader, build_reader
 from .speech_sources import SPEECH_SOURCES, SpeechSource, build_speech_source, check_speech_states, decoder_tokenizer
@@ -212,6 +212,9 @@ class BlspModel(PreTrainedModel):
         """LoRA on the LLM (blsp.lora): trainable beside the adapter, saved in its checkpoint."""
         if self.lora_gate is not None:
             raise BlspError("this model already has LoRA on its LLM")
+        if settings.where == "voice" and not voice_slots(self.config):
+            raise BlspError("--lora-where voice acts at the voice channel's vectors: give the model a voice channel "
+                            "(--voice-vectors N or --voice-attributes), or choose speech, request or all")
         self.config.lora = settings.to_dict()
         self.lora_gate = add_lora(self.language_model, settings)
         self.freeze_backbones()
@@ -224,7 +227,10 @@ class BlspModel(PreTrainedModel):
         """For the LLM calls inside: which positions of `input_ids` are speech (speech-only LoRA)."""
         if self.lora_gate is None:
             return contextlib.nullcontext()
-        return self.lora_gate.positions(input_ids == SPEECH_TOKEN_ID)
+        speech = input_ids == SPEECH_TOKEN_ID
+        if self.config.lora.get("where") == "voice":  # the voice channel's vectors alone
+            speech = voice_positions(speech, voice_slots(self.config))
+        return self.lora_gate.positions(speech)
 
     def answering(self, input_ids: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
         """For the LLM calls that generate after a prompt `input_ids` (`rows`: those of its rows still

@@ -176,7 +176,8 @@ class LoraOptions:
     alpha: float = option(16.0, "LoRA's scale is alpha / rank")
     dropout: float = option(0.0, "dropout on LoRA's input while training (peft's lora_dropout); 0: none", metavar="P")
     where: str = option("speech", "speech: LoRA acts at speech positions only, so text-only prompts get the "
-                        "frozen LLM's answers; request: at every position of a prompt that holds speech (its "
+                        "frozen LLM's answers; voice: at the voice channel's vectors only (the words and the answer "
+                        "are the frozen LLM's); request: at every position of a prompt that holds speech (its "
                         "answer too), none of a text-only one; all: at every position", choices=PLACES)
     modules: str = option("attention", "attention (q,k,v,o), mlp (gate,up,down), all, or comma-separated "
                           "module names", metavar="NAMES")

@@ -727,3 +727,13 @@ def test_kokoro_voice_speaks_english_at_the_drawn_rate(tmp_path):
     long_text = ", ".join(["a sentence that goes on and on"] * 40)  # well past the 510 phonemes of a style table
     audio = corpus.kokoro_speak("jm_kumo", long_text)
     assert audio.dtype == np.float32 and len(audio) > 20 * corpus.KOKORO_SAMPLE_RATE
+    one_clause = " ".join(["a sentence that goes on and on"] * 25)  # no break espeak-ng would make
+    assert len("".join(corpus.kokoro_phonemes(one_clause))) > 510
+    assert len(corpus.kokoro_speak("jm_kumo", one_clause)) > 15 * corpus.KOKORO_SAMPLE_RATE  # all of it said
+
+
+def test_a_clause_too_long_for_one_style_row_is_cut_at_word_breaks():
+    assert corpus.split_at_words("ab cd ef", 5) == ["ab cd", "ef"]
+    assert corpus.split_at_words("ab cd ef", 4) == ["ab", "cd", "ef"]
+    assert corpus.split_at_words("abcdefg hi", 4) == ["abcd", "efg", "hi"]  # a word past the limit alone
+    assert corpus.split_at_words("ab", 4) == ["ab"] and corpus.split_at_words("", 4) == []

@@ -237,3 +237,48 @@ def test_the_voice_channel_reads_beside_the_transcript_bridge(tiny_whisper_dir, 
     mel, lengths = mels([0.5, 2.2])
     feats, n = model.encode_mel(mel, lengths)
     assert torch.isfinite(assert_loss_batch_invariant(model, [feats[k, : n[k]] for k in range(2)]))
+
+
+def test_voice_positions_are_the_first_slots_of_every_run_of_speech():
+    from blsp.lora import voice_positions
+
+    speech = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert voice_positions(speech, 2).int().tolist() == [[0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0],
+                                                         [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    assert not voice_positions(speech, 0).any()
+
+
+def test_voice_lora_acts_at_the_voice_vectors_alone_and_round_trips(voiced_decoder_model, tiny_model, tmp_path):
+    """`--lora-where voice`: LoRA's branch runs at each clip's voice vectors only, so the prompt before
+    the speech is the frozen LLM's; what follows reads them (the answer changes)."""
+    from blsp.lora import LoraSettings
+    from test_lora import _randomise_lora
+
+    with pytest.raises(BlspError, match="--lora-where voice"):
+        tiny_model.enable_lora(LoraSettings(rank=4, where="voice"))  # no voice channel
+    model = voiced_decoder_model
+    model.enable_lora(LoraSettings(rank=4, where="voice"))
+    _randomise_lora(model)
+    model.eval()
+    batch, _, _ = continuation_batch(model, [0.7, 1.2])
+    masks = []
+    positions = model.lora_gate.positions
+    model.lora_gate.positions = lambda mask: (masks.append(mask.clone()), positions(mask))[1]
+    with torch.no_grad():
+        logits = model(**batch, return_logits=True).logits
+        with model.lora_off():
+            frozen = model(**batch, return_logits=True).logits
+    speech = batch["input_ids"] == SPEECH_TOKEN_ID
+    for mask in masks:
+        assert mask.sum(dim=1).tolist() == [3, 3]  # the three voice vectors of each clip
+        for row in range(2):
+            first = int(speech[row].nonzero()[0])
+            assert mask[row, first : first + 3].all()
+    first = int(speech[0].nonzero()[0])
+    torch.testing.assert_close(logits[:, :first], frozen[:, :first], rtol=0, atol=0)
+    assert (logits[:, -1] - frozen[:, -1]).abs().max() > 1e-4
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = BlspModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.lora["where"] == "voice"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch, return_logits=True).logits, logits)
