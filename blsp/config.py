@@ -16,7 +16,7 @@ from .adapters import check_adapter_type
 from .errors import BlspError
 from .readers.bridge import check_bridge_adapter
 from .speech_sources import SPEECH_SOURCES, check_speech_states
-from .voice_channel import check_voice_settings, default_voice_layers, has_voice_channel
+from .voice_channel import check_voice_place, check_voice_settings, default_voice_layers, has_voice_channel
 
 COMPRESSIONS = (None, "ctc")
 SPEECH_VECTORS = ("adapter", "tokens")
@@ -91,6 +91,7 @@ class BlspConfig(PretrainedConfig):
         voice_vectors: int = 0,
         voice_layers: list[int] | None = None,
         voice_attributes: list[str] | None = None,
+        voice_place: str = "before",
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -149,6 +150,10 @@ class BlspConfig(PretrainedConfig):
         self.voice_vectors = int(voice_vectors)
         self.voice_layers = [int(k) for k in voice_layers] if hears and voice_layers else None
         self.voice_attributes = list(voice_attributes) if voice_attributes else None
+        # "before" the words (the first voice models) or "after" them: then every word's state is
+        # the words-only model's, and the voice vectors read the instruction and the words
+        check_voice_place(voice_place)
+        self.voice_place = voice_place
         super().__init__(**kwargs)
         check_voice_settings(self.voice_vectors, self.voice_layers, layers,
                              self.first_trainable_encoder_layer if layers is not None else None,

@@ -213,9 +213,11 @@ def add_lora(language_model: nn.Module, settings: LoraSettings) -> LoraGate:
     return gate
 
 
-def voice_positions(speech_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` positions of every run of speech slots in [B, P] `speech_mask`: where a clip's
-    voice-channel vectors sit (blsp.modeling puts them ahead of each clip's words)."""
+def voice_positions(speech_mask: torch.Tensor, n: int, place: str = "before") -> torch.Tensor:
+    """The first (`place` "before") or last ("after") `n` positions of every run of speech slots in
+    [B, P] `speech_mask`: where a clip's voice-channel vectors sit beside its words (blsp.modeling)."""
+    if place == "after":
+        return voice_positions(speech_mask.flip(1), n).flip(1)
     index = torch.arange(speech_mask.shape[1], device=speech_mask.device).expand_as(speech_mask)
     previous = torch.nn.functional.pad(speech_mask[:, :-1], (1, 0), value=False)
     starts = torch.where(speech_mask & ~previous, index, torch.full_like(index, -1))

@@ -49,6 +49,7 @@ from .voice_channel import (
     init_voice_channel,
     split_voice_rows,
     voice_rows,
+    voice_place,
     voice_slots,
 )
 from .whisper import decoding_ids, load_whisper
@@ -229,7 +230,7 @@ class BlspModel(PreTrainedModel):
             return contextlib.nullcontext()
         speech = input_ids == SPEECH_TOKEN_ID
         if self.config.lora.get("where") == "voice":  # the voice channel's vectors alone
-            speech = voice_positions(speech, voice_slots(self.config))
+            speech = voice_positions(speech, voice_slots(self.config), voice_place(self.config))
         return self.lora_gate.positions(speech)
 
     def answering(self, input_ids: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
@@ -317,13 +318,14 @@ class BlspModel(PreTrainedModel):
         bridge_transcript: bool = False,
         voice_vectors: int = 0,
         voice_attributes: Sequence[str] = (),
+        voice_place: str = "before",
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
         states as it transcribes `speech_language`, "auto": the language it hears), and with
         `speech_vectors` "tokens" the adapter corrects the token bridge's vectors; `voice_vectors`
         > 0: a voice channel of that many free vectors, and one per `voice_attributes`
-        (blsp.voice_channel)."""
+        (blsp.voice_channel), `voice_place` "before" or "after" the words."""
         if tokens_unreadable(speech_vectors, None, speech_states):  # a new model has no CTC head yet
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
@@ -352,6 +354,7 @@ class BlspModel(PreTrainedModel):
             bridge_transcript=bridge_transcript,
             voice_vectors=voice_vectors,
             voice_attributes=list(voice_attributes) or None,
+            voice_place=voice_place,
         )
         model = cls(config, audio_tower=whisper.get_encoder(), language_model=language_model,
                     speech_decoder=whisper.get_decoder() if decoding else None)
@@ -534,13 +537,22 @@ class BlspModel(PreTrainedModel):
                  for a, p in post.items()} for i in range(features.shape[0])]
 
     def _with_voice(self, features, feature_lengths, vectors, keep, lengths):
-        """The voice vectors ahead of each clip's word vectors (the reader's choice of those kept);
-        `feature_lengths`: the cached features' rows, `lengths`: the word vectors'."""
+        """The voice vectors beside each clip's word vectors (the reader's choice of those kept),
+        before or after them (config.voice_place); `feature_lengths`: the cached features' rows,
+        `lengths`: the word vectors'."""
         voice = self.voice_vectors(features, feature_lengths).to(vectors.dtype)
         n = voice.shape[1]
+        if voice_place(self.config) == "before":
+            if keep is not None:
+                keep = torch.cat([keep.new_ones(keep.shape[0], n), keep], dim=1)
+            return torch.cat([voice, vectors], dim=1), keep, lengths + n
+        # after each row's own words, over its padding
+        at = (lengths[:, None] + torch.arange(n, device=lengths.device)).long()
+        out = torch.cat([vectors, vectors.new_zeros(vectors.shape[0], n, vectors.shape[2])], dim=1)
+        out = out.scatter(1, at[..., None].expand(-1, -1, out.shape[2]), voice)
         if keep is not None:
-            keep = torch.cat([keep.new_ones(keep.shape[0], n), keep], dim=1)
-        return torch.cat([voice, vectors], dim=1), keep, lengths + n
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], n)], dim=1).scatter(1, at, True)
+        return out, keep, lengths + n
 
     def forward(
         self,

@@ -21,6 +21,7 @@ from .lora import PLACES, LoraSettings, parse_modules
 from .prompts import CONTINUATION_INSTRUCTION
 from .readers.bridge import check_bridge_adapter
 from .speech_sources import SPEECH_SOURCES
+from .voice_channel import VOICE_PLACES
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "decoder"  # `blsp train` without --preset
@@ -76,6 +77,10 @@ class ModelOptions:
         "vector each, the LLM's embedding of the class word a classifier on the same statistics hears (fitted on the "
         "lines' labels before training), that trains from there; beside the --voice-vectors free ones",
         metavar="NAMES")
+    voice_place: str = option(
+        "before", "where the LLM reads the voice channel's vectors: before each clip's words, or after them (every "
+        "word then reads as in the words-only model, and the voice vectors read the instruction and the words)",
+        choices=VOICE_PLACES)
     instruction: str = option(CONTINUATION_INSTRUCTION, "the instruction the continuations were written under")
     system_prompt: str | None = option(None, "default: the chat template's own")
 

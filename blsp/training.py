@@ -19,6 +19,7 @@ from .fsdp import shard_model
 from .modeling import BlspModel
 from .options import TrainOptions, lora_settings, voice_attribute_names
 from .trainer import Trainer
+from .voice_channel import has_voice_channel, voice_place
 
 def init_model(options: TrainOptions) -> BlspModel:
     """--init-from DIR: the saved model (adapter, CTC head, LoRA) on the run's backbones, which must
@@ -37,6 +38,8 @@ def init_model(options: TrainOptions) -> BlspModel:
              ("voice_attributes", ",".join(getattr(c, "voice_attributes", None) or ()),
               ",".join(voice_attribute_names(options.model.voice_attributes))),
              ("system_prompt", c.system_prompt, options.model.system_prompt)]
+    if has_voice_channel(c):
+        pairs.append(("voice_place", voice_place(c), options.model.voice_place))
     if c.speech_compression or c.speech_states == "decoder":
         pairs.append(("speech_vectors", c.speech_vectors, options.model.speech_vectors))
     if saved_lora and asked_lora:
@@ -77,7 +80,8 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
                 system_prompt=m.system_prompt, seed=options.optim.seed, speech_states=m.speech_states,
                 speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
                 speech_language=m.speech_language, bridge_confidence=m.bridge_confidence, bridge_transcript=m.bridge_transcript,
-                voice_vectors=m.voice_vectors, voice_attributes=voice_attribute_names(m.voice_attributes))
+                voice_vectors=m.voice_vectors, voice_attributes=voice_attribute_names(m.voice_attributes),
+                voice_place=m.voice_place)
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None
     place_model(model, options, info)

@@ -46,6 +46,19 @@ def voice_slots(config) -> int:
     return len(getattr(config, "voice_attributes", None) or ()) + getattr(config, "voice_vectors", 0)
 
 
+VOICE_PLACES = ("before", "after")
+
+
+def check_voice_place(place: str) -> None:
+    if place not in VOICE_PLACES:
+        raise BlspError(f"voice place {place!r}: choose from {', '.join(VOICE_PLACES)} (the words)")
+
+
+def voice_place(config) -> str:
+    """Where each clip's voice vectors sit: "before" its words (models saved before the choice) or "after"."""
+    return getattr(config, "voice_place", None) or "before"
+
+
 def voice_rows(config) -> int:
     """Rows the voice statistics take at the head of each clip's cached features (0: no channel)."""
     if not has_voice_channel(config):

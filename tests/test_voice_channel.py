@@ -248,15 +248,44 @@ def test_voice_positions_are_the_first_slots_of_every_run_of_speech():
     assert not voice_positions(speech, 0).any()
 
 
-def test_voice_lora_acts_at_the_voice_vectors_alone_and_round_trips(voiced_decoder_model, tiny_model, tmp_path):
+def _voiced(tiny_whisper_dir, tiny_dirs, place):
+    return BlspModel.from_components(tiny_whisper_dir, tiny_dirs["llm"], adapter_type="stack", adapter_downsample=1,
+                                     speech_states="decoder", seed=0, voice_vectors=3, voice_place=place)
+
+
+def test_voice_vectors_after_the_words_follow_each_clips_own_words(tiny_whisper_dir, tiny_dirs, tmp_path):
+    """`voice_place="after"`: the same vectors as "before", the words first, each clip's voice right
+    after its own words (clips of different lengths: not at the padded end); the choice round-trips
+    and an unknown place is refused."""
+    before, after = (_voiced(tiny_whisper_dir, tiny_dirs, place) for place in ("before", "after"))
+    batch, _, _ = continuation_batch(after, [0.7, 1.2])
+    args = (batch["input_ids"], batch["attention_mask"], batch["encoder_features"], batch["encoder_lengths"])
+    with torch.no_grad():
+        a, b = after.prepare_inputs(*args)[0], before.prepare_inputs(*args)[0]
+    speech = batch["input_ids"] == SPEECH_TOKEN_ID
+    for row in range(2):
+        slots = speech[row].nonzero()[:, 0]
+        words = len(slots) - 3
+        torch.testing.assert_close(a[row, slots[:words]], b[row, slots[3:]])  # the words, first
+        torch.testing.assert_close(a[row, slots[words:]], b[row, slots[:3]])  # then the voice
+    assert speech[0].sum() != speech[1].sum()
+    after.save_pretrained(tmp_path / "after")
+    assert BlspModel.from_pretrained(tmp_path / "after").config.voice_place == "after"
+    with pytest.raises(BlspError, match="voice place"):
+        _voiced(tiny_whisper_dir, tiny_dirs, "middle")
+
+
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_voice_lora_acts_at_the_voice_vectors_alone_and_round_trips(tiny_whisper_dir, tiny_dirs, tiny_model, tmp_path,
+                                                                    place):
     """`--lora-where voice`: LoRA's branch runs at each clip's voice vectors only, so the prompt before
-    the speech is the frozen LLM's; what follows reads them (the answer changes)."""
+    them is the frozen LLM's; what follows reads them (the answer changes)."""
     from blsp.lora import LoraSettings
     from test_lora import _randomise_lora
 
     with pytest.raises(BlspError, match="--lora-where voice"):
         tiny_model.enable_lora(LoraSettings(rank=4, where="voice"))  # no voice channel
-    model = voiced_decoder_model
+    model = _voiced(tiny_whisper_dir, tiny_dirs, place)
     model.enable_lora(LoraSettings(rank=4, where="voice"))
     _randomise_lora(model)
     model.eval()
@@ -272,10 +301,11 @@ def test_voice_lora_acts_at_the_voice_vectors_alone_and_round_trips(voiced_decod
     for mask in masks:
         assert mask.sum(dim=1).tolist() == [3, 3]  # the three voice vectors of each clip
         for row in range(2):
-            first = int(speech[row].nonzero()[0])
-            assert mask[row, first : first + 3].all()
-    first = int(speech[0].nonzero()[0])
-    torch.testing.assert_close(logits[:, :first], frozen[:, :first], rtol=0, atol=0)
+            slots = speech[row].nonzero()[:, 0]
+            assert mask[row, slots[:3] if place == "before" else slots[-3:]].all()
+    for row in range(2):  # up to the first voice vector, the frozen LLM's
+        first = int(masks[0][row].nonzero()[0])
+        torch.testing.assert_close(logits[row, :first], frozen[row, :first], rtol=0, atol=0)
     assert (logits[:, -1] - frozen[:, -1]).abs().max() > 1e-4
     model.save_pretrained(tmp_path / "ckpt")
     loaded = BlspModel.from_pretrained(tmp_path / "ckpt").eval()
