@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import yaml
 
 from .data import Utterance, is_copy_continuation, read_manifest
 from .errors import BlspError, InputError
@@ -83,6 +84,23 @@ def step1_answer(utt: Utterance, task: str) -> dict | None:
 
 
 VOICE_MIX = "voice"  # `--mix voice=SHARE`: one of the line's answers about its voice, drawn per line
+# `--mix other=SHARE`: the continuation's tokens under an instruction of --other-instructions, distilled
+# from the frozen LLM reading the transcript under it. Off the teacher's own answer, but what it
+# constrains is the speech path's next-token distributions under many instructions, which is what
+# the behaviour measures ask of it on instructions step 2 never saw; no generation needed.
+OTHER_MIX = "other"
+
+
+def read_other_instructions(path: str | Path) -> list[str]:
+    """The instructions of an `--other-instructions` file: a YAML map of name: instruction."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BlspError(f"--other-instructions {path}: cannot read it ({err})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise BlspError(f"--other-instructions {path}: write a YAML map of name: instruction (non-empty strings), "
+                        "as recipes/instructions-distil.yaml")
+    return [v.strip() for v in data.values()]
 
 
 def voice_tasks(utt: Utterance) -> list[str]:
@@ -172,7 +190,12 @@ def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) 
     models and encoding every clip: a `--mix` task some line has no answer to (any line may be
     drawn for it), and saved top-k of differing K (the KL loss stacks them)."""
     for task in mix_shares(options):
-        if task == VOICE_MIX:
+        if task == OTHER_MIX:
+            if not options.objective.other_instructions:
+                raise BlspError(f"--mix {OTHER_MIX}=...: name the instructions with --other-instructions FILE "
+                                "(e.g. recipes/instructions-distil.yaml)")
+            read_other_instructions(options.objective.other_instructions)
+        elif task == VOICE_MIX:
             if not any(voice_tasks(u) for u in utterances):
                 raise BlspError(f"--mix {VOICE_MIX}=...: no line of {', '.join(sorted({u.source for u in utterances}))} "
                                 "states its voice or has step-1 answers about it (a manifest whose lines state "
@@ -218,14 +241,18 @@ def check_topk_width(utterances: Sequence[Utterance]) -> None:
 
 
 def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
-                  prompts: dict[str, list], llm_fingerprint: str | None = None) -> BehaviorItem:
-    """One training sequence: the utterance's continuation under the continuation instruction, or
-    with a mixed-in `task` that task's target under its instruction (`transcribe`: the transcript);
-    the teacher reads the transcript under the same instruction. `llm_fingerprint`: the model's
-    LLM, which a saved top-k must come from (None: not checked)."""
+                  prompts: dict[str, list], llm_fingerprint: str | None = None,
+                  instruction: str | None = None) -> BehaviorItem:
+    """One training sequence: the utterance's continuation under the continuation instruction (or
+    under `instruction`, distilled: `--mix other`), or with a mixed-in `task` that task's target
+    under its instruction (`transcribe`: the transcript); the teacher reads the transcript under
+    the same instruction. `llm_fingerprint`: the model's LLM, which a saved top-k must come from
+    (None: not checked)."""
     transcript = utt.extra.get("prompt_transcript") or utt.text
+    other = task is None and instruction is not None
     if task is None:
-        instruction, text, truncated = options.model.instruction, utt.extra["continuation"], bool(utt.extra.get("truncated"))
+        instruction = instruction or options.model.instruction
+        text, truncated = utt.extra["continuation"], bool(utt.extra.get("truncated"))
     else:
         response = task_response(utt, task)
         instruction, text, truncated = response["instruction"], response["text"], bool(response.get("truncated"))
@@ -238,7 +265,8 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     if instruction not in prompts:
         prompts[instruction] = proc.speech_prompt(instruction)
     teacher_prompt = proc.transcript_prompt(instruction, transcript)
-    saved = utt.extra.get("teacher_topk") if task is None and "kl" in options.objective.loss else None
+    # step 1's top-k is the teacher's under the continuation instruction only
+    saved = utt.extra.get("teacher_topk") if task is None and not other and "kl" in options.objective.loss else None
     topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
     # a transcript, or a fact about the voice, is the one right answer: learnt by cross-entropy
     exact = task == "transcribe" or (task or "").startswith("voice_")
@@ -294,11 +322,14 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
         utterances = kept
     items = []
     weight = voice_task_weights(utterances) if VOICE_MIX in shares else None
+    others = read_other_instructions(options.objective.other_instructions) if OTHER_MIX in shares else []
     for u in utterances:
-        task = choose_task(rng.random(), shares)
+        task, instruction = choose_task(rng.random(), shares), None
         if task == VOICE_MIX:  # one of its questions about the voice; a line with none continues
             task = draw_voice_task(rng, u, weight)
-        items.append(behavior_item(proc, u, options, task, prompts, llm_fingerprint))
+        elif task == OTHER_MIX:  # its continuation, distilled under another instruction
+            task, instruction = None, rng.choice(others)
+        items.append(behavior_item(proc, u, options, task, prompts, llm_fingerprint, instruction))
     return items
 
 

@@ -105,6 +105,10 @@ class ObjectiveOptions:
     mix: str = option("", "shares of utterances trained on other tasks instead of the continuation: transcribe, "
                       "or a task of step 1's --instruction-set (e.g. transcribe=0.1,summarize=0.2)",
                       metavar="TASK=SHARE,...")
+    other_instructions: str = option(
+        "", "`--mix other=SHARE`: a YAML file of name: instruction (recipes/instructions-distil.yaml); an item drawn "
+        "for `other` is distilled along its continuation's tokens under one of these instead, the frozen LLM reading "
+        "the transcript under the same instruction as its teacher (no step-1 answer needed)", metavar="FILE")
     drop_copies: bool = option(False, "leave out continuations that merely repeat the transcript")
     # A continuation's opening words depend most on the speech, later ones on the LLM's own text.
     max_target_tokens: int | None = option(None, "train on each continuation's first N tokens only (its "

@@ -391,6 +391,39 @@ def test_mix_trains_shares_on_step_1s_other_answers_and_names_a_line_without_one
     assert f"{data}:2:" in str(err.value)
 
 
+def test_mix_other_distils_the_continuation_under_other_instructions_and_checks_its_file(tiny_dirs, tmp_path,
+                                                                                         tiny_model):
+    """`--mix other=1`: every item keeps its continuation's tokens, under an instruction drawn from
+    --other-instructions, its teacher the transcript under the same instruction, distilled (no
+    saved top-k: that was the continuation instruction's); a missing or malformed file is refused
+    before training, naming it."""
+    from blsp.behavior import build_items
+    from blsp.errors import BlspError
+
+    data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
+    instructions = tmp_path / "other.yaml"
+    instructions.write_text("a: Say it in French.\nb: Give it a title.\n")
+    utts, _ = read_behavior_data([data])
+    proc = tiny_model.processor
+    opts = options(tiny_dirs, tmp_path, mix="other=1", other_instructions=str(instructions), loss="kl")
+    items = build_items(proc, utts, opts)
+    used = set()
+    for item, u in zip(items, utts):
+        instruction = next(i for i in ("Say it in French.", "Give it a title.") if item.prompt == proc.speech_prompt(i))
+        used.add(instruction)
+        assert item.target == proc.prompt.target_ids(u.extra["continuation"])
+        assert item.teacher_prompt == proc.transcript_prompt(instruction, u.text)
+        assert not item.exact and item.teacher_topk is None
+    assert used == {"Say it in French.", "Give it a title."}  # drawn, not one for all
+    assert build_items(proc, utts, opts)[0].prompt == items[0].prompt  # seeded
+    with pytest.raises(BlspError, match="--other-instructions FILE"):
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="other=0.5"))
+    instructions.write_text("- just a list\n")
+    with pytest.raises(BlspError, match=f"--other-instructions {instructions}: write a YAML map"):
+        run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="other=0.5",
+                                                    other_instructions=str(instructions)))
+
+
 def test_mix_voice_trains_a_lines_answers_about_its_voice_read_beside_its_description(tiny_dirs, tmp_path,
                                                                                       tiny_model):
     from blsp.behavior import build_items, check_behavior_data
