@@ -7,8 +7,9 @@ prompts then give exactly the frozen LLM's answers, and a prompt prefix without 
 cached keys and values (blsp.modeling's shared prefix). `where="voice"` applies it at the voice
 channel's vectors only (blsp.voice_channel): the words' positions and the answer are the frozen
 LLM's own, and the few voice positions, which attend to the instruction before them, become a
-question-aware prefix of the LLM's keys and values, strong enough to answer about the voice while
-every other position computes what the words-only model computes. `where="request"` applies it at every
+question-aware prefix of the LLM's keys and values, strong enough to answer about the voice, while
+every other position's own computation is the frozen LLM's (it attends to the voice positions, as
+with `speech`). `where="request"` applies it at every
 position of a sequence that holds speech (its answer's tokens too: what a closed question about
 the voice needs) and nowhere in one that holds none: text-only prompts still get the frozen LLM.
 `where="all"` is plain peft: everywhere, text-only prompts included.
