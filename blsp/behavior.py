@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import yaml
 
+from .continuation import read_instruction_set
 from .data import Utterance, is_copy_continuation, read_manifest
 from .errors import BlspError, InputError
 from .options import TrainOptions, choose_task, mix_shares
@@ -91,16 +91,10 @@ VOICE_MIX = "voice"  # `--mix voice=SHARE`: one of the line's answers about its 
 OTHER_MIX = "other"
 
 
-def read_other_instructions(path: str | Path) -> list[str]:
-    """The instructions of an `--other-instructions` file: a YAML map of name: instruction."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise BlspError(f"--other-instructions {path}: cannot read it ({err})") from None
-    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
-        raise BlspError(f"--other-instructions {path}: write a YAML map of name: instruction (non-empty strings), "
-                        "as recipes/instructions-distil.yaml")
-    return [v.strip() for v in data.values()]
+def other_instructions(options: TrainOptions) -> list[str]:
+    """The instructions of `--other-instructions` (step 1's instruction-set format, checked with
+    the file and line named)."""
+    return [instruction for _, instruction in read_instruction_set(options.objective.other_instructions)]
 
 
 def voice_tasks(utt: Utterance) -> list[str]:
@@ -194,7 +188,7 @@ def check_behavior_data(utterances: Sequence[Utterance], options: TrainOptions) 
             if not options.objective.other_instructions:
                 raise BlspError(f"--mix {OTHER_MIX}=...: name the instructions with --other-instructions FILE "
                                 "(e.g. recipes/instructions-distil.yaml)")
-            read_other_instructions(options.objective.other_instructions)
+            other_instructions(options)
         elif task == VOICE_MIX:
             if not any(voice_tasks(u) for u in utterances):
                 raise BlspError(f"--mix {VOICE_MIX}=...: no line of {', '.join(sorted({u.source for u in utterances}))} "
@@ -322,7 +316,7 @@ def build_items(proc, utterances: list[Utterance], options: TrainOptions,
         utterances = kept
     items = []
     weight = voice_task_weights(utterances) if VOICE_MIX in shares else None
-    others = read_other_instructions(options.objective.other_instructions) if OTHER_MIX in shares else []
+    others = other_instructions(options) if OTHER_MIX in shares else []
     for u in utterances:
         task, instruction = choose_task(rng.random(), shares), None
         if task == VOICE_MIX:  # one of its questions about the voice; a line with none continues

@@ -398,7 +398,7 @@ def test_mix_other_distils_the_continuation_under_other_instructions_and_checks_
     saved top-k: that was the continuation instruction's); a missing or malformed file is refused
     before training, naming it."""
     from blsp.behavior import build_items
-    from blsp.errors import BlspError
+    from blsp.errors import BlspError, InputError
 
     data = write_corpus(tmp_path / "data", n=6, with_continuation=True)
     instructions = tmp_path / "other.yaml"
@@ -419,9 +419,10 @@ def test_mix_other_distils_the_continuation_under_other_instructions_and_checks_
     with pytest.raises(BlspError, match="--other-instructions FILE"):
         run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="other=0.5"))
     instructions.write_text("- just a list\n")
-    with pytest.raises(BlspError, match=f"--other-instructions {instructions}: write a YAML map"):
+    with pytest.raises(InputError, match="an instruction set is a mapping") as err:  # step 1's reader, file and line
         run_train([data], tmp_path / "run", options(tiny_dirs, tmp_path, mix="other=0.5",
                                                     other_instructions=str(instructions)))
+    assert f"{instructions}:1:" in str(err.value)
 
 
 def test_mix_voice_trains_a_lines_answers_about_its_voice_read_beside_its_description(tiny_dirs, tmp_path,
