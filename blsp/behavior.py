@@ -38,6 +38,7 @@ class BehaviorItem:
     # behaviour: trained by cross-entropy whatever `--loss` says. Distilled, it would teach the text path's answer to
     # "transcribe" over a transcript it can read (a preamble, a reply), not the words.
     exact: bool = False
+    about_voice: bool = False  # a question about the voice: the voice gate's positive (blsp.voice_gate)
 
 
 
@@ -264,7 +265,8 @@ def behavior_item(proc, utt: Utterance, options: TrainOptions, task: str | None,
     topk = saved_topk(utt, saved, teacher_prompt, target, llm_fingerprint) if saved is not None else None
     # a transcript, or a fact about the voice, is the one right answer: learnt by cross-entropy
     exact = task == "transcribe" or (task or "").startswith("voice_")
-    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk, exact=exact)
+    return BehaviorItem(utt, prompts[instruction], teacher_prompt, target, topk, exact=exact,
+                        about_voice=(task or "").startswith("voice_"))
 
 
 def saved_topk(utt: Utterance, saved, teacher_prompt: list, target: list[int],

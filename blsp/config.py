@@ -92,6 +92,7 @@ class BlspConfig(PretrainedConfig):
         voice_layers: list[int] | None = None,
         voice_attributes: list[str] | None = None,
         voice_place: str = "before",
+        voice_gate: bool = False,
         **kwargs: Any,
     ):
         self.encoder_config = _as_config(encoder_config)
@@ -154,10 +155,16 @@ class BlspConfig(PretrainedConfig):
         # the words-only model's, and the voice vectors read the instruction and the words
         check_voice_place(voice_place)
         self.voice_place = voice_place
+        # the LLM reads the voice vectors only where the request asks about the voice, a classifier
+        # of the request deciding (blsp.voice_gate); False: always (the first voice models)
+        self.voice_gate = bool(voice_gate)
         super().__init__(**kwargs)
         check_voice_settings(self.voice_vectors, self.voice_layers, layers,
                              self.first_trainable_encoder_layer if layers is not None else None,
                              self.voice_attributes)
+        if self.voice_gate and not hears:
+            raise BlspError("the voice gate decides where the LLM reads the voice channel: give the model one "
+                            "(--voice-vectors N or --voice-attributes NAMES)")
 
     @property
     def first_trainable_encoder_layer(self) -> int | None:

@@ -48,10 +48,12 @@ from .voice_channel import (
     init_class_vectors,
     init_voice_channel,
     split_voice_rows,
+    voice_gated,
     voice_rows,
     voice_place,
     voice_slots,
 )
+from .voice_gate import prompt_prefix, request_prefixes, request_states
 from .whisper import decoding_ids, load_whisper
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -107,7 +109,9 @@ class BlspModel(PreTrainedModel):
         if has_voice_channel(config):
             self.voice_channel = VoiceChannel(config.encoder_config.d_model, len(config.voice_layers),
                                               embeddings.shape[1], config.voice_vectors,
-                                              tuple(config.voice_attributes or ()))
+                                              tuple(config.voice_attributes or ()), gate=voice_gated(config))
+        # the voice gate's decision per request prefix (token ids): the frozen LLM reads each once
+        self.voice_gate_cache: dict[tuple[int, ...], bool] = {}
         self.lora_gate: LoraGate | None = None
         if config.lora:
             self.lora_gate = add_lora(self.language_model, LoraSettings(**config.lora))
@@ -319,13 +323,15 @@ class BlspModel(PreTrainedModel):
         voice_vectors: int = 0,
         voice_attributes: Sequence[str] = (),
         voice_place: str = "before",
+        voice_gate: bool = False,
     ) -> "BlspModel":
         """A new model with a fresh adapter between a pretrained encoder and LLM (names or dirs);
         `speech_states` names the speech source (SPEECH_SOURCES; "decoder": Whisper's decoder
         states as it transcribes `speech_language`, "auto": the language it hears), and with
         `speech_vectors` "tokens" the adapter corrects the token bridge's vectors; `voice_vectors`
         > 0: a voice channel of that many free vectors, and one per `voice_attributes`
-        (blsp.voice_channel), `voice_place` "before" or "after" the words."""
+        (blsp.voice_channel), `voice_place` "before" or "after" the words, with `voice_gate` read only
+        where the request asks about the voice (blsp.voice_gate)."""
         if tokens_unreadable(speech_vectors, None, speech_states):  # a new model has no CTC head yet
             raise BlspError("speech vectors 'tokens' of a new model: with speech states 'decoder' (with CTC "
                             "compression they come with the CTC head: enable_ctc_compression)")
@@ -355,6 +361,7 @@ class BlspModel(PreTrainedModel):
             voice_vectors=voice_vectors,
             voice_attributes=list(voice_attributes) or None,
             voice_place=voice_place,
+            voice_gate=voice_gate,
         )
         model = cls(config, audio_tower=whisper.get_encoder(), language_model=language_model,
                     speech_decoder=whisper.get_decoder() if decoding else None)
@@ -484,17 +491,17 @@ class BlspModel(PreTrainedModel):
     def embed_inputs(self, input_ids: torch.Tensor, encoder_features: torch.Tensor | None = None,
                      encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the speech vectors scattered into the speech slots."""
-        return self._splice(input_ids, encoder_features, encoder_lengths)[0]
+        return self._splice(input_ids, encoder_features, encoder_lengths, torch.ones_like(input_ids))[0]
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        encoder_features: torch.Tensor | None = None,
                        encoder_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds, attention_mask) for the LLM: speech spliced in, and the speech vectors
         the reader dropped masked out (they then take no position either)."""
-        embeds, keep, _, _ = self._splice(input_ids, encoder_features, encoder_lengths)
+        embeds, keep, _, _ = self._splice(input_ids, encoder_features, encoder_lengths, attention_mask)
         return embeds, _hide_dropped_speech(attention_mask, input_ids, keep)
 
-    def _splice(self, input_ids, encoder_features, encoder_lengths):
+    def _splice(self, input_ids, encoder_features, encoder_lengths, attention_mask):
         """(embeds, keep flags of the speech slots or None, (speech, lengths) or None, (the adapter's
         vectors, lengths) or None)."""
         embed = self.language_model.get_input_embeddings()
@@ -508,7 +515,8 @@ class BlspModel(PreTrainedModel):
         states, adapted, lengths = self._adapted(encoder_features, encoder_lengths)
         speech, vectors, keep, slots = self.speech_reader.read(states, adapted, lengths, self.speech_source)
         if self.voice_channel is not None:
-            vectors, keep, slots = self._with_voice(encoder_features, encoder_lengths, vectors, keep, slots)
+            heard = self.voice_heard(input_ids, attention_mask)
+            vectors, keep, slots = self._with_voice(encoder_features, encoder_lengths, vectors, keep, slots, heard)
         valid = torch.arange(vectors.shape[1], device=vectors.device)[None, :] < slots[:, None]
         flat = vectors[valid]
         if flat.shape[0] != n_slots:
@@ -536,22 +544,58 @@ class BlspModel(PreTrainedModel):
         return [{a: {c: round(float(p[i, k]), 4) for k, c in enumerate(VOICE_ATTRIBUTES[a].labels)}
                  for a, p in post.items()} for i in range(features.shape[0])]
 
-    def _with_voice(self, features, feature_lengths, vectors, keep, lengths):
+    def voice_heard(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Per row, whether the LLM reads the voice vectors: the voice gate's decision on the request
+        before the speech (blsp.voice_gate); None: no gate, always."""
+        if self.voice_channel is None or self.voice_channel.gate is None:
+            return None
+        prefixes = request_prefixes(input_ids, attention_mask, SPEECH_TOKEN_ID)
+        opens = self._gate_decisions([p for p in prefixes if p is not None])
+        return torch.tensor([p is not None and opens[p] for p in prefixes], device=input_ids.device)
+
+    def voice_gate_opens(self, instruction: str) -> bool | None:
+        """Whether the LLM reads the voice under `instruction` (a speech prompt's): the voice gate's
+        decision; None: a model without a gate (it reads the voice wherever it has a channel)."""
+        if self.voice_channel is None or self.voice_channel.gate is None:
+            return None
+        prefix = prompt_prefix(self.processor.speech_prompt(instruction))
+        return self._gate_decisions([prefix])[prefix]
+
+    def _gate_decisions(self, prefixes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], bool]:
+        """The gate's decision on each request prefix, each distinct one judged once by the frozen LLM."""
+        new = sorted({p for p in prefixes if p not in self.voice_gate_cache})
+        if new:
+            if is_sharded(self):  # one rank's extra forward would stall the others' all-gathers
+                raise BlspError("the voice gate met a request it has not judged, with the LLM sharded (--fsdp); "
+                                "train the gated voice channel without --fsdp")
+            gate = self.voice_channel.gate
+            with self.lora_off(), torch.no_grad():
+                opens = gate(request_states(self.language_model, new).to(gate.state_mean.device)) > 0.5
+            self.voice_gate_cache.update(zip(new, opens.tolist()))
+        return {p: self.voice_gate_cache[p] for p in prefixes}
+
+    def _with_voice(self, features, feature_lengths, vectors, keep, lengths, heard=None):
         """The voice vectors beside each clip's word vectors (the reader's choice of those kept),
         before or after them (config.voice_place); `feature_lengths`: the cached features' rows,
-        `lengths`: the word vectors'."""
+        `lengths`: the word vectors'; `heard` (per row): where False the voice vectors are there but
+        hidden (the voice gate closed)."""
         voice = self.voice_vectors(features, feature_lengths).to(vectors.dtype)
         n = voice.shape[1]
+        if heard is not None and keep is None:
+            keep = torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device)
+        voice_keep = None if keep is None else (
+            heard.to(keep.device)[:, None].expand(-1, n).to(keep.dtype) if heard is not None
+            else keep.new_ones(keep.shape[0], n))
         if voice_place(self.config) == "before":
             if keep is not None:
-                keep = torch.cat([keep.new_ones(keep.shape[0], n), keep], dim=1)
+                keep = torch.cat([voice_keep, keep], dim=1)
             return torch.cat([voice, vectors], dim=1), keep, lengths + n
         # after each row's own words, over its padding
         at = (lengths[:, None] + torch.arange(n, device=lengths.device)).long()
         out = torch.cat([vectors, vectors.new_zeros(vectors.shape[0], n, vectors.shape[2])], dim=1)
         out = out.scatter(1, at[..., None].expand(-1, -1, out.shape[2]), voice)
         if keep is not None:
-            keep = torch.cat([keep, keep.new_ones(keep.shape[0], n)], dim=1).scatter(1, at, True)
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], n)], dim=1).scatter(1, at, voice_keep)
         return out, keep, lengths + n
 
     def forward(
@@ -568,7 +612,7 @@ class BlspModel(PreTrainedModel):
     ) -> BlspOutput:
         if return_logits and shared_prefix:
             raise ValueError("return_logits needs every position's hidden state; do not pass shared_prefix")
-        embeds, keep, speech, adapted = self._splice(input_ids, encoder_features, encoder_lengths)
+        embeds, keep, speech, adapted = self._splice(input_ids, encoder_features, encoder_lengths, attention_mask)
         attention_mask = _hide_dropped_speech(attention_mask, input_ids, keep)
         with self.reading(input_ids):
             hidden = self.llm_hidden_states(embeds, attention_mask, shared_prefix)

@@ -81,6 +81,10 @@ class ModelOptions:
         "before", "where the LLM reads the voice channel's vectors: before each clip's words, or after them (every "
         "word then reads as in the words-only model, and the voice vectors read the instruction and the words)",
         choices=VOICE_PLACES)
+    voice_gate: bool = option(
+        False, "read the voice channel's vectors only where the request asks about the voice (a classifier of the "
+        "request on the frozen LLM's state, fitted before training); elsewhere the LLM reads the words alone, as the "
+        "words-only model (blsp/voice_gate.py)")
     instruction: str = option(CONTINUATION_INSTRUCTION, "the instruction the continuations were written under")
     system_prompt: str | None = option(None, "default: the chat template's own")
 
@@ -545,6 +549,9 @@ def check_options(options: TrainOptions) -> None:
         raise BlspError(f"--voice-vectors {model.voice_vectors}: 0 (no voice channel) or more"
                         + options.preset_note("voice_vectors"))
     voice_attribute_names(model.voice_attributes)  # raises on an unknown name
+    if model.voice_gate and not (model.voice_vectors or model.voice_attributes):
+        raise BlspError("--voice-gate decides where the LLM reads the voice channel: give the model one "
+                        "(--voice-vectors N or --voice-attributes NAMES)" + options.preset_note("voice_gate"))
     n = model.adapter_downsample
     if not (n >= 2 and n & (n - 1) == 0 if model.adapter == "conv" else n >= 1):
         raise BlspError(f"--adapter-downsample {model.adapter_downsample}: the conv adapter downsamples by a power "

@@ -230,6 +230,13 @@ def _as_written(utt: Utterance, asr: str | None) -> str:
     return utt.text if asr is None else asr
 
 
+def voice_gate_entry(runner: Runner, instruction: str) -> dict:
+    """{"voice_gate": "open" or "closed"}: whether a gated model's LLM read the voice under the
+    instruction (blsp.voice_gate); empty for a model without a gate."""
+    opens = runner.model.voice_gate_opens(instruction) if hasattr(runner.model, "voice_gate_opens") else None
+    return {} if opens is None else {"voice_gate": "open" if opens else "closed"}
+
+
 def _result(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str, table: dict, **extra: Any) -> dict:
     cascade = None
     if "cascade" in spec.rows:
@@ -239,7 +246,8 @@ def _result(runner: Runner, spec: TaskSpec, data: TaskData, instruction: str, ta
     if spec.where is not None:
         manifest.update(where=dict(spec.where.required), n_selected=data.n_selected)
     return {"type": spec.type, "set": spec.set, "manifest": manifest,
-            "instruction": instruction, "options": dataclasses.asdict(spec.options), "metrics": list(spec.metrics),
+            "instruction": instruction, **voice_gate_entry(runner, instruction),
+            "options": dataclasses.asdict(spec.options), "metrics": list(spec.metrics),
             "rows": list(table), "cascade_asr": cascade, "table": table, **extra}
 
 
@@ -444,7 +452,8 @@ def run_behaviour(runner: Runner, spec: TaskSpec, data: TaskData, instruction: s
         answers = runner.row_answers(others, utts, item.instruction, texts,
                                      lambda batch: answer_budget(tok, [by_id[u.id] for u in batch]),
                                      f"{spec.name}/{item.name}", feats=feats)
-        result = {"instruction": item.instruction, "labels": list(item.labels), "rows": {}}
+        result = {"instruction": item.instruction, **voice_gate_entry(runner, item.instruction),
+                  "labels": list(item.labels), "rows": {}}
         for row in others:
             result["rows"][row] = agreement_scores(answers[row], text_answers, item)
         if "kl" in spec.metrics and others:

@@ -44,14 +44,17 @@ from .modeling import ADAPTER_WEIGHTS, BlspModel
 from .options import TrainOptions, check_resumable, lora_settings
 from .packaged import CACHE_DIR
 from .processing import Example
+from .prompts import task_instruction
 from .sampling import global_batch_indices, micro_batches
 from .vocabulary import ctc_vocabulary
-from .voice import voice_attributes
+from .voice import DESCRIBE_QUESTION, VOICE_ATTRIBUTES, voice_attributes
 from .voice_channel import fit_voice_heads, voice_rows
+from .voice_gate import VOICE_REQUESTS, WORD_REQUESTS, fit_voice_gate, prompt_prefix, request_states
 from .warmstart import WarmStartRun, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
 VOICE_HEADS_LOG = "voice_heads.json"  # the voice channel's classifiers' fit (blsp.voice_channel)
+VOICE_GATE_LOG = "voice_gate.json"  # the voice gate's fit (blsp.voice_gate)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -360,6 +363,8 @@ class Trainer:
         self.timings = {}
         if self.step == 0 and fits_voice_heads(self.model):
             self.fit_voice_heads()
+        if self.step == 0 and fits_voice_gate(self.model):
+            self.fit_voice_gate()
         if self.step == 0 and runs_warm_start(self.options):
             t0 = time.perf_counter()
             self.warm_start()
@@ -408,6 +413,36 @@ class Trainer:
             atomic_write_json(self.output_dir / VOICE_HEADS_LOG, log)
             print("step 2: voice heads fitted (training accuracy): "
                   + ", ".join(f"{a} {v['train_accuracy']:.0%}" for a, v in log.items()), file=sys.stderr)
+
+    def voice_gate_requests(self) -> dict[tuple[int, ...], bool]:
+        """The voice gate's labelled requests, as the prefixes the LLM reads before the speech: each
+        training item's (a question about the voice or not), the voice questions and the
+        continuation and transcription instructions (a run may train on none of some), and
+        blsp.voice_gate's other wordings of both kinds."""
+        proc = self.model.processor
+        requests: dict[tuple[int, ...], bool] = {}
+        for pieces, about_voice in [(it.prompt, it.about_voice) for it in self.items] + [
+                (proc.speech_prompt(text), about_voice) for text, about_voice in
+                [(a.question, True) for a in VOICE_ATTRIBUTES.values()] + [(DESCRIBE_QUESTION, True)]
+                + [(t, True) for t in VOICE_REQUESTS] + [(t, False) for t in WORD_REQUESTS]
+                + [(self.options.model.instruction, False), (task_instruction("transcribe"), False)]]:
+            requests.setdefault(prompt_prefix(pieces), about_voice)
+        return requests
+
+    def fit_voice_gate(self) -> None:
+        """The voice gate, fitted on `voice_gate_requests` (blsp.voice_gate.fit_voice_gate); the
+        fit's log beside the run's. Every rank fits the same gate on the same requests."""
+        requests = self.voice_gate_requests()
+        prefixes = list(requests)
+        with self.model.lora_off():
+            states = request_states(self.model.language_model, prefixes)
+        gate = self.model.voice_channel.gate
+        log = fit_voice_gate(gate, states.to(gate.state_mean.device), [requests[p] for p in prefixes])
+        self.model.voice_gate_cache.clear()
+        if self.info.is_main:
+            atomic_write_json(self.output_dir / VOICE_GATE_LOG, log)
+            print(f"step 2: voice gate fitted on {log['requests']} requests ({log['about_voice']} about the voice), "
+                  f"training accuracy {log['train_accuracy']:.0%}", file=sys.stderr)
 
     def warm_start_utterances(self) -> list[Utterance]:
         """What the warm start hears: every training item's clip, then --warm-start-data's others."""
@@ -495,6 +530,12 @@ def fits_voice_heads(model: BlspModel) -> bool:
     (a model trained on from --init-from keeps its own)."""
     channel = model.voice_channel
     return channel is not None and bool(channel.attributes) and not bool(channel.fitted)
+
+
+def fits_voice_gate(model: BlspModel) -> bool:
+    """Whether the model's voice channel has a gate not fitted yet (--init-from keeps its own)."""
+    channel = model.voice_channel
+    return channel is not None and channel.gate is not None and not bool(channel.gate.fitted)
 
 
 def runs_warm_start(options: TrainOptions) -> bool:

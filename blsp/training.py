@@ -19,7 +19,7 @@ from .fsdp import shard_model
 from .modeling import BlspModel
 from .options import TrainOptions, lora_settings, voice_attribute_names
 from .trainer import Trainer
-from .voice_channel import has_voice_channel, voice_place
+from .voice_channel import has_voice_channel, voice_gated, voice_place
 
 def init_model(options: TrainOptions) -> BlspModel:
     """--init-from DIR: the saved model (adapter, CTC head, LoRA) on the run's backbones, which must
@@ -40,6 +40,7 @@ def init_model(options: TrainOptions) -> BlspModel:
              ("system_prompt", c.system_prompt, options.model.system_prompt)]
     if has_voice_channel(c):
         pairs.append(("voice_place", voice_place(c), options.model.voice_place))
+        pairs.append(("voice_gate", voice_gated(c), options.model.voice_gate))
     if c.speech_compression or c.speech_states == "decoder":
         pairs.append(("speech_vectors", c.speech_vectors, options.model.speech_vectors))
     if saved_lora and asked_lora:
@@ -81,7 +82,7 @@ def run_train(data: Sequence[str | Path], output_dir: str | Path, options: Train
                 speech_vectors=initial_speech_vectors(m.speech_states, m.speech_vectors),
                 speech_language=m.speech_language, bridge_confidence=m.bridge_confidence, bridge_transcript=m.bridge_transcript,
                 voice_vectors=m.voice_vectors, voice_attributes=voice_attribute_names(m.voice_attributes),
-                voice_place=m.voice_place)
+                voice_place=m.voice_place, voice_gate=m.voice_gate)
         except SpeechStatesError as err:  # e.g. an encoder saved without Whisper's tokenizer
             raise SpeechStatesError(str(err) + options.preset_note("speech_states")) from None
     place_model(model, options, info)

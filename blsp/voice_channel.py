@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import BlspError
 from .voice import VOICE_ATTRIBUTES
+from .voice_gate import VoiceGate
 
 STATISTICS = ("mean", "std", "delta")  # rows per tapped layer
 N_SCALARS = 2  # log seconds, tokens a second (0 where unknown): the scalar row's first entries
@@ -57,6 +58,12 @@ def check_voice_place(place: str) -> None:
 def voice_place(config) -> str:
     """Where each clip's voice vectors sit: "before" its words (models saved before the choice) or "after"."""
     return getattr(config, "voice_place", None) or "before"
+
+
+def voice_gated(config) -> bool:
+    """Whether the voice vectors are read only where the request asks about the voice (blsp.voice_gate);
+    False for models saved before the gate: they read them always."""
+    return bool(getattr(config, "voice_gate", False))
 
 
 def voice_rows(config) -> int:
@@ -151,8 +158,10 @@ class VoiceChannel(nn.Module):
     """
 
     def __init__(self, d_in: int, n_layers: int, d_llm: int, n_vectors: int, attributes: tuple[str, ...] = (),
-                 hidden: int = VOICE_HIDDEN):
+                 hidden: int = VOICE_HIDDEN, gate: bool = False):
         super().__init__()
+        # whether the LLM reads the vectors at all, decided per request (blsp.voice_gate); None: always
+        self.gate = VoiceGate(d_llm) if gate else None
         self.n_layers, self.n_vectors, self.d_llm = n_layers, n_vectors, d_llm
         self.attributes = tuple(attributes)
         width = n_layers * len(STATISTICS) * d_in
@@ -212,8 +221,8 @@ def init_voice_channel(channel: VoiceChannel, seed: int, output_scale: float) ->
     voice demo's 144 steps, 1/15 of the embeddings' scale: the LLM heard no voice (2026-12-06)."""
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in channel.named_parameters():
-        if name.startswith(("norm.", "stats_norm.", "heads.", "class_vectors.")):
-            continue  # norms at their defaults; heads fitted on labels; class vectors: init_class_vectors
+        if name.startswith(("norm.", "stats_norm.", "heads.", "class_vectors.", "gate.")):
+            continue  # norms at their defaults; heads and gate fitted on labels; class vectors: init_class_vectors
         if p.dim() > 1:
             p.copy_(torch.empty_like(p, device="cpu").uniform_(-1, 1, generator=gen) / math.sqrt(p.shape[1]))
         else:
