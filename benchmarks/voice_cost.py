@@ -3,12 +3,14 @@
 
     PYTHONPATH=. python benchmarks/voice_cost.py --manifest runs/demo-voice/data/test.jsonl
     PYTHONPATH=. python benchmarks/voice_cost.py --manifest M --clips 24 --steps 20 --voice-vectors 4 \
-        --voice-attributes all --lora-rank 8   # the voice demo's model
+        --voice-attributes all --lora-rank 8 --lora-where voice --voice-gate   # the voice demo's model
 
 All in this process, on the packaged Whisper-base and SmolLM2-135M-Instruct, the default preset's
 model (Whisper's decoder states through the token bridge), built twice: without a voice channel
 and with the channel (`--voice-attributes`, `--voice-vectors`: blsp/voice_channel.py; with
-`--lora-rank` also LoRA where the LLM reads speech, as the voice demo trains it). Measured
+`--lora-rank` also LoRA, `--lora-where` as the voice demo trains it; with `--voice-gate` the gate
+that reads the voice vectors only under a question about the voice, fitted as step 2 fits it:
+blsp/voice_gate.py; the continuation's request then closes it). Measured
 alternately, A then B then A..., so a noisy machine slows both alike:
 
 - step 2, encoding: the features of every clip (Whisper's encoder and greedy decoder, plus the
@@ -40,18 +42,24 @@ from blsp.modeling import BlspModel
 from blsp.options import voice_attribute_names
 from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION, task_instruction
+from blsp.voice_gate import fit_voice_gate, labelled_requests, prompt_prefix, request_states
 from blsp.whisper import load_whisper, load_whisper_tokenizer, transcribe
 
 TARGET = "and so the story goes on, one more time, as it always has and always will."  # ~20 tokens
 
 
 def build(encoder: str, llm: str, voice_vectors: int = 0, voice_attributes: tuple[str, ...] = (),
-          lora_rank: int = 0) -> BlspModel:
+          lora_rank: int = 0, lora_where: str = "request", voice_gate: bool = False) -> BlspModel:
     model = BlspModel.from_components(encoder, llm, adapter_type="stack", adapter_downsample=1,
                                       speech_states="decoder", speech_vectors="tokens", voice_vectors=voice_vectors,
-                                      voice_attributes=voice_attributes)
+                                      voice_attributes=voice_attributes, voice_gate=voice_gate)
     if lora_rank:
-        model.enable_lora(LoraSettings(rank=lora_rank, where="request"))
+        model.enable_lora(LoraSettings(rank=lora_rank, where=lora_where))
+    if voice_gate:  # fitted as step 2 fits it, on the requests every gate knows (blsp.voice_gate)
+        requests = labelled_requests(CONTINUATION_INSTRUCTION)
+        prefixes = [prompt_prefix(model.processor.speech_prompt(text)) for text, _ in requests]
+        fit_voice_gate(model.voice_channel.gate, request_states(model.language_model, prefixes),
+                       [about for _, about in requests])
     return model.eval()
 
 
@@ -96,7 +104,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--voice-vectors", type=int, default=4)
     parser.add_argument("--voice-attributes", default="all", help="comma-separated, all, or none")
-    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the voice model (where: request); 0: none")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on the voice model; 0: none")
+    parser.add_argument("--lora-where", default="request", help="where that LoRA acts (blsp train --lora-where)")
+    parser.add_argument("--voice-gate", action="store_true", help="the voice model reads its channel only under "
+                        "questions about the voice (blsp train --voice-gate)")
     parser.add_argument("--encoder", default="whisper-base")
     parser.add_argument("--llm", default="smollm2-135m-instruct")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "voice_cost.json"))
@@ -107,7 +118,8 @@ def main() -> None:
     waves = [load_utterance_audio(u) for u in utts]
     attributes = voice_attribute_names("" if args.voice_attributes == "none" else args.voice_attributes)
     models = {"words": build(args.encoder, args.llm),
-              "voice": build(args.encoder, args.llm, args.voice_vectors, attributes, args.lora_rank)}
+              "voice": build(args.encoder, args.llm, args.voice_vectors, attributes, args.lora_rank, args.lora_where,
+                             args.voice_gate)}
     whisper = load_whisper(args.encoder)
     whisper_tokenizer = load_whisper_tokenizer(args.encoder)
 
@@ -142,6 +154,7 @@ def main() -> None:
     result = {
         "clips": len(waves), "steps": args.steps, "batch_size": args.batch_size, "voice_vectors": args.voice_vectors,
         "voice_attributes": list(attributes), "lora_rank": args.lora_rank,
+        "lora_where": args.lora_where if args.lora_rank else None, "voice_gate": args.voice_gate,
         "encode_s_per_clip": {k: v / len(waves) for k, v in encode_s.items()},
         "train_step_s_median": {k: med(v) for k, v in step_s.items()},
         # a step's clips encoded once (the feature cache) plus the step: what a step-2 epoch costs a step

@@ -44,12 +44,11 @@ from .modeling import ADAPTER_WEIGHTS, BlspModel
 from .options import TrainOptions, check_resumable, lora_settings
 from .packaged import CACHE_DIR
 from .processing import Example
-from .prompts import task_instruction
 from .sampling import global_batch_indices, micro_batches
 from .vocabulary import ctc_vocabulary
-from .voice import DESCRIBE_QUESTION, VOICE_ATTRIBUTES, voice_attributes
+from .voice import voice_attributes
 from .voice_channel import fit_voice_heads, voice_rows
-from .voice_gate import VOICE_REQUESTS, WORD_REQUESTS, fit_voice_gate, prompt_prefix, request_states
+from .voice_gate import fit_voice_gate, labelled_requests, prompt_prefix, request_states
 from .warmstart import WarmStartRun, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
@@ -416,16 +415,13 @@ class Trainer:
 
     def voice_gate_requests(self) -> dict[tuple[int, ...], bool]:
         """The voice gate's labelled requests, as the prefixes the LLM reads before the speech: each
-        training item's (a question about the voice or not), the voice questions and the
-        continuation and transcription instructions (a run may train on none of some), and
-        blsp.voice_gate's other wordings of both kinds."""
+        training item's (a question about the voice or not), then blsp.voice_gate.labelled_requests
+        (a run may train on none of some)."""
         proc = self.model.processor
         requests: dict[tuple[int, ...], bool] = {}
-        for pieces, about_voice in [(it.prompt, it.about_voice) for it in self.items] + [
-                (proc.speech_prompt(text), about_voice) for text, about_voice in
-                [(a.question, True) for a in VOICE_ATTRIBUTES.values()] + [(DESCRIBE_QUESTION, True)]
-                + [(t, True) for t in VOICE_REQUESTS] + [(t, False) for t in WORD_REQUESTS]
-                + [(self.options.model.instruction, False), (task_instruction("transcribe"), False)]]:
+        shared = labelled_requests(self.options.model.instruction)
+        for pieces, about_voice in ([(it.prompt, it.about_voice) for it in self.items]
+                                    + [(proc.speech_prompt(text), about_voice) for text, about_voice in shared]):
             requests.setdefault(prompt_prefix(pieces), about_voice)
         return requests
 

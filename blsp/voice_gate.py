@@ -30,6 +30,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .prompts import task_instruction
+from .voice import DESCRIBE_QUESTION, VOICE_ATTRIBUTES
+
 # Requests about the voice beyond the questions step 1 asks (blsp.voice): other wordings, so that the
 # gate learns the kind of request, not six sentences.
 VOICE_REQUESTS: tuple[str, ...] = (
@@ -65,6 +68,17 @@ WORD_REQUESTS: tuple[str, ...] = (
     "Write a headline for the following.",
     "Paraphrase the following.",
 )
+
+
+def labelled_requests(instruction: str) -> list[tuple[str, bool]]:
+    """The requests every gate is fitted on, (text, about the voice): the questions step 1 asks
+    about the voice and VOICE_REQUESTS; WORD_REQUESTS, step 2's `instruction` (the continuation's)
+    and transcription's. Step 2 adds the requests it trains under (blsp.trainer)."""
+    return ([(a.question, True) for a in VOICE_ATTRIBUTES.values()] + [(DESCRIBE_QUESTION, True)]
+            + [(text, True) for text in VOICE_REQUESTS] + [(text, False) for text in WORD_REQUESTS]
+            + [(instruction, False), (task_instruction("transcribe"), False)])
+
+
 GATE_L2 = 1e-2  # weight decay of the logistic regression, on standardised states
 GATE_STEPS = 200  # L-BFGS iterations; a few dozen requests x the LLM's width converge in well under a second
 

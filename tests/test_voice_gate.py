@@ -137,3 +137,44 @@ def test_step_2_fits_the_gate_on_its_requests_and_keeps_it(tiny_dirs, tmp_path):
     with pytest.raises(BlspError, match="--voice-gate True"):  # trained on without the gate it was saved with
         run_train([data], tmp_path / "y", options(tiny_dirs, tmp_path, voice_vectors=2, max_steps=1,
                                                   init_from=str(tmp_path / "run")))
+
+
+# Other wordings than the gate's own: requests about the voice, and requests about the words
+# (the behaviour suite's five first) that name the speaker or not.
+HELD_OUT_VOICE = ["How does the speaker sound?", "Is this a man or a woman speaking?", "Is the voice male or female?",
+                  "How fast is the speaker talking?", "Is the speaker talking quickly?", "Is the speaker's voice deep or high?",
+                  "Is the person whispering or speaking normally?", "Is the recording noisy?",
+                  "Can you hear background noise?", "What can you tell about the speaker's voice?",
+                  "Describe how the person speaks.", "Is the speaker a woman?", "What is the gender of the speaker?",
+                  "Is the speaking rate slow or fast?", "Is it a male voice?", "Is the audio clean or noisy?"]
+HELD_OUT_WORDS = ["Summarize the following text in one short sentence.", "What is the speaker talking about?",
+                  "Who is mentioned in the following?", "Translate the following into Italian.",
+                  "What does the speaker want?", "Tell me what was said."]
+
+
+@pytest.mark.real
+def test_the_gate_on_smollm2_tells_other_wordings_apart():
+    """Fitted as step 2 fits it (without a run's own requests), the gate on the real SmolLM2 opens
+    for other wordings of a question about the voice and stays shut for the behaviour suite's
+    instructions and other requests about the words (measured 16 of 16 and 11 of 11, 2026-12-08)."""
+    from pathlib import Path
+
+    from blsp.llm import load_language_model
+    from blsp.packaged import resolve
+    from blsp.prompts import ChatPrompt, speech_message, task_instruction
+    from blsp.voice_gate import labelled_requests, prompt_prefix
+
+    lm, tokenizer = load_language_model(resolve("smollm2-135m-instruct"))
+    prompt = ChatPrompt(tokenizer)
+    suite = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "behaviour.yaml").read_text())
+    measured = [v if isinstance(v, str) else v["instruction"] for v in suite.values()]
+    fitted = labelled_requests(CONTINUATION_INSTRUCTION)
+    texts = [t for t, _ in fitted] + HELD_OUT_VOICE + measured + HELD_OUT_WORDS + [task_instruction("translate")]
+    states = request_states(lm.eval(), [prompt_prefix(prompt.render(speech_message(t))) for t in texts])
+    gate = VoiceGate(states.shape[1])
+    assert fit_voice_gate(gate, states[: len(fitted)], [v for _, v in fitted])["train_accuracy"] == 1.0
+    with torch.no_grad():
+        opens = (gate(states[len(fitted):]) > 0.5).tolist()
+    assert all(opens[: len(HELD_OUT_VOICE)]), [t for t, o in zip(HELD_OUT_VOICE, opens) if not o]
+    assert not any(opens[len(HELD_OUT_VOICE):]), [t for t, o in zip(texts[len(fitted) + len(HELD_OUT_VOICE):],
+                                                                      opens[len(HELD_OUT_VOICE):]) if o]
