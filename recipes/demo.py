@@ -394,6 +394,24 @@ def transcription_label(recipe: dict) -> str:
     return f"transcription ({share:.0%} of step 2's clips trained on their transcript)"
 
 
+def format_gate(summary: dict) -> list[str]:
+    """Which way a gated voice model's gate went (blsp/voice_gate.py: `"voice_gate"` in each result)
+    under the voice suite's questions and the behaviour suite's instructions; none without a gate."""
+    decisions: dict[str, dict[str, str]] = {"voice questions": {}, "behaviour instructions": {}}
+    for name, t in ((summary.get("voice") or {}).get("tasks") or {}).items():
+        if "voice_gate" in t:
+            decisions["voice questions"][name] = t["voice_gate"]
+    for t in ((summary.get("behaviour") or {}).get("tasks") or {}).values():
+        for name, item in (t.get("instructions") or {}).items():
+            if "voice_gate" in item:
+                decisions["behaviour instructions"].setdefault(name, item["voice_gate"])
+    if not any(decisions.values()):
+        return []
+    return ["the voice gate (the voice vectors read only under a question about the voice):"] + [
+        f"  {kind}: " + ", ".join(f"{name} {state}" for name, state in found.items())
+        for kind, found in decisions.items() if found]
+
+
 def format_report(summary: dict) -> str:
     trained, cascade, untrained = (summary[k] for k in ("trained", "cascade", "untrained"))
     al, al_c = trained["alignment"], cascade["alignment"]
@@ -418,6 +436,7 @@ def format_report(summary: dict) -> str:
               f"  {blsp_row:<47} WER {_pct(tr['blsp']['wer'])}  CER {_pct(tr['blsp']['cer'])}",
               f"  {tr['cascade']['asr'] + ' (the cascade ASR)':<47} WER {_pct(tr['cascade']['wer'])}  CER {_pct(tr['cascade']['cer'])}"]
     lines += format_voice(summary.get("voice") or {})
+    lines += format_gate(summary)
     for ex in trained.get("examples", [])[:3]:
         lines += [f"example {ex['id']}", f"  transcript:               {ex['transcript']}",
                   f"  LLM continues the text:   {ex['text_continuation']}",

@@ -270,6 +270,19 @@ def test_the_demo_report_shows_the_voice_suite_beside_its_rows():
     assert demo.format_voice({}) == []
 
 
+def test_the_report_says_which_way_the_voice_gate_went():
+    demo = load_recipe_module("demo")
+    summary = {"voice": {"tasks": {"gender": {"voice_gate": "open"}, "rate": {"voice_gate": "open"}}},
+               "behaviour": {"tasks": {"a: behaviour": {"instructions": {"continue": {"voice_gate": "closed"},
+                                                                         "speaker": {"voice_gate": "closed"}}},
+                                       "b: behaviour": {"instructions": {"continue": {"voice_gate": "closed"}}}}}}
+    assert demo.format_gate(summary) == [
+        "the voice gate (the voice vectors read only under a question about the voice):",
+        "  voice questions: gender open, rate open",
+        "  behaviour instructions: continue closed, speaker closed"]
+    assert demo.format_gate({"voice": {"tasks": {"gender": {}}}}) == []  # no gate: nothing to say
+
+
 def behaviour_results(path: Path, set_name: str, keywords: float) -> None:
     bars = {"kl": {"met": True}, "agreement:keywords": {"met": keywords >= 27}}
     path.mkdir(parents=True)
