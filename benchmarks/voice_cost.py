@@ -42,7 +42,7 @@ from blsp.modeling import BlspModel
 from blsp.options import voice_attribute_names
 from blsp.processing import Example
 from blsp.prompts import CONTINUATION_INSTRUCTION, task_instruction
-from blsp.voice_gate import fit_voice_gate, labelled_requests, prompt_prefix, request_states
+from blsp.voice_gate import labelled_requests, prompt_prefix
 from blsp.whisper import load_whisper, load_whisper_tokenizer, transcribe
 
 TARGET = "and so the story goes on, one more time, as it always has and always will."  # ~20 tokens
@@ -56,10 +56,8 @@ def build(encoder: str, llm: str, voice_vectors: int = 0, voice_attributes: tupl
     if lora_rank:
         model.enable_lora(LoraSettings(rank=lora_rank, where=lora_where))
     if voice_gate:  # fitted as step 2 fits it, on the requests every gate knows (blsp.voice_gate)
-        requests = labelled_requests(CONTINUATION_INSTRUCTION)
-        prefixes = [prompt_prefix(model.processor.speech_prompt(text)) for text, _ in requests]
-        fit_voice_gate(model.voice_channel.gate, request_states(model.language_model, prefixes),
-                       [about for _, about in requests])
+        model.fit_voice_gate({prompt_prefix(model.processor.speech_prompt(text)): about
+                              for text, about in labelled_requests(CONTINUATION_INSTRUCTION)})
     return model.eval()
 
 

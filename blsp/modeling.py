@@ -53,7 +53,7 @@ from .voice_channel import (
     voice_place,
     voice_slots,
 )
-from .voice_gate import prompt_prefix, request_prefixes, request_states
+from .voice_gate import fit_voice_gate, prompt_prefix, request_prefixes, request_states
 from .whisper import decoding_ids, load_whisper
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -561,6 +561,23 @@ class BlspModel(PreTrainedModel):
         prefix = prompt_prefix(self.processor.speech_prompt(instruction))
         return self._gate_decisions([prefix])[prefix]
 
+    def fit_voice_gate(self, requests: dict[tuple[int, ...], bool]) -> dict:
+        """Fit the voice gate on request prefixes and whether each asks about the voice
+        (blsp.voice_gate.fit_voice_gate; its log returned). Their decisions fill the cache: the
+        requests fitted on (a run's own) are not judged again."""
+        prefixes = list(requests)
+        states = self._request_states(prefixes)
+        gate = self.voice_channel.gate
+        log = fit_voice_gate(gate, states, [requests[p] for p in prefixes])
+        with torch.no_grad():
+            self.voice_gate_cache = dict(zip(prefixes, (gate(states) > 0.5).tolist()))
+        return log
+
+    def _request_states(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """The frozen LLM's states at the prefixes' ends (blsp.voice_gate.request_states), on the gate's device."""
+        with self.lora_off():
+            return request_states(self.language_model, prefixes).to(self.voice_channel.gate.state_mean.device)
+
     def _gate_decisions(self, prefixes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], bool]:
         """The gate's decision on each request prefix, each distinct one judged once by the frozen LLM."""
         new = sorted({p for p in prefixes if p not in self.voice_gate_cache})
@@ -568,9 +585,8 @@ class BlspModel(PreTrainedModel):
             if is_sharded(self):  # one rank's extra forward would stall the others' all-gathers
                 raise BlspError("the voice gate met a request it has not judged, with the LLM sharded (--fsdp); "
                                 "train the gated voice channel without --fsdp")
-            gate = self.voice_channel.gate
-            with self.lora_off(), torch.no_grad():
-                opens = gate(request_states(self.language_model, new).to(gate.state_mean.device)) > 0.5
+            with torch.no_grad():
+                opens = self.voice_channel.gate(self._request_states(new)) > 0.5
             self.voice_gate_cache.update(zip(new, opens.tolist()))
         return {p: self.voice_gate_cache[p] for p in prefixes}
 

@@ -48,7 +48,7 @@ from .sampling import global_batch_indices, micro_batches
 from .vocabulary import ctc_vocabulary
 from .voice import voice_attributes
 from .voice_channel import fit_voice_heads, voice_rows
-from .voice_gate import fit_voice_gate, labelled_requests, prompt_prefix, request_states
+from .voice_gate import labelled_requests, prompt_prefix
 from .warmstart import WarmStartRun, ctc_targets, ctc_warm_start, transcript_tokens
 
 STATE_FILE = "trainer_state.pt"
@@ -426,15 +426,10 @@ class Trainer:
         return requests
 
     def fit_voice_gate(self) -> None:
-        """The voice gate, fitted on `voice_gate_requests` (blsp.voice_gate.fit_voice_gate); the
-        fit's log beside the run's. Every rank fits the same gate on the same requests."""
-        requests = self.voice_gate_requests()
-        prefixes = list(requests)
-        with self.model.lora_off():
-            states = request_states(self.model.language_model, prefixes)
-        gate = self.model.voice_channel.gate
-        log = fit_voice_gate(gate, states.to(gate.state_mean.device), [requests[p] for p in prefixes])
-        self.model.voice_gate_cache.clear()
+        """The voice gate, fitted on `voice_gate_requests` (BlspModel.fit_voice_gate); the fit's log
+        beside the run's. Every rank fits the same gate on the same requests, and none then meets a
+        training request it has not judged (which, with the LLM sharded, would stall the others)."""
+        log = self.model.fit_voice_gate(self.voice_gate_requests())
         if self.info.is_main:
             atomic_write_json(self.output_dir / VOICE_GATE_LOG, log)
             print(f"step 2: voice gate fitted on {log['requests']} requests ({log['about_voice']} about the voice), "

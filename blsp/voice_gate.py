@@ -17,9 +17,9 @@ A closed gate hides the voice vectors from attention, and they take no position 
 (BlspModel._hide_dropped_speech): the LLM reads exactly what a words-only model gives it. An open
 gate reads the voice vectors as the voice channel places them.
 
-Measured on the frozen SmolLM2 before it was built (2026-12-08): fitted on the corpus's six voice
-questions, the step-2 instructions and the lists below, it opened for 14 of 14 other wordings of a
-voice question and stayed closed for the behaviour suite's five instructions; "What is the
+Measured on the frozen SmolLM2 (2026-12-08, tests/test_voice_gate.py): fitted on
+`labelled_requests`, it opened for 16 of 16 other wordings of a voice question and stayed closed
+for the behaviour suite's five instructions and six other requests about the words; "What is the
 sentiment (emotion) of the speaker?" opens it (the voice carries emotion; the channel names none).
 """
 

@@ -11,8 +11,8 @@ from blsp.errors import BlspError
 from blsp.modeling import BlspModel
 from blsp.processing import SPEECH_TOKEN_ID, Example
 from blsp.prompts import CONTINUATION_INSTRUCTION
-from blsp.voice_gate import (VOICE_REQUESTS, WORD_REQUESTS, VoiceGate, fit_voice_gate, request_prefixes,
-                             request_states)
+from blsp.voice_gate import (VOICE_REQUESTS, WORD_REQUESTS, VoiceGate, fit_voice_gate, prompt_prefix,
+                             request_prefixes, request_states)
 from test_speech_sources import mels
 
 VOICE_Q = "Describe the speaker's voice in one sentence."
@@ -55,8 +55,8 @@ def _gated(tiny_whisper_dir, tiny_dirs, place="before"):
                                       speech_states="decoder", seed=0, voice_vectors=3, voice_place=place,
                                       voice_gate=True).eval()
     proc = model.processor
-    prefixes = [tuple(proc.speech_prompt(text)[0]) for text in (VOICE_Q, CONTINUATION_INSTRUCTION)]
-    fit_voice_gate(model.voice_channel.gate, request_states(model.language_model, prefixes), [True, False])
+    model.fit_voice_gate({prompt_prefix(proc.speech_prompt(VOICE_Q)): True,
+                          prompt_prefix(proc.speech_prompt(CONTINUATION_INSTRUCTION)): False})
     return model
 
 
@@ -74,6 +74,8 @@ def test_a_closed_gate_hides_the_voice_and_an_open_one_reads_it(tiny_whisper_dir
     masked out and take no position: what it writes does not depend on them at all."""
     model = _gated(tiny_whisper_dir, tiny_dirs, place)
     batch = _batch(model, [VOICE_Q, CONTINUATION_INSTRUCTION])
+    assert model.voice_gate_cache == {prompt_prefix(model.processor.speech_prompt(VOICE_Q)): True,
+                                      prompt_prefix(model.processor.speech_prompt(CONTINUATION_INSTRUCTION)): False}
     assert model.voice_heard(batch["input_ids"], batch["attention_mask"]).tolist() == [True, False]
     assert model.voice_gate_opens(VOICE_Q) is True and model.voice_gate_opens(CONTINUATION_INSTRUCTION) is False
     _, mask = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["encoder_features"],
@@ -162,7 +164,7 @@ def test_the_gate_on_smollm2_tells_other_wordings_apart():
     from blsp.llm import load_language_model
     from blsp.packaged import resolve
     from blsp.prompts import ChatPrompt, speech_message, task_instruction
-    from blsp.voice_gate import labelled_requests, prompt_prefix
+    from blsp.voice_gate import labelled_requests
 
     lm, tokenizer = load_language_model(resolve("smollm2-135m-instruct"))
     prompt = ChatPrompt(tokenizer)
